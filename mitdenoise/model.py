@@ -1,0 +1,412 @@
+"""The network: SwinIR as the masked-training paper uses it, with the attention mask.
+
+State-dict names are those of the authors' (and the original SwinIR) code, so their
+checkpoints load as they are. The one addition is the attention keep-mask: inside
+every window attention the input tokens are zeroed at random with probability
+``r`` (75 % for the released model), at training and at inference alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build the network; written into checkpoint metadata.
+
+    ``global_residual`` selects the wiring: False is the masked-training model (no
+    residual around the body or the whole network); True is the original SwinIR
+    denoiser (``+ conv_first(x)`` after the body and ``+ x`` at the end).
+    ``attn_mask_ratio`` is the (low, high) percentage range of tokens zeroed in every
+    attention layer; a ratio is drawn uniformly from it on each call. (0, 0) is off.
+    """
+
+    in_chans: int = 3
+    embed_dim: int = 60
+    depths: tuple[int, ...] = (6, 6, 6, 6)
+    num_heads: tuple[int, ...] = (6, 6, 6, 6)
+    window_size: int = 8
+    mlp_ratio: float = 2.0
+    resi_connection: str = "3conv"
+    conv_first_kernel: int = 1
+    global_residual: bool = False
+    attn_mask_ratio: tuple[int, int] = (75, 75)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+        object.__setattr__(self, "attn_mask_ratio", tuple(int(r) for r in self.attn_mask_ratio))
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError("depths and num_heads must have the same length")
+        if self.resi_connection not in ("1conv", "3conv"):
+            raise ValueError(f"resi_connection must be '1conv' or '3conv', not {self.resi_connection!r}")
+        if any(self.embed_dim % h for h in self.num_heads):
+            raise ValueError("embed_dim must be divisible by every num_heads entry")
+        low, high = self.attn_mask_ratio
+        if not 0 <= low <= high < 100:
+            raise ValueError(f"attn_mask_ratio must satisfy 0 <= low <= high < 100, not {self.attn_mask_ratio}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    @property
+    def mask_enabled(self) -> bool:
+        return self.attn_mask_ratio[1] > 0
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * H/ws * W/ws, ws*ws, C), windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, c)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, ws*ws, C) -> (B, H, W, C)."""
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((h // ws) * (w // ws))
+    x = windows.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+def relative_position_index(ws: int) -> torch.Tensor:
+    """(ws*ws, ws*ws) index into the ((2ws-1)^2, heads) bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+
+
+def shift_mask(h: int, w: int, ws: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
+    """(nW, N, N) additive mask (0 / -100) that stops attention across the cyclic-shift seam."""
+    region = torch.zeros(1, h, w, 1, device=device)
+    label = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            region[:, hs, wsl, :] = label
+            label += 1
+    windows = window_partition(region, ws).squeeze(-1)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def draw_keep_mask(
+    shape: tuple[int, ...], ratio_range: tuple[int, int], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor | None:
+    """0/1 float mask: each token kept with probability 1 - r, r drawn from ``ratio_range`` (%)."""
+    low, high = ratio_range
+    if high == 0:
+        return None
+    if low == high:
+        ratio = low / 100
+    else:
+        ratio = int(torch.randint(low, high + 1, (1,), generator=generator, device=device).item()) / 100
+    return (torch.rand(shape, generator=generator, device=device) >= ratio).float()
+
+
+class Mlp(nn.Module):
+    """Token-wise feed-forward: Linear, GELU, Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside 8x8 windows with a learned relative-position bias."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=True)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def position_bias(self) -> torch.Tensor:
+        """(heads, N, N) bias gathered from the table."""
+        n = self.window_size**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        """x: (B*nW, N, C); mask: (nW, N, N) shift mask or None; keep: (B*nW, N, 1) token keep-mask."""
+        if keep is not None:
+            x = x * keep
+        bn, n, c = x.shape
+        qkv = self.qkv(x).reshape(bn, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = attn + self.position_bias().unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = attn.view(bn // nw, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, n, n)
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(bn, n, c)
+        return self.proj(x)
+
+
+class SwinTransformerBlock(nn.Module):
+    """LayerNorm -> (shifted) window attention -> residual; LayerNorm -> MLP -> residual."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
+        h, w = size
+        b, _, c = x.shape
+        ws, shift = self.window_size, self.shift_size
+        y = self.norm1(x).view(b, h, w, c)
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+        windows = window_partition(y, ws)
+        keep = ctx.keep_mask((windows.shape[0], windows.shape[1], 1), x.device)
+        windows = self.attn(windows, ctx.shift_mask(h, w, ws, shift, x.device) if shift else None, keep)
+        y = window_reverse(windows, ws, h, w)
+        if shift:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        x = x + y.reshape(b, h * w, c)
+        return x + self.mlp(self.norm2(x))
+
+
+class ResidualGroup(nn.Module):
+    """The Swin blocks of one RSTB (named ``residual_group`` in the checkpoints)."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, mlp_ratio)
+            for i in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, size, ctx)
+        return x
+
+
+def make_body_conv(dim: int, resi_connection: str) -> nn.Module:
+    """The conv closing each RSTB and the body: one 3x3 conv, or 3x3 -> 1x1 -> 3x3 through dim/4."""
+    if resi_connection == "1conv":
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    return nn.Sequential(
+        nn.Conv2d(dim, dim // 4, 3, 1, 1),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(dim // 4, dim, 3, 1, 1),
+    )
+
+
+class RSTB(nn.Module):
+    """Residual Swin Transformer Block: Swin blocks, a conv, and a residual around both."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, resi: str) -> None:
+        super().__init__()
+        self.residual_group = ResidualGroup(dim, depth, num_heads, window_size, mlp_ratio)
+        self.conv = make_body_conv(dim, resi)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
+        h, w = size
+        b, _, c = x.shape
+        y = self.residual_group(x, size, ctx)
+        y = self.conv(y.transpose(1, 2).reshape(b, c, h, w))
+        return x + y.flatten(2).transpose(1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """Image -> tokens, then LayerNorm (holds the ``patch_embed.norm`` weights)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.flatten(2).transpose(1, 2))
+
+
+class ForwardContext:
+    """Per-forward state shared by all layers: the mask generator and cached shift masks."""
+
+    def __init__(self, ratio: tuple[int, int], generator: torch.Generator | None, cache: dict) -> None:
+        self.ratio = ratio
+        self.generator = generator
+        self.cache = cache
+
+    def keep_mask(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+        return draw_keep_mask(shape, self.ratio, self.generator, device)
+
+    def shift_mask(self, h: int, w: int, ws: int, shift: int, device: torch.device) -> torch.Tensor:
+        key = (h, w, ws, shift, str(device))
+        mask = self.cache.get(key)
+        if mask is None:
+            mask = self.cache[key] = shift_mask(h, w, ws, shift, device)
+        return mask
+
+
+class SwinIR(nn.Module):
+    """SwinIR denoiser; with the default config, the masked-training network of Chen et al. 2023.
+
+    Input and output are (B, C, H, W) in [0, 1] (the output is not clamped). Any H, W:
+    the image is reflect-padded bottom/right to a multiple of the window and cropped back.
+    """
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        cin, dim = config.in_chans, config.embed_dim
+        mean = RGB_MEAN if cin == 3 else (0.0,) * cin
+        self.register_buffer("mean", torch.tensor(mean).view(1, cin, 1, 1), persistent=False)
+        k = config.conv_first_kernel
+        self.conv_first = nn.Conv2d(cin, dim, k, 1, k // 2)
+        self.patch_embed = PatchEmbed(dim)
+        self.layers = nn.ModuleList(
+            RSTB(dim, d, h, config.window_size, config.mlp_ratio, config.resi_connection)
+            for d, h in zip(config.depths, config.num_heads)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.conv_after_body = make_body_conv(dim, config.resi_connection)
+        self.conv_last = nn.Conv2d(dim, cin, 3, 1, 1)
+        self._shift_masks: dict = {}
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoise ``x``; ``generator`` makes the attention mask reproducible."""
+        h, w = x.shape[-2:]
+        ws = self.config.window_size
+        pad_h, pad_w = (-h) % ws, (-w) % ws
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        x = x - self.mean
+        ratio = self.config.attn_mask_ratio
+        ctx = ForwardContext(ratio, generator, self._shift_masks)
+        first = self.conv_first(x)
+        size = first.shape[-2:]
+        tokens = self.patch_embed(first)
+        for layer in self.layers:
+            tokens = layer(tokens, size, ctx)
+        tokens = self.norm(tokens)
+        feats = tokens.transpose(1, 2).reshape(first.shape)
+        body = self.conv_after_body(feats)
+        if self.config.global_residual:
+            y = x + self.conv_last(body + first)
+        else:
+            y = self.conv_last(body)
+        return (y + self.mean)[..., :h, :w]
+
+
+_BLOCK_KEY = re.compile(r"^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.")
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor], **known) -> ModelConfig:
+    """Read the architecture from tensor shapes; ``known`` supplies what shapes can't tell.
+
+    Shapes give channels, width, depths, heads, window, MLP ratio and conv style.
+    They can't tell the wiring or the attention-mask ratio: unless given, a 1x1
+    ``conv_first`` is taken as the masked-training model (no global residual, mask
+    75 %) and a 3x3 one as an original SwinIR denoiser (global residual, no mask).
+    """
+    try:
+        conv_first = state["conv_first.weight"]
+        blocks: dict[int, set[int]] = {}
+        for key in state:
+            m = _BLOCK_KEY.match(key)
+            if m:
+                blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        if not blocks:
+            raise KeyError("layers.*.residual_group.blocks.*")
+        n_layers = max(blocks) + 1
+        depths = tuple(max(blocks.get(i, {-1})) + 1 for i in range(n_layers))
+        heads = tuple(
+            int(state[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1])
+            for i in range(n_layers)
+        )
+        table = state["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"]
+        window = (math.isqrt(int(table.shape[0])) + 1) // 2
+        fc1 = state["layers.0.residual_group.blocks.0.mlp.fc1.weight"]
+    except KeyError as e:
+        raise ValueError(f"not a SwinIR state dict (missing {e.args[0]})") from None
+    embed_dim, in_chans, k = int(conv_first.shape[0]), int(conv_first.shape[1]), int(conv_first.shape[2])
+    original_wiring = k == 3
+    values = dict(
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=heads,
+        window_size=window,
+        mlp_ratio=fc1.shape[0] / embed_dim,
+        resi_connection="3conv" if "conv_after_body.0.weight" in state else "1conv",
+        conv_first_kernel=k,
+        global_residual=original_wiring,
+        attn_mask_ratio=(0, 0) if original_wiring else (75, 75),
+    )
+    values.update(known)
+    return ModelConfig(**values)
+
+
+def load_state_dict_into(model: SwinIR, state: dict[str, torch.Tensor]) -> None:
+    """Load parameters strictly; accept the checkpoint's buffers but recompute them.
+
+    ``relative_position_index`` is checked (a different one means a different network);
+    stored ``attn_mask`` buffers were computed for the 64x64 training size and are
+    ignored: the shift mask is recomputed for the actual image size.
+    """
+    expected = model.state_dict()
+    params = {}
+    for key, value in state.items():
+        if key.endswith(".attn_mask"):
+            continue
+        if key.endswith("relative_position_index"):
+            if key in expected and not torch.equal(value.to(expected[key].dtype), expected[key]):
+                raise ValueError(f"{key} differs from the standard relative-position index")
+            continue
+        params[key] = value
+    missing = [k for k in expected if k not in params and not k.endswith("relative_position_index")]
+    unexpected = [k for k in params if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
+        raise ValueError("state dict does not match the network: " + ", ".join(parts))
+    for key, value in params.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{key} has shape {tuple(value.shape)}, the network expects {tuple(expected[key].shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{key} has dtype {value.dtype}, expected a floating-point tensor")
+    model.load_state_dict(params, strict=False)
