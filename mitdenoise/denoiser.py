@@ -1,0 +1,176 @@
+"""The library entry point: ``Denoiser`` turns a checkpoint into a function on images."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import imageio
+from .errors import DeviceError
+from .model import SwinIR
+from .tiling import count_tiles, denoise_tiled
+from .weights import load_model, resolve_model
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_TILE = 256
+DEFAULT_OVERLAP = 32
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' is CUDA when present, else CPU; a CUDA device that isn't there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name} requested but CUDA is not available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+class Denoiser:
+    """Denoise images with a masked-training SwinIR checkpoint, tile by tile.
+
+    >>> d = Denoiser("weights/mitdenoise-swinir-m.safetensors")   # or a registry name, or a SwinIR
+    >>> clean = d(noisy)      # NumPy (H, W[, C]) uint8/uint16/float32, or a PIL image
+
+    The attention mask stays on (the method needs it at inference); ``seed`` makes
+    its draws reproducible, ``passes`` averages that many independent draws.
+    ``attn_mask_ratio`` overrides the checkpoint's ratio (percent; 0 switches it off).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | SwinIR | None = None,
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        tile: int = DEFAULT_TILE,
+        tile_overlap: int = DEFAULT_OVERLAP,
+        batch_size: int = 1,
+        passes: int = 1,
+        seed: int = 0,
+        attn_mask_ratio: int | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise DeviceError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if tile < 8 or tile_overlap < 0 or batch_size < 1 or passes < 1:
+            raise ValueError("tile must be >= 8, tile_overlap >= 0, batch_size >= 1, passes >= 1")
+        self.device = pick_device(device)
+        if precision == "bf16" and self.device.type == "cpu" and not torch.backends.mkldnn.is_available():
+            raise DeviceError("bf16 on this CPU is not supported by this torch build (use --precision fp32)")
+        overrides = {} if attn_mask_ratio is None else {"attn_mask_ratio": (attn_mask_ratio, attn_mask_ratio)}
+        if isinstance(model, SwinIR):
+            net = model
+            if overrides:
+                net = SwinIR(type(model.config)(**{**model.config.__dict__, **overrides}))
+                net.load_state_dict(model.state_dict())
+        else:
+            net = load_model(resolve_model(model), **overrides)
+        self.model = net.to(self.device).eval()
+        self.config = net.config
+        self.precision = precision
+        self.tile = tile
+        self.tile_overlap = tile_overlap
+        self.batch_size = batch_size
+        self.passes = passes
+        self.seed = seed
+        self._generator = torch.Generator(device=self.device)
+
+    def __call__(self, image):
+        """Denoise a NumPy array or a PIL image; returns the same kind, size and depth."""
+        try:
+            from PIL import Image as PILImage
+        except ImportError:  # pragma: no cover - pillow is a dependency
+            PILImage = None
+        if PILImage is not None and isinstance(image, PILImage.Image):
+            return self._denoise_pil(image)
+        array = np.asarray(image)
+        if array.ndim == 2:
+            return self.denoise_array(array[..., None])[..., 0]
+        return self.denoise_array(array)
+
+    def count_tiles(self, height: int, width: int) -> int:
+        return count_tiles(height, width, self.tile, self.tile_overlap, self.config.window_size)
+
+    def denoise_array(self, pixels: np.ndarray, on_tiles: Callable[[int], None] | None = None) -> np.ndarray:
+        """(H, W, C) uint8, uint16 or float32 (C = 1 or 3) -> same shape and dtype, in range."""
+        if pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
+            raise ValueError(f"expected an (H, W, 1|3) array, got shape {pixels.shape}")
+        if pixels.dtype not in (np.uint8, np.uint16, np.float32):
+            raise ValueError(f"expected uint8, uint16 or float32 pixels, got {pixels.dtype}")
+        self._generator.manual_seed(self.seed)
+        return denoise_tiled(
+            pixels,
+            self._run_tiles,
+            to_float=imageio.to_float,
+            from_float=imageio.from_float,
+            tile=self.tile,
+            overlap=self.tile_overlap,
+            window=self.config.window_size,
+            batch_size=self.batch_size,
+            on_tiles=on_tiles,
+        )
+
+    def denoise_image(self, image: imageio.Image, on_tiles: Callable[[int], None] | None = None) -> imageio.Image:
+        """Denoise the colour channels; alpha and colour profile pass through untouched."""
+        import dataclasses
+
+        return dataclasses.replace(image, pixels=self.denoise_array(image.pixels, on_tiles))
+
+    def _denoise_pil(self, image):
+        from PIL import Image as PILImage
+
+        has_alpha = image.mode in ("RGBA", "LA")
+        base = image.convert("RGB" if image.mode in ("RGB", "RGBA", "P", "CMYK") else "L")
+        array = np.asarray(base)
+        out = self(array)
+        result = PILImage.fromarray(out, base.mode)
+        if has_alpha:
+            result.putalpha(image.getchannel("A"))
+        return result
+
+    @torch.inference_mode()
+    def _run_tiles(self, batch: np.ndarray) -> np.ndarray:
+        """(B, C, h, w) float32 in [0, 1] -> denoised, averaged over ``passes`` mask draws."""
+        x = torch.from_numpy(batch).to(self.device)
+        b, c = x.shape[:2]
+        model_c = self.config.in_chans
+        if c == 1 and model_c == 3:
+            x = x.expand(b, 3, *x.shape[2:])
+        elif c == 3 and model_c == 1:
+            x = x.reshape(b * 3, 1, *x.shape[2:])
+        total = None
+        for _ in range(self.passes):
+            y = self._forward(x)
+            total = y if total is None else total + y
+        y = total / self.passes
+        if c == 1 and model_c == 3:
+            y = y.mean(dim=1, keepdim=True)
+        elif c == 3 and model_c == 1:
+            y = y.reshape(b, 3, *y.shape[2:])
+        return y.float().cpu().numpy()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision == "fp32":
+            return self.model(x, generator=self._generator)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        state = self._generator.get_state()
+        with torch.autocast(self.device.type, dtype=dtype):
+            y = self.model(x, generator=self._generator).float()
+        if self.precision == "fp16" and not torch.isfinite(y).all():
+            # SwinIR features grow across RSTBs and can overflow fp16: redo this tile in fp32.
+            self._generator.set_state(state)
+            y = self.model(x, generator=self._generator)
+        return y
