@@ -1,0 +1,114 @@
+"""The network matches the authors' implementation and draws its attention mask as specified."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mitdenoise.model import ModelConfig, SwinIR, config_from_state_dict, draw_keep_mask, shift_mask
+from mitdenoise.weights import load_model
+
+CONFIGS = {
+    "full": ModelConfig(attn_mask_ratio=(0, 0)),
+    "tiny": ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2), attn_mask_ratio=(0, 0)),
+    "tiny1conv": ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2), resi_connection="1conv", attn_mask_ratio=(0, 0)),
+}
+CHECKPOINTS = [("full", "pth"), ("tiny", "pth"), ("tiny", "safetensors"), ("tiny1conv", "pth")]
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name,ext", CHECKPOINTS)
+def test_loads_authors_checkpoint_and_matches_their_outputs_to_1e_5(fixtures_dir, name, ext):
+    model = load_model(fixtures_dir / f"official_{name}_random.{ext}", attn_mask_ratio=(0, 0))
+    assert model.config == CONFIGS[name]
+    io = load_file(str(fixtures_dir / f"official_{name}_io.safetensors"))
+    with torch.no_grad():
+        for key in ("", "64", "_odd", "_b2"):
+            out = model(io["input" + key])
+            assert out.shape == io["output" + key].shape
+            diff = (out - io["output" + key]).abs().max().item()
+            assert diff <= 1e-5, f"{name}.{ext} input{key}: max |diff| {diff:.2e}"
+
+
+def test_config_read_from_shapes_matches_the_authors_released_model(fixtures_dir):
+    state = torch.load(fixtures_dir / "official_full_random.pth", weights_only=True)
+    config = config_from_state_dict(state)
+    assert config == ModelConfig()  # 1x1 conv_first: masked model, no global residual, mask 75 %
+    assert config.attn_mask_ratio == (75, 75) and not config.global_residual
+
+
+def test_stored_shift_masks_are_the_ones_we_compute_for_64x64(fixtures_dir):
+    state = torch.load(fixtures_dir / "official_full_random.pth", weights_only=True)
+    stored = state["layers.0.residual_group.blocks.1.attn_mask"]
+    assert torch.equal(shift_mask(64, 64, 8, 4), stored)
+
+
+def test_original_swinir_wiring_adds_both_residuals():
+    torch.manual_seed(0)
+    config = ModelConfig(embed_dim=12, depths=(1,), num_heads=(2,), conv_first_kernel=3, global_residual=True,
+                         resi_connection="1conv", attn_mask_ratio=(0, 0))
+    model = SwinIR(config).eval()
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        # all weights zero: body and convs give 0, so the output is the input itself
+        assert torch.allclose(model(x), x, atol=1e-6)
+        masked = SwinIR(ModelConfig(embed_dim=12, depths=(1,), num_heads=(2,), attn_mask_ratio=(0, 0))).eval()
+        for p in masked.parameters():
+            torch.nn.init.zeros_(p)
+        # masked-training wiring has no residual: zero weights give the mean colour
+        assert torch.allclose(masked(x), masked.mean.expand_as(x), atol=1e-6)
+    # state dict of the original wiring is read back as such
+    assert config_from_state_dict(model.state_dict()) == ModelConfig(
+        embed_dim=12, depths=(1,), num_heads=(2,), conv_first_kernel=3, global_residual=True,
+        resi_connection="1conv", attn_mask_ratio=(0, 0))
+
+
+def test_attention_mask_zeroes_the_stated_fraction_on_the_device_reproducibly():
+    g = torch.Generator().manual_seed(3)
+    keep = draw_keep_mask((4000, 64, 1), (75, 75), g, torch.device("cpu"))
+    assert keep.shape == (4000, 64, 1)
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    assert abs(keep.mean().item() - 0.25) < 0.005
+    g.manual_seed(3)
+    assert torch.equal(keep, draw_keep_mask((4000, 64, 1), (75, 75), g, torch.device("cpu")))
+    assert draw_keep_mask((4, 64, 1), (0, 0), g, torch.device("cpu")) is None
+
+
+def test_mask_ratio_range_is_drawn_per_call():
+    g = torch.Generator().manual_seed(0)
+    means = {round(draw_keep_mask((2000, 64, 1), (60, 90), g, torch.device("cpu")).mean().item(), 2) for _ in range(20)}
+    assert min(means) >= 0.08 and max(means) <= 0.42 and len(means) > 5
+
+
+def test_mask_on_at_inference_seeded_outputs_repeat_and_differ_across_seeds(fixtures_dir):
+    model = load_model(fixtures_dir / "official_tiny_random.pth")
+    assert model.config.attn_mask_ratio == (75, 75)
+    x = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model(x, generator=torch.Generator().manual_seed(1))
+        b = model(x, generator=torch.Generator().manual_seed(1))
+        c = model(x, generator=torch.Generator().manual_seed(2))
+        off = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=(0, 0))(x)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+    assert (a - off).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bad", [dict(depths=(2,), num_heads=(2, 2)), dict(resi_connection="2conv"),
+                                 dict(attn_mask_ratio=(80, 70)), dict(embed_dim=13, num_heads=(2,), depths=(2,))])
+def test_config_rejects_inconsistent_values(bad):
+    with pytest.raises(ValueError):
+        ModelConfig(**bad)
+
+
+def test_config_round_trips_through_json():
+    config = ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2), attn_mask_ratio=(70, 80))
+    assert ModelConfig.from_json(config.to_json()) == config
