@@ -41,7 +41,7 @@ class TileGrid:
             return cls(length, length, (0,), 0)
         stride = max(window, (tile - overlap) // window * window)
         starts = list(range(0, length - tile, stride)) + [length - tile]
-        return cls(length, tile, tuple(starts), max(0, min(overlap * 3 // 4, tile // 2)))
+        return cls(length, tile, tuple(starts), max(0, min(overlap * 3 // 4, tile - stride, tile // 2)))
 
     def weights(self, index: int) -> np.ndarray:
         """Blend weight along the tile; at an inner edge: 0 for ramp/2, then a linear ramp to 1.
