@@ -109,6 +109,26 @@ def shift_mask(h: int, w: int, ws: int, shift: int, device: torch.device | None 
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
+class EdgeShiftMask:
+    """The shift mask kept only where it is not zero: the last row and column of windows.
+
+    After the cyclic shift only windows that wrap around the image edge mix regions,
+    so adding the -100 mask to those alone equals adding the full (nW, N, N) mask,
+    at a fraction of the memory traffic.
+    """
+
+    def __init__(self, h: int, w: int, ws: int, shift: int, device: torch.device | None = None) -> None:
+        self.grid = (h // ws, w // ws)
+        full = shift_mask(h, w, ws, shift, device).view(*self.grid, ws * ws, ws * ws)
+        self.last_row = full[-1].unsqueeze(1).contiguous()  # (nWw, 1, N, N): broadcast over heads
+        self.last_col = full[:-1, -1].unsqueeze(1).contiguous()  # (nWh - 1, 1, N, N)
+
+    def add_to(self, scores: torch.Tensor) -> None:
+        """In place on scores viewed as (B, nWh, nWw, heads, N, N)."""
+        scores[:, -1] += self.last_row
+        scores[:, :-1, -1] += self.last_col
+
+
 def draw_keep_mask(
     shape: tuple[int, ...], ratio_range: tuple[int, int], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor | None:
@@ -157,19 +177,17 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
-        """x: (B*nW, N, C); mask: (nW, N, N) shift mask or None; keep: (B*nW, N, 1) token keep-mask."""
+    def forward(self, x: torch.Tensor, mask: "EdgeShiftMask | None", keep: torch.Tensor | None) -> torch.Tensor:
+        """x: (B*nW, N, C) windows; mask: shift mask of a shifted block; keep: (B*nW, N, 1) token keep-mask."""
         if keep is not None:
             x = x * keep
         bn, n, c = x.shape
         qkv = self.qkv(x).reshape(bn, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = (q * self.scale) @ k.transpose(-2, -1)
-        attn = attn + self.position_bias().unsqueeze(0)
+        attn += self.position_bias().unsqueeze(0)
         if mask is not None:
-            nw = mask.shape[0]
-            attn = attn.view(bn // nw, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, n, n)
+            mask.add_to(attn.view(-1, *mask.grid, self.num_heads, n, n))
         attn = attn.softmax(dim=-1)
         x = (attn @ v).transpose(1, 2).reshape(bn, n, c)
         return self.proj(x)
@@ -271,11 +289,11 @@ class ForwardContext:
     def keep_mask(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         return draw_keep_mask(shape, self.ratio, self.generator, device)
 
-    def shift_mask(self, h: int, w: int, ws: int, shift: int, device: torch.device) -> torch.Tensor:
+    def shift_mask(self, h: int, w: int, ws: int, shift: int, device: torch.device) -> EdgeShiftMask:
         key = (h, w, ws, shift, str(device))
         mask = self.cache.get(key)
         if mask is None:
-            mask = self.cache[key] = shift_mask(h, w, ws, shift, device)
+            mask = self.cache[key] = EdgeShiftMask(h, w, ws, shift, device)
         return mask
 
 

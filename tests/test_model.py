@@ -112,3 +112,14 @@ def test_config_rejects_inconsistent_values(bad):
 def test_config_round_trips_through_json():
     config = ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2), attn_mask_ratio=(70, 80))
     assert ModelConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("h,w", [(64, 64), (40, 56), (16, 8)])
+def test_edge_shift_mask_equals_the_full_shift_mask(h, w):
+    from mitdenoise.model import EdgeShiftMask
+
+    full = shift_mask(h, w, 8, 4)
+    n_windows = full.shape[0]
+    scores = torch.zeros(2 * n_windows, 3, 64, 64)
+    EdgeShiftMask(h, w, 8, 4).add_to(scores.view(2, h // 8, w // 8, 3, 64, 64))
+    assert torch.equal(scores.view(2, n_windows, 3, 64, 64), full[None, :, None].expand(2, -1, 3, -1, -1))
