@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
+CPU_ATTENTION_CHUNK = 128
+"""Windows per attention call on CPU: 8192 tokens, 12 MB of scores for 6 heads."""
 
 
 @dataclass(frozen=True)
@@ -123,10 +125,15 @@ class EdgeShiftMask:
         self.last_row = full[-1].unsqueeze(1).contiguous()  # (nWw, 1, N, N): broadcast over heads
         self.last_col = full[:-1, -1].unsqueeze(1).contiguous()  # (nWh - 1, 1, N, N)
 
-    def add_to(self, scores: torch.Tensor) -> None:
-        """In place on scores viewed as (B, nWh, nWw, heads, N, N)."""
-        scores[:, -1] += self.last_row
-        scores[:, :-1, -1] += self.last_col
+    def add_to(self, scores: torch.Tensor, rows: tuple[int, int]) -> None:
+        """In place on scores of window rows ``rows`` of some images: (images, rows, nWw, heads, N, N)."""
+        first, stop = rows
+        n_rows = self.grid[0]
+        if stop == n_rows:
+            scores[:, -1] += self.last_row
+        inner_stop = min(stop, n_rows - 1)
+        if inner_stop > first:
+            scores[:, : inner_stop - first, -1] += self.last_col[first:inner_stop]
 
 
 def draw_keep_mask(
@@ -177,8 +184,14 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: "EdgeShiftMask | None", keep: torch.Tensor | None) -> torch.Tensor:
-        """x: (B*nW, N, C) windows; mask: shift mask of a shifted block; keep: (B*nW, N, 1) token keep-mask."""
+    def forward(
+        self, x: torch.Tensor, keep: torch.Tensor | None, mask: EdgeShiftMask | None, rows: tuple[int, int]
+    ) -> torch.Tensor:
+        """Attention over whole window rows ``rows`` of one or more images.
+
+        x: (images * rows * nWw, N, C) windows; keep: the same with C = 1, the token
+        keep-mask; mask: the shift mask of a shifted block.
+        """
         if keep is not None:
             x = x * keep
         bn, n, c = x.shape
@@ -187,7 +200,8 @@ class WindowAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)
         attn += self.position_bias().unsqueeze(0)
         if mask is not None:
-            mask.add_to(attn.view(-1, *mask.grid, self.num_heads, n, n))
+            n_cols = mask.grid[1]
+            mask.add_to(attn.view(-1, rows[1] - rows[0], n_cols, self.num_heads, n, n), rows)
         attn = attn.softmax(dim=-1)
         x = (attn @ v).transpose(1, 2).reshape(bn, n, c)
         return self.proj(x)
@@ -214,12 +228,41 @@ class SwinTransformerBlock(nn.Module):
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
         windows = window_partition(y, ws)
         keep = ctx.keep_mask((windows.shape[0], windows.shape[1], 1), x.device)
-        windows = self.attn(windows, ctx.shift_mask(h, w, ws, shift, x.device) if shift else None, keep)
+        mask = ctx.shift_mask(h, w, ws, shift, x.device) if shift else None
+        windows = self.attention_in_chunks(windows, keep, mask, b, h // ws, w // ws, ctx.chunk_windows)
         y = window_reverse(windows, ws, h, w)
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
         x = x + y.reshape(b, h * w, c)
         return x + self.mlp(self.norm2(x))
+
+    def attention_in_chunks(self, windows, keep, mask, images, n_rows, n_cols, chunk_windows):
+        """Run attention on chunks of about ``chunk_windows`` windows (whole images or window rows).
+
+        Why: the scores are 1.5 kB per token; in small chunks they stay in cache and
+        in buffers the allocator reuses, instead of fresh page-faulting memory.
+        """
+        per_image = n_rows * n_cols
+        if chunk_windows is None or images * per_image <= chunk_windows:
+            return self.attn(windows, keep, mask, (0, n_rows))
+        out = torch.empty_like(windows)
+        if per_image <= chunk_windows:
+            step = chunk_windows // per_image * per_image
+            for start in range(0, images * per_image, step):
+                end = min(start + step, images * per_image)
+                out[start:end] = self.attn(windows[start:end], _part(keep, start, end), mask, (0, n_rows))
+            return out
+        row_step = max(1, chunk_windows // n_cols)
+        for image in range(images):
+            for first in range(0, n_rows, row_step):
+                stop = min(first + row_step, n_rows)
+                start, end = (image * n_rows + first) * n_cols, (image * n_rows + stop) * n_cols
+                out[start:end] = self.attn(windows[start:end], _part(keep, start, end), mask, (first, stop))
+        return out
+
+
+def _part(keep: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    return None if keep is None else keep[start:end]
 
 
 class ResidualGroup(nn.Module):
@@ -281,10 +324,13 @@ class PatchEmbed(nn.Module):
 class ForwardContext:
     """Per-forward state shared by all layers: the mask generator and cached shift masks."""
 
-    def __init__(self, ratio: tuple[int, int], generator: torch.Generator | None, cache: dict) -> None:
+    def __init__(
+        self, ratio: tuple[int, int], generator: torch.Generator | None, cache: dict, chunk_windows: int | None
+    ) -> None:
         self.ratio = ratio
         self.generator = generator
         self.cache = cache
+        self.chunk_windows = chunk_windows
 
     def keep_mask(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         return draw_keep_mask(shape, self.ratio, self.generator, device)
@@ -331,7 +377,8 @@ class SwinIR(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
         x = x - self.mean
         ratio = self.config.attn_mask_ratio
-        ctx = ForwardContext(ratio, generator, self._shift_masks)
+        chunk = CPU_ATTENTION_CHUNK if x.device.type == "cpu" else None
+        ctx = ForwardContext(ratio, generator, self._shift_masks, chunk)
         first = self.conv_first(x)
         size = first.shape[-2:]
         tokens = self.patch_embed(first)

@@ -121,5 +121,19 @@ def test_edge_shift_mask_equals_the_full_shift_mask(h, w):
     full = shift_mask(h, w, 8, 4)
     n_windows = full.shape[0]
     scores = torch.zeros(2 * n_windows, 3, 64, 64)
-    EdgeShiftMask(h, w, 8, 4).add_to(scores.view(2, h // 8, w // 8, 3, 64, 64))
+    EdgeShiftMask(h, w, 8, 4).add_to(scores.view(2, h // 8, w // 8, 3, 64, 64), (0, h // 8))
     assert torch.equal(scores.view(2, n_windows, 3, 64, 64), full[None, :, None].expand(2, -1, 3, -1, -1))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12, 30])
+def test_attention_in_chunks_equals_one_call(fixtures_dir, monkeypatch, chunk):
+    import mitdenoise.model as model_module
+
+    model = load_model(fixtures_dir / "official_tiny_random.pth")
+    x = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))  # 5 x 6 = 30 windows per image
+    with torch.no_grad():
+        monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", None)
+        whole = model(x, generator=torch.Generator().manual_seed(4))
+        monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
+        chunked = model(x, generator=torch.Generator().manual_seed(4))
+    assert (whole - chunked).abs().max() < 1e-5
