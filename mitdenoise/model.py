@@ -20,7 +20,7 @@ from torch import nn
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 CPU_ATTENTION_CHUNK = 128
-"""Windows per attention call on CPU: 8192 tokens, 12 MB of scores for 6 heads."""
+"""Windows per chunk on CPU: 8192 tokens, 12 MB of attention scores for 6 heads."""
 
 
 @dataclass(frozen=True)
@@ -220,49 +220,58 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
+        """x: (B, H*W, C) tokens. Done chunk by chunk of windows (see :func:`window_chunks`).
+
+        Everything after the shift is per window (attention) or per token (norms, MLP,
+        residuals), so a chunk of windows goes through the whole block at once and
+        its temporaries stay small enough to be cached and reused.
+        """
         h, w = size
         b, _, c = x.shape
         ws, shift = self.window_size, self.shift_size
-        y = self.norm1(x).view(b, h, w, c)
+        n_rows, n_cols = h // ws, w // ws
+        image = x.view(b, h, w, c)
         if shift:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        windows = window_partition(y, ws)
-        keep = ctx.keep_mask((windows.shape[0], windows.shape[1], 1), x.device)
+            image = torch.roll(image, shifts=(-shift, -shift), dims=(1, 2))
+        keep = ctx.keep_mask((b * n_rows * n_cols, ws * ws, 1), x.device)
         mask = ctx.shift_mask(h, w, ws, shift, x.device) if shift else None
-        windows = self.attention_in_chunks(windows, keep, mask, b, h // ws, w // ws, ctx.chunk_windows)
-        y = window_reverse(windows, ws, h, w)
+        chunks = list(window_chunks(b, n_rows, n_cols, ctx.chunk_windows))
+        out = image if len(chunks) == 1 else torch.empty_like(image)
+        for first_image, stop_image, first_row, stop_row in chunks:
+            part = image[first_image:stop_image, first_row * ws : stop_row * ws]
+            windows = window_partition(part, ws)
+            start = (first_image * n_rows + first_row) * n_cols
+            part_keep = None if keep is None else keep[start : start + windows.shape[0]]
+            windows = windows + self.attn(self.norm1(windows), part_keep, mask, (first_row, stop_row))
+            windows = windows + self.mlp(self.norm2(windows))
+            result = window_reverse(windows, ws, (stop_row - first_row) * ws, w)
+            if len(chunks) == 1:
+                out = result
+            else:
+                out[first_image:stop_image, first_row * ws : stop_row * ws] = result
         if shift:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-        x = x + y.reshape(b, h * w, c)
-        return x + self.mlp(self.norm2(x))
+            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+        return out.reshape(b, h * w, c)
 
-    def attention_in_chunks(self, windows, keep, mask, images, n_rows, n_cols, chunk_windows):
-        """Run attention on chunks of about ``chunk_windows`` windows (whole images or window rows).
 
-        Why: the scores are 1.5 kB per token; in small chunks they stay in cache and
-        in buffers the allocator reuses, instead of fresh page-faulting memory.
-        """
-        per_image = n_rows * n_cols
-        if chunk_windows is None or images * per_image <= chunk_windows:
-            return self.attn(windows, keep, mask, (0, n_rows))
-        out = torch.empty_like(windows)
-        if per_image <= chunk_windows:
-            step = chunk_windows // per_image * per_image
-            for start in range(0, images * per_image, step):
-                end = min(start + step, images * per_image)
-                out[start:end] = self.attn(windows[start:end], _part(keep, start, end), mask, (0, n_rows))
-            return out
-        row_step = max(1, chunk_windows // n_cols)
+def window_chunks(images: int, n_rows: int, n_cols: int, chunk_windows: int | None):
+    """(first image, stop image, first window row, stop window row) of chunks of about ``chunk_windows``.
+
+    A chunk is either several whole images or some window rows of one image, so that
+    its windows are contiguous in window-partition order.
+    """
+    per_image = n_rows * n_cols
+    if chunk_windows is None or images * per_image <= chunk_windows:
+        yield 0, images, 0, n_rows
+    elif per_image <= chunk_windows:
+        step = chunk_windows // per_image
+        for first in range(0, images, step):
+            yield first, min(first + step, images), 0, n_rows
+    else:
+        step = max(1, chunk_windows // n_cols)
         for image in range(images):
-            for first in range(0, n_rows, row_step):
-                stop = min(first + row_step, n_rows)
-                start, end = (image * n_rows + first) * n_cols, (image * n_rows + stop) * n_cols
-                out[start:end] = self.attn(windows[start:end], _part(keep, start, end), mask, (first, stop))
-        return out
-
-
-def _part(keep: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
-    return None if keep is None else keep[start:end]
+            for first in range(0, n_rows, step):
+                yield image, image + 1, first, min(first + step, n_rows)
 
 
 class ResidualGroup(nn.Module):
