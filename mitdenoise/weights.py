@@ -117,13 +117,15 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
+SHIPPED_DIRS = (Path(__file__).resolve().parent / "_shipped", Path(__file__).resolve().parent.parent / "weights")
+"""Where the shipped checkpoint is: inside an installed wheel, or weights/ of a source tree."""
 DEFAULT_MODEL = "mitdenoise"
 """Our own checkpoint, shipped in ``weights/`` so the tool works offline."""
 
 
 def shipped_checkpoint() -> Path:
-    return SHIPPED_DIR / "mitdenoise-masked.safetensors"
+    candidates = [d / "mitdenoise-masked.safetensors" for d in SHIPPED_DIRS]
+    return next((p for p in candidates if p.is_file()), candidates[-1])
 
 
 def resolve_model(spec: str | os.PathLike | None) -> Path:
