@@ -1,0 +1,154 @@
+"""Turn the user's inputs (files, folders, globs) and output into a list of jobs, and run them.
+
+Rules (also in the README):
+- one input file and an output with an image extension: that exact file;
+- otherwise the output is a folder (created if missing) and each input ``name.ext``
+  becomes ``<out>/<name><suffix>.<ext or --format>``; folders are read one level deep;
+- two inputs that would land on the same output file are an error before anything runs;
+- an existing output is skipped (so an interrupted run resumes), unless ``overwrite``;
+- an output that is the input itself is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MitdenoiseError
+from .imageio import SUPPORTED_SUFFIXES, read_image, write_image
+
+
+class JobPlanError(MitdenoiseError):
+    """The inputs and output don't make a consistent set of jobs."""
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    target: Path
+
+
+@dataclass
+class RunSummary:
+    done: list[Job] = field(default_factory=list)
+    skipped: list[Job] = field(default_factory=list)
+    failed: list[tuple[Job, str]] = field(default_factory=list)
+    megapixels: float = 0.0
+    seconds: float = 0.0
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (their image files, sorted) and globs, in the order given, without repeats."""
+    found: list[Path] = []
+    for spec in inputs:
+        path = Path(spec)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+        elif path.exists() or path.is_symlink():
+            found.append(path)
+        elif glob.has_magic(spec):
+            matches = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+            if not matches:
+                raise JobPlanError(f"no files match {spec}")
+            found += [p for p in matches if p.suffix.lower() in SUPPORTED_SUFFIXES]
+        else:
+            raise JobPlanError(f"input not found: {spec}")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise JobPlanError(f"no image files in {', '.join(inputs)} (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
+    return unique
+
+
+def plan_jobs(inputs: list[str], output: str, *, suffix: str = "", fmt: str | None = None) -> list[Job]:
+    sources = expand_inputs(inputs)
+    out = Path(output)
+    if fmt is not None:
+        fmt = "." + fmt.lower().lstrip(".")
+        if fmt not in SUPPORTED_SUFFIXES:
+            raise JobPlanError(f"unsupported output format {fmt}: use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+    single_file = len(sources) == 1 and not out.is_dir() and out.suffix.lower() in SUPPORTED_SUFFIXES
+    if single_file and Path(inputs[0]).is_dir():
+        single_file = False
+    if single_file:
+        return [Job(sources[0], out)]
+    if out.exists() and not out.is_dir():
+        raise JobPlanError(f"output {out} is a file, but {len(sources)} inputs need an output folder")
+    if out.suffix.lower() in SUPPORTED_SUFFIXES and not out.exists():
+        raise JobPlanError(f"{len(sources)} inputs need an output folder, but {out} looks like a file name")
+    jobs = [Job(s, out / f"{s.stem}{suffix}{fmt or s.suffix}") for s in sources]
+    by_target: dict[Path, Path] = {}
+    for job in jobs:
+        key = Path(os.path.normcase(os.path.abspath(job.target)))
+        if key in by_target:
+            raise JobPlanError(
+                f"{by_target[key]} and {job.source} would both be written to {job.target}: use --suffix or --format, or separate runs"
+            )
+        by_target[key] = job.source
+    return jobs
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def run_jobs(
+    jobs: list[Job],
+    denoise: Callable,
+    *,
+    overwrite: bool = False,
+    on_start: Callable[[Job, int], None] | None = None,
+    on_end: Callable[[Job, str], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> RunSummary:
+    """Denoise each job's source into its target; a failure is recorded and the rest go on.
+
+    ``denoise(image, on_tiles)`` maps an ``imageio.Image`` to the denoised one.
+    ``on_start(job, pixels)`` and ``on_end(job, status)`` drive progress display.
+    """
+    summary = RunSummary()
+    start = time.perf_counter()
+    for job in jobs:
+        if should_stop():
+            break
+        if same_file(job.source, job.target) and not overwrite:
+            summary.failed.append((job, f"{job.target} is the input file itself; pass --overwrite to replace it"))
+            _notify(on_end, job, "failed")
+            continue
+        if job.target.exists() and not overwrite:
+            summary.skipped.append(job)
+            _notify(on_end, job, "skipped")
+            continue
+        try:
+            image = read_image(job.source)
+            h, w = image.pixels.shape[:2]
+            if on_start:
+                on_start(job, h * w)
+            result = denoise(image)
+            if job.target.parent != Path("") and not job.target.parent.exists():
+                job.target.parent.mkdir(parents=True, exist_ok=True)
+            write_image(job.target, result, overwrite=True)
+        except MitdenoiseError as e:
+            summary.failed.append((job, str(e)))
+            _notify(on_end, job, "failed")
+            continue
+        except OSError as e:
+            summary.failed.append((job, f"cannot write {job.target}: {e.strerror or e}"))
+            _notify(on_end, job, "failed")
+            continue
+        summary.done.append(job)
+        summary.megapixels += h * w / 1e6
+        _notify(on_end, job, "done")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _notify(callback, job, status):
+    if callback:
+        callback(job, status)

@@ -1,0 +1,205 @@
+"""Command line: a thin layer over the library. Progress on stderr, results on stdout."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import MitdenoiseError
+
+err = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    help=(
+        "Denoise images whose noise you don't know, with the masked-training SwinIR of Chen et al. (CVPR 2023).\n\n"
+        "Example:  mitdenoise denoise photo.png photo-clean.png"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"mitdenoise {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Denoise images whose noise you don't know."""
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the current image is finished and written, then the run stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # second signal: stop now (temp files are cleaned by their writers)
+            raise KeyboardInterrupt
+        self.signal = signum
+        err.print("[yellow]stopping after the current image (signal again to abort it)[/]")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mitdenoise denoise noisy.png clean.png\n\n"
+        "  mitdenoise denoise photos/ denoised/ --suffix _dn\n\n"
+        "  mitdenoise denoise 'scans/*.tif' out/ --model masked-denoising --passes 4\n\n"
+        "The default model is our own checkpoint shipped in weights/ (works offline). "
+        "--model masked-denoising uses the authors' released checkpoint (downloaded once)."
+    )
+)
+def denoise(
+    paths: Annotated[
+        list[str], typer.Argument(help="Inputs (files, folders, globs) followed by the output file or folder.")
+    ],
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: the shipped one."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = 256,
+    tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 on CUDA (fp16 tiles that overflow are redone in fp32).")] = "fp32",
+    seed: Annotated[int, typer.Option(help="Seed of the attention-mask draws (same seed, same output).")] = 0,
+    passes: Annotated[int, typer.Option(help="Average this many independent attention-mask draws.")] = 1,
+    attn_mask_ratio: Annotated[
+        Optional[int], typer.Option(help="Attention-mask ratio in percent for checkpoints that don't carry it; 0 = off.")
+    ] = None,
+    suffix: Annotated[str, typer.Option(help="Added to output file names in folder runs.")] = "",
+    format: Annotated[Optional[str], typer.Option("--format", help="Output format for folder runs (png, tif, ...); default: the input's.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
+    max_pixels: Annotated[
+        Optional[int], typer.Option(help="Refuse images with more pixels than this (default: Pillow's bomb limit, 89 MP).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only errors.")] = False,
+) -> None:
+    """Denoise images: files, folders or globs in, a file or a folder out."""
+    from .batch import plan_jobs, run_jobs
+    from .denoiser import Denoiser
+    from .imageio import set_max_pixels
+
+    if len(paths) < 2:
+        fail("give at least one input and an output, e.g. mitdenoise denoise in.png out.png", 2)
+    if max_pixels is not None:
+        set_max_pixels(max_pixels)
+    try:
+        jobs = plan_jobs(paths[:-1], paths[-1], suffix=suffix, fmt=format)
+        denoiser = Denoiser(
+            model,
+            device=device,
+            precision=precision,
+            tile=tile,
+            tile_overlap=tile_overlap,
+            batch_size=batch_size,
+            passes=passes,
+            seed=seed,
+            attn_mask_ratio=attn_mask_ratio,
+        )
+    except MitdenoiseError as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(str(e), 2)
+
+    stop = StopFlag()
+    stop.install()
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+        transient=True,
+    )
+    files_task = progress.add_task("files", total=len(jobs))
+    tiles_task = progress.add_task("tiles", total=1)
+
+    def on_start(job, pixels):
+        progress.update(tiles_task, description=f"{job.source.name}", completed=0, total=None)
+
+    def on_end(job, status):
+        progress.advance(files_task)
+
+    def run_one(image):
+        h, w = image.pixels.shape[:2]
+        progress.update(tiles_task, completed=0, total=denoiser.count_tiles(h, w))
+        return denoiser.denoise_image(image, on_tiles=lambda n: progress.advance(tiles_task, n))
+
+    with progress:
+        summary = run_jobs(jobs, run_one, overwrite=overwrite, on_start=on_start, on_end=on_end, should_stop=stop)
+
+    for job, reason in summary.failed:
+        err.print(f"[bold red]error:[/] {reason}", highlight=False, soft_wrap=True)
+    if not quiet:
+        rate = summary.seconds / summary.megapixels if summary.megapixels else 0.0
+        parts = [f"denoised {len(summary.done)} file(s), {summary.megapixels:.2f} MP in {summary.seconds:.1f} s"]
+        if summary.megapixels:
+            parts.append(f"{rate:.1f} s/MP on {denoiser.device}")
+        if summary.skipped:
+            parts.append(f"{len(summary.skipped)} skipped (exist; --overwrite replaces)")
+        if summary.failed:
+            parts.append(f"{len(summary.failed)} failed")
+        err.print("; ".join(parts), highlight=False, soft_wrap=True)
+    if stop.signal is not None:
+        raise typer.Exit(128 + stop.signal)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def run() -> None:
+    """Entry point that turns any user-facing error into one line and a non-zero exit."""
+    try:
+        app()
+    except MitdenoiseError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _register_commands() -> None:
+    """Commands whose bodies live next to the library code they drive."""
+    from .weights_cli import convert_command, download_command, models_command
+
+    app.command("models", help="List the models --model accepts: name, source, size, cached or not, licence.")(
+        models_command
+    )
+    app.command("download", help="Fetch a model into the cache (verified, converted to safetensors).")(
+        download_command
+    )
+    app.command("convert", help="Convert an authors'-format .pth to our .safetensors (config in its metadata).")(
+        convert_command
+    )
+
+
+_register_commands()

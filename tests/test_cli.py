@@ -1,0 +1,185 @@
+"""`mitdenoise denoise` end to end: outputs, seeds, folders, resumption and every bad-input message."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mitdenoise.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_model(fixtures_dir) -> str:
+    return str(fixtures_dir / "official_tiny_random.pth")
+
+
+def make_image(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    data = rng.integers(0, 256, (*size, channels), dtype=np.uint8)
+    Image.fromarray(data.squeeze(-1) if channels == 1 else data, mode).save(path)
+    return path
+
+
+def denoise(*args: str):
+    result = runner.invoke(app, ["denoise", *args])
+    return result
+
+
+def test_denoises_a_file_to_a_same_size_image(tmp_path, tiny_model):
+    src = make_image(tmp_path / "in.png", (37, 53))
+    result = denoise(str(src), str(tmp_path / "out.png"), "--model", tiny_model, "--quiet")
+    assert result.exit_code == 0, result.output
+    out = Image.open(tmp_path / "out.png")
+    assert out.size == (53, 37) and out.mode == "RGB"
+    assert not np.array_equal(np.asarray(out), np.asarray(Image.open(src)))
+
+
+def test_same_seed_same_output_other_seed_other_output(tmp_path, tiny_model):
+    src = make_image(tmp_path / "in.png")
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert denoise(str(src), str(tmp_path / f"{name}.png"), "-m", tiny_model, "--seed", seed, "-q").exit_code == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_passes_average_several_mask_draws(tmp_path, tiny_model):
+    src = make_image(tmp_path / "in.png")
+    for name, passes in (("one", "1"), ("four", "4")):
+        assert denoise(str(src), str(tmp_path / f"{name}.png"), "-m", tiny_model, "--passes", passes, "-q").exit_code == 0
+    one, four = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(float) for n in ("one", "four"))
+    assert one.shape == four.shape and np.abs(one - four).mean() > 0.5
+
+
+def test_grayscale_stays_grayscale_and_alpha_is_kept(tmp_path, tiny_model):
+    gray = make_image(tmp_path / "g.png", mode="L")
+    rgba = make_image(tmp_path / "a.png", mode="RGBA")
+    assert denoise(str(gray), str(rgba), str(tmp_path / "out"), "-m", tiny_model, "-q").exit_code == 0
+    assert Image.open(tmp_path / "out" / "g.png").mode == "L"
+    out = Image.open(tmp_path / "out" / "a.png")
+    assert out.mode == "RGBA"
+    assert np.array_equal(np.asarray(out)[..., 3], np.asarray(Image.open(rgba))[..., 3])
+
+
+def test_folder_run_goes_on_past_a_corrupt_file_and_lists_it(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_image(src / "a.png")
+    make_image(src / "c.png", seed=1)
+    (src / "b.png").write_bytes(b"this is not a png")
+    result = denoise(str(src), str(tmp_path / "out"), "-m", tiny_model, "--suffix", "_dn")
+    assert result.exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_dn.png", "c_dn.png"]
+    assert "b.png" in result.output and "denoised 2 file(s)" in result.output and "1 failed" in result.output
+
+
+def test_rerun_skips_existing_outputs_and_overwrite_replaces_them(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_image(src / "a.png")
+    make_image(src / "b.png", seed=1)
+    out = tmp_path / "out"
+    assert denoise(str(src), str(out), "-m", tiny_model, "-q").exit_code == 0
+    (out / "a.png").write_bytes(b"marker")  # a stand-in: skipped means untouched
+    result = denoise(str(src), str(out), "-m", tiny_model)
+    assert result.exit_code == 0 and "2 skipped" in result.output
+    assert (out / "a.png").read_bytes() == b"marker"
+    assert denoise(str(src), str(out), "-m", tiny_model, "--overwrite", "-q").exit_code == 0
+    assert Image.open(out / "a.png").size == (56, 40)
+
+
+def test_two_inputs_for_one_output_name_is_an_error_before_anything_runs(tmp_path, tiny_model):
+    make_image(tmp_path / "a.png")
+    Image.open(tmp_path / "a.png").save(tmp_path / "a.jpg")
+    result = denoise(str(tmp_path / "a.png"), str(tmp_path / "a.jpg"), str(tmp_path / "out"), "-m", tiny_model, "--format", "png")
+    assert result.exit_code == 1
+    assert "would both be written to" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_equal_to_input_is_refused_without_overwrite(tmp_path, tiny_model):
+    src = make_image(tmp_path / "a.png")
+    before = src.read_bytes()
+    result = denoise(str(src), str(src), "-m", tiny_model)
+    assert result.exit_code == 1 and "is the input file itself" in result.output
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "setup,expected",
+    [
+        ("missing_model", "model file not found"),
+        ("not_a_state_dict", "not a state dict of tensors"),
+        ("wrong_shapes", "has shape"),
+        ("text_model", "not a PyTorch checkpoint"),
+    ],
+)
+def test_bad_models_give_one_line_errors(tmp_path, tiny_model, setup, expected):
+    import torch
+
+    src = make_image(tmp_path / "in.png")
+    model = tmp_path / "model.pth"
+    if setup == "not_a_state_dict":
+        torch.save([1, 2, 3], model)
+    elif setup == "wrong_shapes":
+        state = torch.load(tiny_model, weights_only=True)
+        state["conv_last.bias"] = torch.zeros(5)
+        torch.save(state, model)
+    elif setup == "text_model":
+        model.write_text("hello")
+    result = denoise(str(src), str(tmp_path / "out.png"), "-m", str(model))
+    assert result.exit_code == 1
+    assert expected in result.output and str(model) in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path, tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    src = make_image(tmp_path / "in.png")
+    result = denoise(str(src), str(tmp_path / "out.png"), "-m", tiny_model, "--device", "cuda")
+    assert result.exit_code == 1
+    assert "CUDA is not available" in result.output
+
+
+def test_missing_input_and_unwritable_output_are_reported(tmp_path, tiny_model):
+    result = denoise(str(tmp_path / "nope.png"), str(tmp_path / "out.png"), "-m", tiny_model)
+    assert result.exit_code == 1 and "input not found" in result.output
+    src = make_image(tmp_path / "in.png")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = denoise(str(src), str(blocker / "sub" / "out.png"), "-m", tiny_model)
+    assert result.exit_code == 1 and "out.png" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_shows_examples_and_the_default_model():
+    result = runner.invoke(app, ["denoise", "--help"])
+    assert result.exit_code == 0
+    assert "mitdenoise denoise noisy.png clean.png" in result.output
+    assert "default model" in result.output.lower()
+    top = runner.invoke(app, ["--help"])
+    assert "mitdenoise denoise photo.png" in top.output
+
+
+def test_console_script_prints_no_traceback_on_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mitdenoise", "denoise", str(tmp_path / "missing.png"), str(tmp_path / "o.png"),
+         "--model", str(tmp_path / "missing.pth")],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error:")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,88 @@
+"""`Denoiser`, the library API: types, depths and shapes in are types, depths and shapes out."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mitdenoise import Denoiser
+from mitdenoise.errors import DeviceError
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    from conftest import FIXTURES, need_shared
+
+    need_shared(FIXTURES)
+    return FIXTURES / "official_tiny_random.pth"
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 100, 3), (21, 13, 1), (64, 72, 3)])
+def test_output_has_the_input_shape_dtype_and_range(tiny, dtype, shape):
+    rng = np.random.default_rng(0)
+    top = {np.uint8: 255, np.uint16: 65535, np.float32: 1.0}[dtype]
+    pixels = (rng.random(shape) * top).astype(dtype)
+    out = Denoiser(tiny, tile=32, tile_overlap=16)(pixels)
+    assert out.shape == shape and out.dtype == dtype
+    assert out.min() >= 0 and out.max() <= top
+
+
+def test_tiled_and_untiled_agree_with_the_mask_off(tiny):
+    rng = np.random.default_rng(1)
+    pixels = rng.random((150, 170, 3)).astype(np.float32)
+    whole = Denoiser(tiny, tile=1024, attn_mask_ratio=0)(pixels)
+    tiled = Denoiser(tiny, tile=64, tile_overlap=48, batch_size=3, attn_mask_ratio=0)(pixels)
+    assert np.abs(whole - tiled).max() < 1e-3
+
+
+def test_16_bit_precision_is_kept_not_rounded_to_8_bits(tiny):
+    pixels = np.full((32, 32, 3), 30000, np.uint16)
+    pixels[::2] += 7
+    out = Denoiser(tiny, attn_mask_ratio=0)(pixels)
+    assert np.any(out % 257 != 0)  # values that an 8-bit round trip could not produce
+
+
+def test_pil_images_in_and_out_keep_mode_and_alpha(tiny):
+    rng = np.random.default_rng(2)
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA")
+    out = Denoiser(tiny)(rgba)
+    assert isinstance(out, Image.Image) and out.mode == "RGBA" and out.size == (40, 30)
+    assert np.array_equal(np.asarray(out)[..., 3], np.asarray(rgba)[..., 3])
+    gray = Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8), "L")
+    assert Denoiser(tiny)(gray).mode == "L"
+
+
+def test_seed_repeats_and_passes_reduce_the_variance_of_the_mask(tiny):
+    rng = np.random.default_rng(3)
+    pixels = rng.random((48, 48, 3)).astype(np.float32)
+    a = Denoiser(tiny, seed=5)(pixels)
+    assert np.array_equal(a, Denoiser(tiny, seed=5)(pixels))
+    singles = [Denoiser(tiny, seed=s)(pixels) for s in range(4)]
+    averaged = [Denoiser(tiny, seed=s, passes=4)(pixels) for s in range(10, 14)]
+    spread_single = np.std(singles, axis=0).mean()
+    spread_avg = np.std(averaged, axis=0).mean()
+    assert spread_avg < 0.7 * spread_single  # ideal: 1/sqrt(4) = 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_on_cuda_stays_close_to_fp32(tiny, precision):
+    rng = np.random.default_rng(4)
+    pixels = rng.random((40, 40, 3)).astype(np.float32)
+    fp32 = Denoiser(tiny, attn_mask_ratio=0, device="cuda")(pixels)
+    half = Denoiser(tiny, attn_mask_ratio=0, device="cuda", precision=precision)(pixels)
+    assert np.abs(fp32 - half).mean() < 0.02
+
+
+def test_half_precision_on_cpu_is_refused_with_the_reason(tiny):
+    with pytest.raises(DeviceError, match="on the CPU use fp32"):
+        Denoiser(tiny, device="cpu", precision="bf16")
+
+
+def test_unknown_precision_and_missing_cuda_are_user_errors(tiny):
+    with pytest.raises(DeviceError, match="unknown precision"):
+        Denoiser(tiny, precision="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            Denoiser(tiny, device="cuda:0")
