@@ -1,16 +1,28 @@
-"""Checkpoints: read the authors' .pth and our .safetensors safely, write safetensors.
+"""Checkpoints: the model registry, download and cache, safe reading, conversion to safetensors.
 
 A checkpoint of ours is a safetensors file of parameters whose metadata holds the
 ``ModelConfig`` as JSON under ``mitdenoise.config``. An authors'-format ``.pth`` is a
 bare state dict: its config is read from tensor shapes (see
-:func:`mitdenoise.model.config_from_state_dict`).
+:func:`mitdenoise.model.config_from_state_dict`), and what shapes can't tell (global
+residual, attention-mask ratio) comes from the registry entry.
+
+The authors' files are downloaded once from GitHub into the Hugging Face cache
+(``<HF_HUB_CACHE>/mitdenoise/``), verified against their git blob id, converted to
+safetensors and used from there afterwards; ``hf://`` files go through
+``huggingface_hub.hf_hub_download`` into the same cache. ``HF_HOME``,
+``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are read when used (not at
+import), so a changed environment is honoured.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import pickle
-import zipfile
+import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +33,17 @@ from .errors import ModelLoadError
 from .model import ModelConfig, SwinIR, config_from_state_dict, load_state_dict_into
 
 CONFIG_KEY = "mitdenoise.config"
+SOURCE_KEY = "mitdenoise.source"
+SOURCE_BLOB_KEY = "mitdenoise.source_git_blob"
 MAX_CHECKPOINT_BYTES = 2 * 1024**3
 """Refuse files over 2 GiB: the full network is 3.3 MB of parameters (16 MB with buffers)."""
+
+# Fields that tensor shapes determine; a config (given or stored) must agree with them.
+_SHAPE_FIELDS = ("in_chans", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "resi_connection",
+                 "conv_first_kernel")
+
+
+# --- reading and writing ------------------------------------------------------------------------
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
@@ -32,7 +53,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
         raise ModelLoadError(f"model file not found: {path}" + ("" if path.exists() else " (give a path or a model name)"))
     size = path.stat().st_size
     if size > MAX_CHECKPOINT_BYTES:
-        raise ModelLoadError(f"cannot load {path}: {size / 1024**3:.1f} GiB is over the 2 GiB limit for a checkpoint")
+        raise ModelLoadError(
+            f"cannot load {path}: {_human(size)} is over the {_human(MAX_CHECKPOINT_BYTES)} limit for a checkpoint"
+        )
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
     return _read_pickle(path), None
@@ -59,12 +82,22 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = _first_line(e)
-        if "weights_only" in reason or "Unsupported global" in reason or "GLOBAL" in reason:
-            reason = "it holds Python objects other than tensors, refused for safety"
+        text = str(e)
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        refused = "refused for safety, nothing in it was run"
+        if named:
+            reason = f"it names Python objects other than tensors ({named.group(1)}): {refused}"
+        elif detail:
+            reason = f"not a plain state dict ({detail.group(1).strip()}): {refused}"
+        else:
+            reason = f"not a PyTorch checkpoint ({_first_line(e)})"
         raise ModelLoadError(f"cannot load {path}: {reason}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load {path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler runs no code; any failure means garbage
+        # (RuntimeError, EOFError, BadZipFile, ... and KeyError/IndexError from stray bytes read as opcodes)
+        detail = _first_line(e).split(". ")[0]
+        detail = detail if detail == type(e).__name__ else f"{type(e).__name__}: {detail}"
+        raise ModelLoadError(f"cannot load {path}: not a PyTorch checkpoint ({detail})") from None
     if isinstance(obj, dict):
         for wrapper in ("params_ema", "params", "state_dict", "model"):
             if wrapper in obj and isinstance(obj[wrapper], dict):
@@ -73,6 +106,26 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(f"cannot load {path}: not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _build(state: dict[str, torch.Tensor], config: ModelConfig, origin: str) -> SwinIR:
+    """The network for ``config`` with ``state`` loaded; ValueError if they don't fit.
+
+    The config is checked against the shapes first, so that a file whose metadata
+    lies (or a wrong ``config``) gets a clear message and never builds a huge network.
+    ``origin`` says where the config came from, for that message.
+    """
+    actual = config_from_state_dict(state)
+    for name in _SHAPE_FIELDS:
+        want, got = getattr(config, name), getattr(actual, name)
+        if want != got:
+            raise ValueError(
+                f"the config {origin} does not match the tensors ({name} {_show(want)} in the config, "
+                f"{_show(got)} in the tensors)"
+            )
+    model = SwinIR(config)
+    load_state_dict_into(model, state)
+    return model.eval()
 
 
 def load_model(
@@ -85,18 +138,23 @@ def load_model(
     """
     state, stored = read_state_dict(path)
     try:
+        origin = "in its metadata" if config is None and stored is not None else "given"
         if config is None:
             config = stored or config_from_state_dict(state)
         if overrides:
             config = ModelConfig(**{**config.__dict__, **overrides})
-        model = SwinIR(config)
-        load_state_dict_into(model, state)
+        return _build(state, config, origin)
     except ValueError as e:
         raise ModelLoadError(f"cannot load {path}: {_first_line(e)}") from None
-    return model.eval()
 
 
-def save_safetensors(model: SwinIR, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> None:
+def save_safetensors(
+    model: SwinIR,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
     """Write the parameters and config, atomically (temp file + rename)."""
     path = Path(path)
     state = {
@@ -104,12 +162,58 @@ def save_safetensors(model: SwinIR, path: str | os.PathLike, *, dtype: torch.dty
         for k, v in model.state_dict().items()
         if not k.endswith("relative_position_index")
     }
-    tmp = path.with_name(f".{path.name}.tmp")
+    metadata = {**(extra_metadata or {}), CONFIG_KEY: model.config.to_json(), "format": "pt"}
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save_file(state, str(tmp), metadata={CONFIG_KEY: model.config.to_json(), "format": "pt"})
+        save_file(state, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    config: ModelConfig | None = None,
+    extra_metadata: dict[str, str] | None = None,
+    **known,
+) -> ModelConfig:
+    """Write ``src`` (an authors' ``.pth`` or a safetensors file) as our safetensors checkpoint.
+
+    The config comes from ``config``, else the file's metadata, else the shapes;
+    ``known`` (``global_residual``, ``attn_mask_ratio``: what shapes can't tell)
+    replaces those fields. Returns the config written into the metadata.
+    """
+    dst = Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise ValueError(f"the output {dst} must end in .safetensors")
+    state, stored = read_state_dict(src)
+    try:
+        base = config or stored
+        origin = "in its metadata" if config is None and stored is not None else "given"
+        if base is None:
+            config = config_from_state_dict(state, **known)
+        else:
+            config = dataclasses.replace(base, **known)
+        model = _build(state, config, origin)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot convert {src}: {_first_line(e)}") from None
+    try:
+        save_safetensors(model, dst, extra_metadata=extra_metadata)
+    except (OSError, SafetensorError) as e:
+        raise ModelLoadError(f"cannot write {dst}: {_first_line(e)}") from None
+    return config
+
+
+def git_blob_id(path: str | os.PathLike) -> str:
+    """Git's id of a file's content: SHA-1 of ``b"blob <size>\\0" + content``."""
+    path = Path(path)
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _first_line(e: BaseException) -> str:
@@ -117,22 +221,588 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-SHIPPED_DIRS = (Path(__file__).resolve().parent / "_shipped", Path(__file__).resolve().parent.parent / "weights")
-"""Where the shipped checkpoint is: inside an installed wheel, or weights/ of a source tree."""
+def _human(n: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _show(value) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+AUTHORS_REPO = "haoyuc/MaskedDenoising"
+AUTHORS_COMMIT = "9cd4c62a7a82178d86f197e11f2d0ba3ab1fbd5a"
+PAPER_CITATION = (
+    "Chen, Gu, Liu, Abdel Magid, Dong, Wang, Pfister, Zhu. Masked Image Training for Generalizable Deep Image "
+    "Denoising. CVPR 2023, pp. 1692-1703 (arXiv 2303.13132)"
+)
+AUTHORS_LICENSE = "not stated (no licence file found in haoyuc/MaskedDenoising; ask the authors before redistributing)"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named checkpoint: where it comes from, which network it is, under which terms.
+
+    ``github_repo``/``commit``/``path``/``git_blob`` locate and verify a file on GitHub;
+    an entry without ``github_repo`` is our shipped checkpoint (``path`` under
+    ``weights/``). ``config`` is the whole config when known; otherwise the shapes
+    give it, and ``global_residual``/``attn_mask_ratio`` the fields they can't tell.
+    """
+
+    name: str
+    description: str
+    license: str
+    citation: str
+    path: str
+    github_repo: str | None = None
+    commit: str | None = None
+    git_blob: str | None = None
+    size: int | None = None
+    config: ModelConfig | None = None
+    global_residual: bool = False
+    attn_mask_ratio: tuple[int, int] = (75, 75)
+
+    @property
+    def shipped(self) -> bool:
+        return self.github_repo is None
+
+    @property
+    def url(self) -> str | None:
+        if self.github_repo is None:
+            return None
+        return f"{github_endpoint()}/{self.github_repo}/raw/{self.commit}/{self.path}"
+
+    @property
+    def known(self) -> dict:
+        """What the registry says that shapes can't: passed to the config reader."""
+        return {"global_residual": self.global_residual, "attn_mask_ratio": self.attn_mask_ratio}
+
+
 DEFAULT_MODEL = "mitdenoise"
 """Our own checkpoint, shipped in ``weights/`` so the tool works offline."""
 
+REGISTRY: dict[str, ModelEntry] = {
+    e.name: e
+    for e in (
+        ModelEntry(
+            name=DEFAULT_MODEL,
+            description="our masked-training checkpoint, shipped with mitdenoise (works offline)",
+            license="MIT (mitdenoise)",
+            citation=PAPER_CITATION + "; weights trained by the mitdenoise authors",
+            path="mitdenoise-masked.safetensors",
+        ),
+        ModelEntry(
+            name="masked-denoising",
+            description="the authors' released model: input mask 80-90 %, attention mask 75 %",
+            license=AUTHORS_LICENSE,
+            citation=PAPER_CITATION,
+            github_repo=AUTHORS_REPO,
+            commit=AUTHORS_COMMIT,
+            path="model_zoo/input_mask_80_90.pth",
+            git_blob="deafdf08ce4e6f69170f6f31bb3a32da9dee8cf5",
+            global_residual=False,
+            attn_mask_ratio=(75, 75),
+        ),
+        ModelEntry(
+            name="masked-denoising-baseline",
+            description="the authors' baseline: same network trained without masks",
+            license=AUTHORS_LICENSE,
+            citation=PAPER_CITATION,
+            github_repo=AUTHORS_REPO,
+            commit=AUTHORS_COMMIT,
+            path="model_zoo/baseline.pth",
+            git_blob="bd7ab9e05a0e45c32991a8c375ecd331d569768e",
+            global_residual=False,
+            attn_mask_ratio=(0, 0),
+        ),
+    )
+}
+
+HF_SCHEME = "hf://"
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+# --- the environment, read when used ------------------------------------------------------------
+
+
+def _is_true(value: str | None) -> bool:
+    return value is not None and value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_cache_dir() -> Path:
+    """``huggingface_hub.constants.HF_HUB_CACHE``, by the same rules, from the environment as it is now.
+
+    (huggingface_hub reads the environment once, at import; reading it here on each
+    call keeps HF_HOME/HF_HUB_CACHE changes made later, e.g. by tests, effective.)
+    """
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    home = os.path.expandvars(os.path.expanduser(home))
+    hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
+def cache_dir() -> Path:
+    """Where the converted authors' checkpoints live: ``<HF_HUB_CACHE>/mitdenoise``."""
+    return hub_cache_dir() / "mitdenoise"
+
+
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), as huggingface_hub reads it, but now."""
+    return _is_true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def github_endpoint() -> str:
+    """Base URL of GitHub; MITDENOISE_GITHUB_ENDPOINT replaces it (a mirror, or a test server)."""
+    return (os.environ.get("MITDENOISE_GITHUB_ENDPOINT") or "https://github.com").rstrip("/")
+
+
+def hf_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+# --- resolving a model spec to a local file -----------------------------------------------------
+
+SHIPPED_DIRS = (Path(__file__).resolve().parent / "_shipped", Path(__file__).resolve().parent.parent / "weights")
+"""Where the shipped checkpoint is: inside an installed wheel, or weights/ of a source tree."""
+
 
 def shipped_checkpoint() -> Path:
-    candidates = [d / "mitdenoise-masked.safetensors" for d in SHIPPED_DIRS]
+    candidates = [d / REGISTRY[DEFAULT_MODEL].path for d in SHIPPED_DIRS]
     return next((p for p in candidates if p.is_file()), candidates[-1])
 
 
 def resolve_model(spec: str | os.PathLike | None) -> Path:
-    """A local file for a model spec: None (the default), a registry name, or a path."""
+    """A local file for a model spec, fetching it on first use.
+
+    ``spec``: None or 'mitdenoise' (the shipped checkpoint), a registry name
+    (downloaded, verified and converted once, then read from the cache),
+    ``hf://owner/repo/path/file.safetensors[@revision]``, or a path.
+    """
     if spec is None or str(spec) == DEFAULT_MODEL:
+        return _shipped()
+    if isinstance(spec, os.PathLike):
+        return _local(Path(spec))
+    spec = str(spec)
+    if spec.startswith(HF_SCHEME):
+        return download_hf(spec)
+    if spec in REGISTRY:
+        return fetch(spec)
+    path = Path(spec).expanduser()
+    if path.exists() or _looks_like_path(spec):
+        return _local(path)
+    raise ModelLoadError(
+        f"unknown model {spec!r}: not a file and not one of: {', '.join(REGISTRY)} "
+        f"(or {HF_SCHEME}owner/repo/file.safetensors, or a path to a .pth/.safetensors file)"
+    )
+
+
+def download(spec: str, *, force: bool = False, progress: bool = True) -> Path:
+    """``mitdenoise download``: fetch a registry model or an hf:// file into the cache, return its path."""
+    if spec.startswith(HF_SCHEME):
+        return download_hf(spec, force=force)
+    if spec == DEFAULT_MODEL:
+        return _shipped()
+    if spec not in REGISTRY:
+        raise ModelLoadError(
+            f"unknown model {spec!r}: not one of: {', '.join(REGISTRY)} (or {HF_SCHEME}owner/repo/file.safetensors)"
+        )
+    return fetch(spec, force=force, progress=progress)
+
+
+def _shipped() -> Path:
+    path = shipped_checkpoint()
+    if not path.is_file():
+        raise ModelLoadError(f"the shipped checkpoint {path} is missing: reinstall mitdenoise or pass --model PATH")
+    return path
+
+
+def _local(path: Path) -> Path:
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}" + (" is a directory" if path.is_dir() else ""))
+    return path
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        "/" in spec
+        or os.sep in spec
+        or spec.startswith((".", "~"))
+        or spec.lower().endswith(_CHECKPOINT_SUFFIXES)
+    )
+
+
+# --- the authors' files: download, verify, convert, cache ---------------------------------------
+
+
+def cached_path(entry: ModelEntry) -> Path:
+    """The converted checkpoint of a GitHub entry in the cache (it may not exist)."""
+    return cache_dir() / entry.name / f"{entry.git_blob}.safetensors"
+
+
+def is_cached(entry: ModelEntry) -> bool:
+    """True when the cache holds this entry's verified, converted file."""
+    return _cached_metadata(entry) is not None
+
+
+def _cached_metadata(entry: ModelEntry) -> dict[str, str] | None:
+    path = cached_path(entry)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return None  # unreadable: fetched again
+    if metadata.get(SOURCE_BLOB_KEY) != entry.git_blob:
+        return None
+    try:
+        ModelConfig.from_json(metadata[CONFIG_KEY])
+    except (KeyError, ValueError, TypeError):
+        return None  # not a file we wrote: fetched again
+    return metadata
+
+
+def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
+    """The converted checkpoint of a registry entry: from the cache, else downloaded now.
+
+    A download goes to a temporary file, is checked against the entry's git blob id,
+    converted to safetensors (config in its metadata) and only then put in place;
+    anything that fails leaves nothing behind. A cache hit makes no network request.
+    """
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise ModelLoadError(f"unknown model {name!r}: not one of: {', '.join(REGISTRY)}")
+    if entry.shipped:
+        return _shipped()
+    target = cached_path(entry)
+    if not force and (metadata := _cached_metadata(entry)) is not None:
+        _restamp_if_stale(entry, metadata)
+        return target
+    if offline_mode():
+        if is_cached(entry):  # only reached with force
+            raise ModelLoadError(
+                f"cannot download model '{entry.name}' again: offline mode is on (HF_HUB_OFFLINE); "
+                f"the cached copy {target} is still there"
+            )
+        raise ModelLoadError(_unavailable(entry, "offline mode is on (HF_HUB_OFFLINE)"))
+
+    from huggingface_hub.utils import WeakFileLock
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = cache_dir() / ".locks" / f"{entry.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelLoadError(f"cannot use the cache {cache_dir()}: {_first_line(e)}") from None
+    with WeakFileLock(lock):
+        if not force and (metadata := _cached_metadata(entry)) is not None:  # another process got it meanwhile
+            _restamp_if_stale(entry, metadata)
+            return target
+        tmp = target.with_name(f".{entry.git_blob}.{uuid.uuid4().hex[:8]}.pth.incomplete")
+        try:
+            cut_short = _download(entry, tmp, progress=progress)
+            _verify(entry, tmp, cut_short)
+            try:
+                convert_checkpoint(tmp, target, config=entry.config, extra_metadata=_source_metadata(entry),
+                                   **entry.known)
+            except ModelLoadError as e:
+                reason = str(e).split(": ", 1)[-1]
+                raise ModelLoadError(
+                    f"model '{entry.name}' from {entry.url} passed its checksum but cannot be converted: {reason}"
+                ) from None
+            if _bars_enabled(progress):
+                from rich.console import Console
+
+                Console(stderr=True).print(
+                    f"downloaded {entry.name} ({_human(tmp.stat().st_size)}), checksum verified, converted to {target}",
+                    highlight=False, markup=False, soft_wrap=True,
+                )
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def _source_metadata(entry: ModelEntry) -> dict[str, str]:
+    return {
+        "mitdenoise.model": entry.name,
+        SOURCE_KEY: f"https://github.com/{entry.github_repo}/raw/{entry.commit}/{entry.path}",
+        SOURCE_BLOB_KEY: entry.git_blob or "",
+        "mitdenoise.license": entry.license,
+        "mitdenoise.citation": entry.citation,
+    }
+
+
+def _restamp_if_stale(entry: ModelEntry, metadata: dict[str, str]) -> None:
+    """Rewrite the cached file's config if the registry's changed since it was converted (no download)."""
+    stored = ModelConfig.from_json(metadata[CONFIG_KEY])
+    wanted = dataclasses.replace(entry.config or stored, **entry.known)
+    if stored != wanted:
+        path = cached_path(entry)
+        convert_checkpoint(path, path, config=wanted, extra_metadata=_source_metadata(entry))
+
+
+def _unavailable(entry: ModelEntry, reason: str) -> str:
+    return (
+        f"cannot get model '{entry.name}': {reason}, and it is not in the cache ({cache_dir()}); "
+        f"run `mitdenoise download {entry.name}` when online, or download {entry.url} yourself "
+        f"and pass --model PATH (a local .pth or .safetensors file works)"
+    )
+
+
+def _download(entry: ModelEntry, dest: Path, *, progress: bool) -> str | None:
+    """Stream ``entry.url`` into ``dest`` with a progress bar on stderr.
+
+    Uses huggingface_hub's shared HTTP client (``get_session`` through
+    ``http_stream_backoff``): the proxy, certificate and offline settings a user gave
+    huggingface_hub apply here too, redirects (GitHub -> raw.githubusercontent.com)
+    are followed, and 429/5xx answers are retried with backoff. A transfer cut short
+    is not an error here: the checksum that follows rejects it (the returned note
+    says how short it was).
+    """
+    import httpx2  # huggingface_hub's HTTP library; get_session() returns an httpx2.Client
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.utils import http_stream_backoff
+
+    url = entry.url
+    received = 0
+    cut_short = None
+    try:
+        with http_stream_backoff(
+            "GET",
+            url,
+            max_retries=2,
+            retry_on_exceptions=(),
+            retry_on_status_codes=(429, 500, 502, 503, 504),
+            timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+        ) as response:
+            if response.status_code != 200:
+                raise ModelLoadError(
+                    f"cannot download model '{entry.name}' from {url}: HTTP {response.status_code} "
+                    f"{response.reason_phrase}".rstrip()
+                )
+            total = _content_length(response)
+            if total is not None and total > MAX_CHECKPOINT_BYTES:
+                raise ModelLoadError(
+                    f"refusing to download model '{entry.name}' from {url}: {_human(total)} is over the "
+                    f"{_human(MAX_CHECKPOINT_BYTES)} limit for a checkpoint"
+                )
+            with _DownloadBar(entry.name, total, enabled=progress) as advance, dest.open("wb") as f:
+                try:
+                    for chunk in response.iter_bytes(chunk_size=1 << 20):
+                        received += len(chunk)
+                        if received > MAX_CHECKPOINT_BYTES:
+                            raise ModelLoadError(
+                                f"refusing to download model '{entry.name}' from {url}: more than "
+                                f"{_human(MAX_CHECKPOINT_BYTES)} (the limit for a checkpoint); "
+                                "the partial file was deleted"
+                            )
+                        f.write(chunk)
+                        advance(len(chunk))
+                except (httpx2.TransportError, httpx2.StreamError):
+                    # truncated: the checksum will reject it
+                    of = f" of {total}" if total is not None else ""
+                    cut_short = f"the transfer was cut short after {received}{of} bytes"
+    except OfflineModeIsEnabled:
+        raise ModelLoadError(_unavailable(entry, "offline mode is on (HF_HUB_OFFLINE)")) from None
+    except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.ProxyError) as e:
+        host = httpx2.URL(url).host
+        raise ModelLoadError(_unavailable(entry, f"cannot connect to {host} ({_first_line(e)})")) from None
+    except httpx2.HTTPError as e:
+        raise ModelLoadError(
+            f"cannot download model '{entry.name}' from {url}: {_first_line(e)}; nothing was kept, try again"
+        ) from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot write to the cache {dest.parent}: {_first_line(e)}") from None
+    return cut_short
+
+
+def _content_length(response) -> int | None:
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _verify(entry: ModelEntry, path: Path, cut_short: str | None = None) -> None:
+    actual = git_blob_id(path)
+    if actual != entry.git_blob:
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        note = f" ({cut_short})" if cut_short else ""
+        raise ModelLoadError(
+            f"checksum mismatch for model '{entry.name}' downloaded from {entry.url}{note}: got git blob {actual} "
+            f"({size} bytes), expected {entry.git_blob}; the download was deleted; try again"
+        )
+
+
+def _bars_enabled(progress: bool) -> bool:
+    return progress and not _is_true(os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
+
+
+class _DownloadBar:
+    """A rich download bar on stderr (silent when disabled or HF_HUB_DISABLE_PROGRESS_BARS is set)."""
+
+    def __init__(self, name: str, total: int | None, *, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+        )
+
+        enabled = _bars_enabled(enabled)
+        self.progress = Progress(
+            TextColumn("downloading {task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+            transient=True,
+        )
+        self.task = self.progress.add_task(name, total=total)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return lambda n: self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+
+# --- hf:// files --------------------------------------------------------------------------------
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str, str, str | None]:
+    """(repo_type, repo_id, filename, revision) of ``hf://owner/repo/path/file[@revision]``.
+
+    huggingface_hub's own form ``hf://owner/repo@revision/path/file`` (and the
+    ``datasets/``, ``spaces/`` prefixes) is accepted too.
+    """
+    from huggingface_hub import parse_hf_uri
+    from huggingface_hub.errors import HfUriError
+
+    body = spec[len(HF_SCHEME):]
+    expected = f"expected {HF_SCHEME}owner/repo/path/to/file.safetensors[@revision]"
+    try:
+        uri = None
+        if "@" in body:
+            head, revision = body.split("@", 1)
+            trailing = parse_hf_uri(HF_SCHEME + head)
+            if trailing.path_in_repo:  # the revision follows the file name
+                uri = dataclasses.replace(trailing, revision=revision)
+        if uri is None:
+            uri = parse_hf_uri(spec)
+    except HfUriError as e:
+        raise ModelLoadError(f"invalid model {spec!r}: {_first_line(e).rstrip('.')}; {expected}") from None
+    if uri.type == "bucket":
+        raise ModelLoadError(f"invalid model {spec!r}: buckets are not supported; {expected}")
+    if not uri.path_in_repo:
+        raise ModelLoadError(f"invalid model {spec!r}: it names a repository but no file; {expected}")
+    return uri.type, uri.id, uri.path_in_repo, uri.revision
+
+
+def download_hf(spec: str, *, force: bool = False) -> Path:
+    """A Hub file, through ``huggingface_hub.hf_hub_download`` (its cache, locks, offline mode, endpoint).
+
+    With a branch or tag as revision the Hub is asked whether the file changed (one
+    HEAD request); a 40-hex commit revision already cached makes no request; offline
+    or unreachable, the cached copy is used.
+    """
+    import httpx2
+    from huggingface_hub import hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from . import __version__
+
+    repo_type, repo_id, filename, revision = parse_hf_spec(spec)
+    offline = offline_mode()
+    try:
+        path = hf_hub_download(
+            repo_id,
+            filename,
+            repo_type=repo_type,
+            revision=revision,
+            cache_dir=hub_cache_dir(),
+            endpoint=hf_endpoint(),
+            local_files_only=offline,
+            force_download=force and not offline,
+            library_name="mitdenoise",
+            library_version=__version__,
+        )
+    except LocalEntryNotFoundError:
+        reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else f"cannot reach {hf_endpoint()}"
+        url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=hf_endpoint())
+        raise ModelLoadError(
+            f"cannot get {spec}: {reason}, and it is not in the cache ({hub_cache_dir()}); "
+            f"run `mitdenoise download {spec}` when online, or download {url} yourself and pass --model PATH"
+        ) from None
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"cannot get {spec}: {repo_id} is gated; accept its terms on the Hub and log in (`hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"cannot get {spec}: repository {repo_id} not found on {hf_endpoint()} "
+            "(or private: log in with `hf auth login`)"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"cannot get {spec}: revision {revision!r} not found in {repo_id}") from None
+    except EntryNotFoundError:
+        raise ModelLoadError(f"cannot get {spec}: no file {filename!r} in {repo_id}") from None
+    except (HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot get {spec}: {_first_line(e)}") from None
+    return Path(path)
+
+
+# --- listing ------------------------------------------------------------------------------------
+
+
+def model_status(entry: ModelEntry) -> dict:
+    """What ``mitdenoise models`` shows of an entry (its --json rows)."""
+    if entry.shipped:
         path = shipped_checkpoint()
-        if not path.is_file():
-            raise ModelLoadError(f"the shipped checkpoint {path} is missing: reinstall mitdenoise or pass --model PATH")
-        return path
-    return Path(spec)
+        source = f"shipped: weights/{entry.path}"
+        present = path.is_file()
+    else:
+        path = cached_path(entry)
+        source = entry.url
+        present = is_cached(entry)
+    return {
+        "name": entry.name,
+        "default": entry.name == DEFAULT_MODEL,
+        "description": entry.description,
+        "source": source,
+        "git_blob": entry.git_blob,
+        "cached": present,
+        "path": str(path) if present else None,
+        "size": path.stat().st_size if present else entry.size,
+        "license": entry.license,
+        "citation": entry.citation,
+        "attn_mask_ratio": list(entry.attn_mask_ratio) if not entry.shipped else None,
+        "global_residual": entry.global_residual if not entry.shipped else None,
+    }
+
+
+def list_models() -> list[dict]:
+    return [model_status(e) for e in REGISTRY.values()]
+
+
+def human_size(n: int | None) -> str:
+    return "-" if n is None else _human(n)

@@ -1,0 +1,171 @@
+"""`mitdenoise models`, `download` and `convert`: thin commands over :mod:`mitdenoise.weights`.
+
+Plain typer-annotated functions; ``mitdenoise.cli`` registers them. They import the
+library (and torch) only when run, so ``mitdenoise --help`` stays fast. Errors are
+printed as one ``error: ...`` line on stderr with exit code 1 (2 for a bad option).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import MitdenoiseError
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def models_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON (for scripts).")] = False,
+) -> None:
+    """List the models --model accepts by name: source, size, cached or not, licence.
+
+    Also accepted: hf://owner/repo/path/file.safetensors[@revision], or a path to a
+    .pth/.safetensors file.
+
+    Example:  mitdenoise models --json
+    """
+    from . import weights
+
+    rows = weights.list_models()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(caption=escape("Also: hf://owner/repo/file.safetensors[@revision], or a .pth/.safetensors path."),
+                  caption_justify="left")
+    for column in ("name", "source", "size", "cached", "licence"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        name = row["name"] + (" (default)" if row["default"] else "")
+        if row["default"]:
+            cached = "shipped" if row["cached"] else "missing"
+        else:
+            cached = "yes" if row["cached"] else "no"
+        table.add_row(escape(name), escape(row["source"]), weights.human_size(row["size"]), cached,
+                      escape(row["license"]))
+    out.print(table, highlight=False)
+
+
+def download_command(
+    name: Annotated[str, typer.Argument(help="A registry name (see `mitdenoise models`) or hf://owner/repo/file.")],
+    force: Annotated[bool, typer.Option("--force", "-f", help="Download again even if cached.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Download a model into the Hugging Face cache, verify and convert it; print its path.
+
+    Example:  mitdenoise download masked-denoising
+    """
+    from . import weights
+
+    try:
+        path = weights.download(name, force=force, progress=not quiet)
+    except MitdenoiseError as e:
+        _fail(str(e))
+    typer.echo(str(path))
+
+
+def convert_command(
+    src: Annotated[Path, typer.Argument(help="Checkpoint to convert: the authors' .pth (or a .safetensors).")],
+    dst: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
+    config: Annotated[
+        Optional[str],
+        typer.Option(help="Config as JSON (whole or some fields), a .json file, or a registry name whose settings to use."),
+    ] = None,
+    attn_mask_ratio: Annotated[
+        Optional[str], typer.Option(help="Attention-mask ratio in percent: R, or LOW,HIGH; 0 = off.")
+    ] = None,
+    global_residual: Annotated[
+        Optional[bool],
+        typer.Option("--global-residual/--no-global-residual", help="Original SwinIR wiring (+x) or not. Default: from the shapes."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace DST if it exists.")] = False,
+) -> None:
+    """Convert a checkpoint to safetensors with its config in the metadata.
+
+    Shapes give the architecture; --config, --attn-mask-ratio and
+    --global-residual give what shapes can't tell.
+
+    Example:  mitdenoise convert input_mask_80_90.pth masked.safetensors --attn-mask-ratio 75
+    """
+    from . import weights
+
+    known = _config_option(config, weights) if config else {}
+    if attn_mask_ratio is not None:
+        known["attn_mask_ratio"] = _ratio_option(attn_mask_ratio)
+    if global_residual is not None:
+        known["global_residual"] = global_residual
+    if dst.suffix.lower() != ".safetensors":
+        _fail(f"the output {dst} must end in .safetensors", 2)
+    if not src.is_file():
+        _fail(f"model file not found: {src}" + (" is a directory" if src.is_dir() else ""))
+    if dst.exists() and not force:
+        _fail(f"{dst} exists (--force replaces it)")
+    try:
+        written = weights.convert_checkpoint(src, dst, **known)
+    except MitdenoiseError as e:
+        _fail(str(e))
+    ratio = written.attn_mask_ratio
+    mask = "off" if ratio[1] == 0 else (f"{ratio[0]} %" if ratio[0] == ratio[1] else f"{ratio[0]}-{ratio[1]} %")
+    err.print(
+        f"wrote {escape(str(dst))}: embed_dim {written.embed_dim}, depths {list(written.depths)}, "
+        f"attention mask {mask}, global residual {'on' if written.global_residual else 'off'}",
+        highlight=False, soft_wrap=True,
+    )
+    typer.echo(str(dst))
+
+
+def _ratio_option(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.replace(" ", "").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or not 0 <= parts[0] <= parts[-1] < 100:
+        _fail(f"--attn-mask-ratio must be R or LOW,HIGH with 0 <= LOW <= HIGH < 100, not {text!r}", 2)
+    return (parts[0], parts[-1])
+
+
+def _config_option(text: str, weights) -> dict:
+    """Fields given by --config: a registry name, inline JSON, or a .json file."""
+    import dataclasses
+
+    from .model import ModelConfig
+
+    if text in weights.REGISTRY:
+        entry = weights.REGISTRY[text]
+        if entry.shipped:
+            _fail(f"--config {text}: the shipped model carries its config in its file; give JSON or another name", 2)
+        return dataclasses.asdict(entry.config) if entry.config else dict(entry.known)
+    source = "--config"
+    if not text.lstrip().startswith(("{", "[")):
+        path = Path(text)
+        if not path.is_file():
+            names = ", ".join(n for n, e in weights.REGISTRY.items() if not e.shipped)
+            _fail(f"--config {text!r}: not JSON, not a .json file and not one of: {names}", 2)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            _fail(f"--config {path}: {e.strerror or e}", 2)
+        source = f"--config {path}"
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        _fail(f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", 2)
+    if not isinstance(fields, dict):
+        _fail(f"{source}: expected a JSON object of config fields", 2)
+    valid = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - valid)
+    if unknown:
+        _fail(f"{source}: unknown config fields {unknown} (valid: {', '.join(sorted(valid))})", 2)
+    return fields
