@@ -201,5 +201,9 @@ def _register_commands() -> None:
         convert_command
     )
 
+    from .bench_cli import register
+
+    register(app)  # bench, bench quality, bench speed, noise
+
 
 _register_commands()

@@ -1,0 +1,426 @@
+"""`mitdenoise bench [quality|speed]` and `mitdenoise noise`: thin commands over :mod:`mitdenoise.bench`.
+
+Plain typer-annotated functions; ``mitdenoise.cli`` registers them, e.g.::
+
+    app.add_typer(bench_cli.bench_app, name="bench")     # bench, bench quality, bench speed
+    app.command("noise")(bench_cli.noise_command)
+
+They import the library (and torch) only when run. Results go to stdout (a table,
+or JSON with ``--json``), progress and notes to stderr; errors are one
+``error: ...`` line with exit code 1 (2 for a bad option value).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import MitdenoiseError
+
+err = Console(stderr=True)
+out = Console()
+
+DEFAULT_OUT = Path("bench-results")
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+class _Bar:
+    """A rich progress bar on stderr driven by the library's ``on_total`` / ``on_progress`` callbacks."""
+
+    def __init__(self, quiet: bool, what: str) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, disable=quiet, transient=True)
+        self.task = self.progress.add_task(what, total=None)
+
+    def total(self, n: int) -> None:
+        self.progress.update(self.task, total=n)
+
+    def step(self, description: str) -> None:
+        self.progress.update(self.task, advance=1, description=escape(description[:60]))
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+# --- option types shared by the commands ----------------------------------------------------------
+
+ModelsOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--model", "-m", help="Model spec (registry name, hf://..., or a .pth/.safetensors path); repeat for several. Default: the shipped model."),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the result files.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the synthetic noise and of the attention-mask draws.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")]
+
+
+# --- bench quality ------------------------------------------------------------------------------
+
+
+def bench_quality_command(
+    clean: Annotated[Path, typer.Argument(help="Folder of clean images.")],
+    noisy: Annotated[
+        Optional[Path], typer.Option("--noisy", help="Folder of given noisy images (same file names as CLEAN): adds a row.")
+    ] = None,
+    noise: Annotated[
+        Optional[str],
+        typer.Option("--noise", "-n", help="Synthetic noises as kind:level items, e.g. gaussian:15,poisson:2,speckle:0.024,saltpepper:0.002,correlated:15,mixture:15. Default: the paper's four, unless --noisy is given."),
+    ] = None,
+    model: ModelsOpt = None,
+    passes: Annotated[int, typer.Option(help="Also run each model with this many averaged mask draws (column 'name xN').")] = 1,
+    baselines: Annotated[str, typer.Option(help="Comma list of noisy, nlm, bm3d (or none).")] = "noisy,nlm,bm3d",
+    oracle_sigma: Annotated[bool, typer.Option("--oracle-sigma", help="Give nlm/bm3d the true sigma of Gaussian noise instead of an estimate.")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N images.")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Center-crop every image to S x S pixels (for speed).")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    tile: Annotated[int, typer.Option(help="Tile size of the model runs.")] = 256,
+    tile_overlap: Annotated[int, typer.Option(help="Tile overlap of the model runs.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
+    threads: ThreadsOpt = None,
+    out_dir: OutOpt = DEFAULT_OUT,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """PSNR/SSIM of models and classical denoisers on synthetic (or given) noise.
+
+    Writes results.json, results.md and grid_<noise>.png into --out.
+
+    Example:  mitdenoise bench quality data/kodak24 --noise gaussian:15,poisson:2 --crop 256 --limit 4 -m mitdenoise -m masked-denoising --passes 4
+    """
+    from . import bench
+
+    if limit is not None and limit < 1:
+        _fail("--limit must be >= 1", 2)
+    if crop is not None and crop < 16:
+        _fail("--crop must be >= 16 (SSIM needs 11x11 windows)", 2)
+    if passes < 1:
+        _fail("--passes must be >= 1", 2)
+    _set_threads(threads)
+    try:
+        names = bench.parse_baselines(baselines)
+        with _Bar(quiet, "quality") as bar:
+            results = bench.run_quality(
+                clean, noisy_dir=noisy, noise_spec=noise, models=_models(model), passes=passes, baselines=names,
+                seed=seed, limit=limit, crop=crop, oracle_sigma=oracle_sigma, device=device, precision=precision,
+                tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, on_progress=bar.step, on_total=bar.total,
+            )
+        results = bench.write_quality_outputs(results, out_dir)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e), 2 if isinstance(e, ValueError) else 1)
+    except MitdenoiseError as e:
+        _fail(str(e))
+    _report_quality(results, out_dir, as_json, quiet)
+
+
+def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
+    from .bench import best_methods
+
+    if not quiet:
+        for note in results["notes"]:
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    names = [m["name"] for m in results["methods"]]
+    table = Table(title=f"PSNR dB / SSIM, 8-bit RGB, mean of {len(results['images'])} image(s)",
+                  caption=f"best in bold; Y-channel PSNR and per-image values in {out_dir / 'results.json'}",
+                  caption_justify="left")
+    table.add_column("noise")
+    for name in names:
+        table.add_column(escape(name), justify="right")
+    for row in results["rows"]:
+        best_p, best_s = best_methods(row, "psnr"), best_methods(row, "ssim")
+        cells = []
+        for name in names:
+            r = row["results"][name]
+            p, s = _num(r["psnr"], 2), _num(r["ssim"], 4)
+            cells.append(f"{_bold(p, name in best_p)} / {_bold(s, name in best_s)}")
+        table.add_row(escape(row["noise"]), *cells)
+    out.print(table, highlight=False)
+
+
+def _bold(text: str, on: bool) -> str:
+    return f"[bold]{text}[/]" if on else text
+
+
+def _num(value, digits: int) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"
+
+
+def _models(specs: Optional[list[str]]) -> list[Optional[str]]:
+    return list(specs) if specs else [None]
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        _fail("--threads must be >= 1", 2)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# --- bench speed --------------------------------------------------------------------------------
+
+
+def bench_speed_command(
+    model: Annotated[
+        Optional[str], typer.Option("--model", "-m", help="Model spec. Default: the shipped model.")
+    ] = None,
+    sizes: Annotated[str, typer.Option(help="Image sizes, N or HxW, comma separated.")] = "256,512",
+    tiles: Annotated[str, typer.Option(help="Tile sizes, comma separated.")] = "128,256",
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma separated.")] = "1",
+    precisions: Annotated[str, typer.Option(help="Precisions: fp32, bf16, fp16, comma separated.")] = "fp32",
+    devices: Annotated[str, typer.Option(help="Devices, comma separated (auto, cpu, cuda, cuda:N).")] = "auto",
+    threads: ThreadsOpt = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per row (the median is reported).")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
+    tile_overlap: Annotated[int, typer.Option(help="Tile overlap.")] = 32,
+    reference: Annotated[bool, typer.Option(help="Also time the whole-image, host-NumPy-mask reference.")] = True,
+    sgemm_size: Annotated[int, typer.Option(help="Size of the sgemm that measures the FLOP ceiling.")] = 2048,
+    seed: SeedOpt = 0,
+    out_dir: OutOpt = DEFAULT_OUT,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Megapixels per second and peak memory, beside the straightforward reference and the sgemm ceiling.
+
+    Writes speed.json and speed.md into --out.
+
+    Example:  mitdenoise bench speed --sizes 256,512 --tiles 128,256 --batch-sizes 1,4 --precisions fp32,bf16 --threads 2
+    """
+    from . import bench
+
+    if runs < 1 or warmup < 0:
+        _fail("--runs must be >= 1 and --warmup >= 0", 2)
+    try:
+        size_list = bench.parse_sizes(sizes)
+        tile_list = bench.parse_ints(tiles, "tile", 8)
+        batch_list = bench.parse_ints(batch_sizes, "batch size", 1)
+        precision_list = bench.parse_words(precisions)
+        device_list = bench.parse_words(devices)
+        if threads is not None and threads < 1:
+            raise ValueError("--threads must be >= 1")
+        with _Bar(quiet, "speed") as bar:
+            results = bench.run_speed(
+                model, sizes=size_list, tiles=tile_list, batch_sizes=batch_list, precisions=precision_list,
+                devices=device_list, threads=threads, runs=runs, warmup=warmup, tile_overlap=tile_overlap,
+                reference=reference, sgemm_n=sgemm_size, seed=seed, on_progress=bar.step, on_total=bar.total,
+            )
+        bench.write_speed_outputs(results, out_dir)
+    except ValueError as e:
+        _fail(str(e), 2)
+    except MitdenoiseError as e:
+        _fail(str(e))
+    _report_speed(results, out_dir, as_json, quiet)
+
+
+def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
+    if not quiet:
+        for note in results["notes"]:
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    c = results["config"]
+    table = Table(
+        title=f"Speed, median of {c['runs']} after {c['warmup']} warm-up, {c['threads']} CPU thread(s)",
+        caption=(f"{c['macs_per_pixel']:,} multiply-adds per pixel = {c['tflop_per_megapixel']:.2f} TFLOP/MP; "
+                 f"GFLOP/s counts image pixels only. Reference: {c['reference']}. "
+                 f"Peak RSS {'reset before each row' if c['peak_rss_per_row'] else 'is the process peak so far'}. "
+                 f"Also in {out_dir / 'speed.json'}"),
+        caption_justify="left",
+    )
+    cuda = any(r["cuda_peak_mb"] is not None for r in results["rows"])
+    columns = ["device", "size", "tile x batch", "MP/s", "s/MP", "GFLOP/s", "of sgemm", "RSS MiB"]
+    columns += ["CUDA MiB"] if cuda else []
+    for col in columns + ["vs ref"]:
+        table.add_column(col, justify="left" if col in ("device", "size", "tile x batch") else "right")
+    for r in results["rows"]:
+        ref = r["kind"] == "reference"
+        if ref:
+            speedup = "1.00x"
+        elif "speedup_vs_reference" in r:
+            speedup = f"[bold]{r['speedup_vs_reference']:.2f}x[/]"
+        else:
+            speedup = "-"
+        cells = [
+            f"{r['device']} {r['precision']}", f"{r['height']}x{r['width']}",
+            "whole (ref)" if ref else f"{r['tile']} x {r['batch_size']}",
+            f"{r['mp_per_s']:.4f}", f"{r['s_per_mp']:.1f}", f"{r['gflops_effective']:.1f}",
+            f"{100 * r['fraction_of_sgemm']:.1f}%", f"{r['peak_rss_mb']:.0f}",
+        ]
+        cells += [_num(r["cuda_peak_mb"], 0)] if cuda else []
+        table.add_row(*cells, speedup)
+    out.print(table, highlight=False)
+    for device, s in results["sgemm"].items():
+        best = max((r for r in results["rows"] if r["device"] == device), key=lambda r: r["mp_per_s"], default=None)
+        line = f"sgemm {s['n']}x{s['n']} float32 on {device}: {s['gflops']:.1f} GFLOP/s"
+        if best is not None:
+            line += (f"; best row reaches {best['gflops_effective']:.1f} GFLOP/s effective = "
+                     f"{100 * best['fraction_of_sgemm']:.1f}% of it")
+        out.print(line, highlight=False)
+    groups: dict[tuple, list[dict]] = {}
+    for r in results["rows"]:
+        if r["kind"] == "tiled" and "speedup_vs_reference" in r:
+            groups.setdefault((r["device"], r["height"], r["width"]), []).append(r)
+    for (device, h, w), rows in groups.items():
+        best = max(rows, key=lambda r: r["speedup_vs_reference"])
+        out.print(
+            f"{h}x{w} on {device}: tiled path at best {best['speedup_vs_reference']:.2f}x the speed of the reference "
+            f"({best['precision']}, tile {best['tile']}, batch {best['batch_size']}; reference: whole image, host NumPy masks)",
+            highlight=False,
+        )
+
+
+# --- bench (default) ----------------------------------------------------------------------------
+
+
+def bench_default_command(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model spec. Default: the shipped model.")] = None,
+    threads: ThreadsOpt = None,
+    out_dir: OutOpt = DEFAULT_OUT,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """A small run of both benchmarks on data it makes itself (a few minutes at most on 2 CPU cores).
+
+    Quality: the bundled Kodak crop (or a synthetic image), 128x128, five noises, the
+    model against noisy / nlm / bm3d. Speed: 256x256, tiles 128 and 256, fp32, median
+    of 2 runs after a warm-up, against the reference. For more, see `bench quality --help` and `bench speed --help`.
+
+    Example:  mitdenoise bench --out bench-results
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import bench
+
+    _set_threads(threads)
+    try:
+        name, image = bench.default_clean_image()
+        with _Bar(quiet, "quality") as bar:
+            quality = bench.run_quality(
+                clean_images=[(name, image)], noise_spec=bench.DEFAULT_NOISES + ",mixture:15", models=[model],
+                crop=128, tile=128, on_progress=bar.step, on_total=bar.total,
+            )
+        quality = bench.write_quality_outputs(quality, out_dir)
+        with _Bar(quiet, "speed") as bar:
+            speed = bench.run_speed(model, sizes=[(256, 256)], tiles=[128, 256], runs=2, warmup=1, threads=threads,
+                                    on_progress=bar.step, on_total=bar.total)
+        bench.write_speed_outputs(speed, out_dir)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    except MitdenoiseError as e:
+        _fail(str(e))
+    if as_json:
+        if not quiet:
+            for note in quality["notes"] + speed["notes"]:
+                err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        typer.echo(json.dumps({"quality": quality, "speed": speed}, indent=2))
+        return
+    _report_quality(quality, out_dir, False, quiet)
+    _report_speed(speed, out_dir, False, quiet)
+
+
+bench_app = typer.Typer(
+    help="Benchmarks. Alone: a small default run of both (works offline).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+bench_app.callback()(bench_default_command)
+bench_app.command("quality")(bench_quality_command)
+bench_app.command("speed")(bench_speed_command)
+
+
+# --- noise --------------------------------------------------------------------------------------
+
+
+def noise_command(
+    source: Annotated[str, typer.Argument(metavar="IN", help="Clean image file or folder.")],
+    target: Annotated[str, typer.Argument(metavar="OUT", help="Output file (for one input) or folder.")],
+    kind: Annotated[str, typer.Option("--kind", "-k", help="gaussian, correlated, poisson, speckle, saltpepper or mixture.")] = "gaussian",
+    level: Annotated[float, typer.Option("--level", "-l", help="gaussian/correlated/mixture: sigma on 0..255; poisson: scale; speckle: variance; saltpepper: density.")] = 15.0,
+    seed: Annotated[int, typer.Option(help="Seed. One file: numpy default_rng(seed); a folder: a stream per file name.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add synthetic noise to images; the output keeps bit depth, alpha and colour profile.
+
+    Example:  mitdenoise noise examples/kodim23-clean.png noisy.png --kind poisson --level 2 --seed 0
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from . import noise as noises
+    from .batch import plan_jobs
+    from .bench import from_unit, to_unit
+    from .imageio import read_image, write_image
+
+    try:
+        kind = noises.canonical_kind(kind)
+        level = noises.check_level(kind, level)
+        jobs = plan_jobs([source], target)
+    except ValueError as e:
+        _fail(str(e), 2)
+    except MitdenoiseError as e:
+        _fail(str(e))
+    failed = written = skipped = 0
+    for job in jobs:
+        if job.target.exists() and not overwrite:
+            skipped += 1
+            continue
+        rng = np.random.default_rng(seed) if len(jobs) == 1 else noises.derived_rng(seed, job.source.name)
+        try:
+            image = read_image(job.source)
+            noisy = noises.apply_noise(to_unit(image.pixels), kind, level, rng)
+            result = dataclasses.replace(image, pixels=from_unit(noisy, image.pixels.dtype))
+            job.target.parent.mkdir(parents=True, exist_ok=True)
+            write_image(job.target, result, overwrite=True)
+            written += 1
+        except (MitdenoiseError, ValueError, OSError) as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            failed += 1
+    if not quiet:
+        parts = [f"{kind}:{level:g} noise: wrote {written} file(s)"]
+        if skipped:
+            parts.append(f"{skipped} skipped (exist; --overwrite replaces)")
+        if failed:
+            parts.append(f"{failed} failed")
+        err.print("; ".join(parts), highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bench`` (with ``quality`` and ``speed``) and ``noise`` to the main app."""
+    app.add_typer(bench_app, name="bench")
+    app.command("noise")(noise_command)

@@ -1,0 +1,200 @@
+"""Benchmarks: quality tables and their files, the speed table with its reference and ceiling, `noise`."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import FIXTURES, need_shared
+from mitdenoise import bench
+from mitdenoise.bench_cli import register
+from mitdenoise.metrics import psnr
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_model() -> str:
+    return str(need_shared(FIXTURES) / "official_tiny_random.pth")
+
+
+@pytest.fixture
+def clean_dir(tmp_path) -> Path:
+    folder = tmp_path / "clean"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(bench.synthetic_image(32, 40, i)).save(folder / f"img{i}.png")
+    return folder
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """Test app."""
+
+    register(app)
+    return app
+
+
+def test_quality_writes_json_markdown_and_grids_with_every_row_and_method(tmp_path, clean_dir, tiny_model):
+    results = bench.run_quality(
+        clean_dir, noise_spec="gaussian:15,saltpepper:0.02", models=[tiny_model], passes=2,
+        baselines=["noisy", "nlm"], device="cpu", seed=3,
+    )
+    bench.write_quality_outputs(results, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    names = [m["name"] for m in data["methods"]]
+    assert names == ["noisy", "official_tiny_random", "official_tiny_random x2", "nlm"]
+    assert data["images"] == ["img0.png", "img1.png"]
+    assert [r["noise"] for r in data["rows"]] == ["gaussian:15", "saltpepper:0.02"]
+    for row in data["rows"]:
+        assert set(row["results"]) == set(names)
+        for scores in row["results"].values():
+            assert {"psnr", "ssim", "psnr_y", "ssim_y", "seconds", "s_per_mp"} <= set(scores)
+            assert 0 < scores["psnr"] < 100 and -1 <= scores["ssim"] <= 1
+        assert [p["image"] for p in row["per_image"]["nlm"]] == data["images"]
+    assert data["config"]["seed"] == 3 and "_grids" not in data
+
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| gaussian:15 |" in md and "| saltpepper:0.02 |" in md and "**" in md
+    assert sorted(data["grids"]) == ["grid_gaussian_15.png", "grid_saltpepper_0.02.png"]
+    grid = Image.open(tmp_path / "out" / "grid_gaussian_15.png")
+    assert grid.height > 32 and grid.width >= 5 * 40  # noisy, three methods, clean
+
+    # the "noisy" column is the PSNR of the noisy images themselves, computed directly
+    for row, (kind, level) in zip(data["rows"], [("gaussian", 15.0), ("saltpepper", 0.02)]):
+        direct = []
+        for i in range(2):
+            clean = np.asarray(Image.open(clean_dir / f"img{i}.png"))
+            direct.append(psnr(bench.noisy_version(clean, kind, level, 3, i), clean))
+        assert row["results"]["noisy"]["psnr"] == pytest.approx(np.mean(direct), abs=1e-9)
+
+
+def test_synthetic_noise_does_not_depend_on_row_order(clean_dir):
+    def noisy_psnrs(spec):
+        res = bench.run_quality(clean_dir, noise_spec=spec, models=[], baselines=["noisy"])
+        return {r["noise"]: r["results"]["noisy"]["psnr"] for r in res["rows"]}
+
+    first, second = noisy_psnrs("gaussian:25,poisson:2"), noisy_psnrs("poisson:2,speckle:0.05,gaussian:25")
+    assert first == {k: second[k] for k in first}
+    # ... and a different seed gives different noise
+    other = bench.run_quality(clean_dir, noise_spec="gaussian:25", models=[], baselines=["noisy"], seed=1)
+    assert other["rows"][0]["results"]["noisy"]["psnr"] != noisy_psnrs("gaussian:25")["gaussian:25"]
+
+
+def test_given_noisy_clean_pairs_make_a_row(tmp_path, clean_dir):
+    noisy_dir = tmp_path / "noisy_set"
+    noisy_dir.mkdir()
+    expected = []
+    for i in range(2):
+        clean = np.asarray(Image.open(clean_dir / f"img{i}.png"))
+        noisy = bench.noisy_version(clean, "speckle", 0.05, 9, i)
+        Image.fromarray(noisy).save(noisy_dir / f"img{i}.png")
+        expected.append(psnr(noisy, clean))
+    res = bench.run_quality(clean_dir, noisy_dir=noisy_dir, models=[], baselines=["noisy"])
+    assert [r["noise"] for r in res["rows"]] == ["given:noisy_set"]
+    assert res["rows"][0]["results"]["noisy"]["psnr"] == pytest.approx(np.mean(expected))
+
+
+def test_oracle_sigma_only_for_gaussian_rows_and_missing_bm3d_is_a_note(clean_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # import bm3d fails
+    res = bench.run_quality(clean_dir, noise_spec="gaussian:20,poisson:2", models=[], baselines=["nlm", "bm3d"],
+                            oracle_sigma=True)
+    assert [m["name"] for m in res["methods"]] == ["nlm"]
+    assert any("bm3d skipped" in n for n in res["notes"])
+    gauss, pois = res["rows"]
+    assert gauss["sigma"] == {"source": "oracle", "mean_255": 20.0}
+    assert pois["sigma"]["source"] == "estimated" and pois["sigma"]["mean_255"] > 1
+
+
+def test_macs_per_pixel_of_the_released_network():
+    from mitdenoise.model import ModelConfig
+
+    assert bench.macs_per_pixel(ModelConfig()) == 959_445
+
+
+def test_host_numpy_masks_patches_the_draw_for_one_forward_and_restores_it(tiny_model):
+    import torch
+
+    from mitdenoise import model as model_module
+    from mitdenoise.weights import load_model
+
+    net = load_model(tiny_model)
+    original = model_module.draw_keep_mask
+    x = torch.rand(1, 3, 24, 32)
+    with bench.host_numpy_masks(0) as calls, torch.inference_mode():
+        a = net(x)
+    assert calls[0] == sum(net.config.depths)  # one host draw per attention layer
+    assert model_module.draw_keep_mask is original
+    with bench.host_numpy_masks(0), torch.inference_mode():
+        b = net(x)
+    assert torch.equal(a, b)  # seeded host draws
+
+
+def test_speed_reports_mp_per_s_the_reference_row_and_the_sgemm_ceiling(tmp_path, tiny_model):
+    res = bench.run_speed(tiny_model, sizes=[(32, 40)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=256)
+    bench.write_speed_outputs(res, tmp_path)
+    kinds = [r["kind"] for r in res["rows"]]
+    assert kinds == ["tiled", "reference"]
+    tiled, ref = res["rows"]
+    assert tiled["mp_per_s"] > 0 and ref["mp_per_s"] > 0 and tiled["peak_rss_mb"] > 0
+    assert tiled["speedup_vs_reference"] == pytest.approx(ref["median_s"] / tiled["median_s"])
+    assert res["sgemm"]["cpu"]["gflops"] > 0 and res["sgemm"]["cpu"]["n"] == 256
+    assert tiled["fraction_of_sgemm"] == pytest.approx(tiled["gflops_effective"] / res["sgemm"]["cpu"]["gflops"])
+    assert tiled["gflops_effective"] == pytest.approx(2 * res["config"]["macs_per_pixel"] * tiled["mp_per_s"] / 1e3)
+    assert json.loads((tmp_path / "speed.json").read_text())["rows"][1]["kind"] == "reference"
+    assert "whole (reference)" in (tmp_path / "speed.md").read_text()
+
+
+def test_bench_quality_cli_prints_json_and_rejects_bad_specs(tmp_path, clean_dir):
+    app = cli()
+    out = tmp_path / "res"
+    result = runner.invoke(app, ["bench", "quality", str(clean_dir), "--noise", "gaussian:10", "--baselines", "noisy",
+                                 "--model", "none-such.pth", "--out", str(out), "--json", "-q"])
+    assert result.exit_code == 1 and "none-such.pth" in result.output
+    result = runner.invoke(app, ["bench", "quality", str(clean_dir), "--noise", "blur:3", "--out", str(out)])
+    assert result.exit_code == 2 and "unknown noise kind 'blur'" in result.output
+
+
+def test_noise_cli_reproduces_the_bundled_poisson_example(tmp_path):
+    target = tmp_path / "noisy.png"
+    result = runner.invoke(cli(), ["noise", str(EXAMPLES / "kodim23-clean.png"), str(target), "--kind", "poisson",
+                                   "--level", "2", "--seed", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    expected = np.asarray(Image.open(EXAMPLES / "kodim23-noisy-poisson2.png"))
+    assert np.array_equal(np.asarray(Image.open(target)), expected)
+
+
+def test_noise_cli_keeps_16_bit_depth_and_handles_folders(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    deep = (np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16)
+    Image.fromarray(deep).save(src / "deep.png")
+    Image.fromarray(bench.synthetic_image(24, 32, 0)).save(src / "rgb.png")
+    result = runner.invoke(cli(), ["noise", str(src), str(tmp_path / "out"), "--kind", "gaussian", "--level", "10", "-q"])
+    assert result.exit_code == 0, result.output
+    from mitdenoise.imageio import read_image
+
+    noisy_deep = read_image(tmp_path / "out" / "deep.png").pixels
+    assert noisy_deep.dtype == np.uint16 and noisy_deep.shape[:2] == (24, 32)
+    assert not np.array_equal(noisy_deep.reshape(24, 32), deep)
+    assert (tmp_path / "out" / "rgb.png").is_file()
+    bad = runner.invoke(cli(), ["noise", str(src), str(tmp_path / "o2"), "--kind", "saltpepper", "--level", "2"])
+    assert bad.exit_code == 2 and "density" in bad.output
+
+
+def test_option_parsers_explain_bad_values():
+    assert bench.parse_sizes("256, 512x384") == [(256, 256), (512, 384)]
+    assert bench.parse_baselines("none") == []
+    with pytest.raises(ValueError, match="HxW"):
+        bench.parse_sizes("big")
+    with pytest.raises(ValueError, match="unknown baseline 'dncnn'"):
+        bench.parse_baselines("noisy,dncnn")

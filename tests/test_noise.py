@@ -1,0 +1,203 @@
+"""Noise models: their statistics for fixed seeds, clipping, determinism, and the spec parser."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mitdenoise import noise
+from mitdenoise.noise import (
+    NOISES,
+    apply_noise,
+    correlated,
+    derived_rng,
+    estimate_sigma,
+    gaussian,
+    mixture,
+    parse_noise_spec,
+    poisson,
+    salt_and_pepper,
+    speckle,
+)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def grey(value=0.5, shape=(256, 256, 3), dtype=np.float64):
+    return np.full(shape, value, dtype)
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_gaussian_adds_zero_mean_noise_of_sigma_over_255():
+    x = grey()
+    n = gaussian(x, 15, 0) - x
+    assert abs(n.mean()) < 4 * (15 / 255) / np.sqrt(n.size)
+    assert n.std() == pytest.approx(15 / 255, rel=0.01)
+    assert abs(corr(n[:, :-1], n[:, 1:])) < 0.02  # white
+
+
+def test_correlated_noise_has_sigma_std_and_box_filter_neighbour_correlations():
+    x = grey()
+    n = correlated(x, 15, 1) - x
+    assert abs(n.mean()) < 0.002
+    assert n.std() == pytest.approx(15 / 255, rel=0.03)
+    assert corr(n[:, :-1], n[:, 1:]) == pytest.approx(6 / 9, abs=0.02)  # horizontal: 6 of 9 draws shared
+    assert corr(n[:-1], n[1:]) == pytest.approx(6 / 9, abs=0.02)  # vertical
+    assert corr(n[:-1, :-1], n[1:, 1:]) == pytest.approx(4 / 9, abs=0.02)  # diagonal: 4 of 9
+    assert abs(corr(n[:, :-3], n[:, 3:])) < 0.03  # three apart: nothing shared
+    assert abs(corr(n[..., 0], n[..., 1])) < 0.02  # channels independent
+
+
+def test_speckle_noise_is_uniform_with_variance_v_times_x_squared():
+    v = 0.024
+    for value in (0.25, 0.5, 0.75):  # x (1 + sqrt(3v)) < 1: nothing is clipped
+        x = grey(value)
+        n = speckle(x, v, 2) - x
+        assert abs(n.mean()) < 4 * np.sqrt(v) * value / np.sqrt(n.size)
+        assert n.var() == pytest.approx(v * value**2, rel=0.02)
+        assert np.abs(n).max() <= np.sqrt(3 * v) * value + 1e-12  # uniform on +-sqrt(3v) x
+
+
+def test_speckle_leaves_black_pixels_black():
+    x = grey(0.0, (32, 32, 3))
+    assert np.array_equal(speckle(x, 0.05, 0), x)
+
+
+def levels_image():
+    """Half the pixels at 128/255, the rest covering all 256 levels: v = 256."""
+    x = np.full((256, 256, 3), 128 / 255)
+    x[:128] = (np.arange(128 * 256 * 3) % 256).reshape(128, 256, 3) / 255
+    return x
+
+
+def test_poisson_noise_has_variance_alpha_squared_x_over_v():
+    x = levels_image()
+    for alpha in (1.0, 2.0):
+        n = (poisson(x, alpha, 3) - x)[128:]
+        q, v = 128 / 255, 256
+        assert abs(n.mean()) < 4 * alpha * np.sqrt(q / v) / np.sqrt(n.size)
+        assert n.var() == pytest.approx(alpha**2 * q / v, rel=0.03)
+        counts = (n / alpha + q) * v  # the Poisson draws themselves
+        assert np.allclose(counts, np.round(counts), atol=1e-6) and counts.min() >= 0
+
+
+def test_poisson_v_counts_the_images_distinct_levels_as_the_authors_code_does():
+    # A constant image has one level, so v = 2^0 = 1: Poisson(0.5) - 0.5 scaled by 2 lands on 0 or 1.
+    y = poisson(grey(0.5), 2.0, 4)
+    assert set(np.unique(y)) == {0.0, 1.0}
+    assert (y == 0).mean() == pytest.approx(np.exp(-0.5), abs=0.01)
+
+
+def test_poisson_reproduces_the_bundled_example_pair():
+    clean = np.asarray(Image.open(EXAMPLES / "kodim23-clean.png").convert("RGB"))
+    noisy = np.asarray(Image.open(EXAMPLES / "kodim23-noisy-poisson2.png").convert("RGB"))
+    y = poisson(clean / 255.0, 2, np.random.default_rng(0))
+    assert np.array_equal(np.floor(y * 255 + 0.5).astype(np.uint8), noisy)
+
+
+def test_salt_and_pepper_density_and_even_split_per_element():
+    x = grey()
+    d = 0.1
+    y = salt_and_pepper(x, d, 5)
+    changed = y != x
+    assert changed.mean() == pytest.approx(d, abs=0.003)
+    assert (y == 0).mean() == pytest.approx(d / 2, abs=0.002)
+    assert (y == 1).mean() == pytest.approx(d / 2, abs=0.002)
+    assert set(np.unique(y)) == {0.0, 0.5, 1.0}
+    # per element: a pixel's channels are hit independently, as imnoise on an RGB array does
+    per_pixel = changed.sum(axis=2)
+    assert (per_pixel == 1).mean() == pytest.approx(3 * d * (1 - d) ** 2, abs=0.005)
+
+
+@pytest.mark.parametrize("kind,level", [("gaussian", 80), ("correlated", 80), ("poisson", 4), ("speckle", 0.5),
+                                        ("saltpepper", 0.3), ("mixture", 60)])
+def test_every_model_clips_to_unit_range_keeps_shape_and_float_dtype(kind, level):
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 48, 3)).astype(np.float32)
+    x[:5] = 0.0
+    x[-5:] = 1.0
+    y = apply_noise(x, kind, level, 7)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert y.min() >= 0.0 and y.max() <= 1.0
+    assert (y == 0).any() or (y == 1).any()  # something was clipped at these levels
+    assert not np.array_equal(y, x)
+
+
+@pytest.mark.parametrize("kind", list(NOISES))
+def test_same_seed_same_noise_other_seed_other_noise(kind):
+    x = np.random.default_rng(1).random((24, 32, 3))
+    level = {"poisson": 2, "speckle": 0.05, "saltpepper": 0.2}.get(kind, 25)
+    a = apply_noise(x, kind, level, 3)
+    b = apply_noise(x, kind, level, np.random.default_rng(3))
+    c = apply_noise(x, kind, level, 4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_mixture_is_gaussian_then_speckle_then_salt_and_pepper_tied_to_sigma():
+    x = np.random.default_rng(2).random((32, 32, 3))
+    g = np.random.default_rng(9)
+    expected = salt_and_pepper(speckle(gaussian(x, 30, g), 0.048, g), 0.004, g)
+    assert np.array_equal(mixture(x, 30, 9), expected)
+
+
+def test_noise_models_refuse_integer_images_and_wrong_shapes():
+    with pytest.raises(ValueError, match="float"):
+        gaussian(np.zeros((8, 8, 3), np.uint8), 15, 0)
+    with pytest.raises(ValueError, match=r"\(H, W, C\)"):
+        gaussian(np.zeros((8, 8)), 15, 0)
+
+
+def test_derived_rng_depends_on_keys_not_on_call_order():
+    a1 = derived_rng(0, 1, "gaussian", 15.0).random(4)
+    derived_rng(0, 2, "poisson", 2.0).random(4)
+    a2 = derived_rng(0, 1, "gaussian", 15.0).random(4)
+    assert np.array_equal(a1, a2)
+    assert not np.array_equal(a1, derived_rng(0, 2, "gaussian", 15.0).random(4))
+    assert not np.array_equal(a1, derived_rng(1, 1, "gaussian", 15.0).random(4))
+    assert not np.array_equal(a1, derived_rng(0, 1, "gaussian", 25.0).random(4))
+
+
+def test_estimate_sigma_reads_white_gaussian_noise_on_a_smooth_image():
+    yy, xx = np.mgrid[0:192, 0:192] / 192
+    x = np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * np.sin(3 * yy), 0.6 - 0.3 * xx * yy], axis=-1)
+    for sigma in (5, 15, 30):
+        assert estimate_sigma(gaussian(x, sigma, sigma)) * 255 == pytest.approx(sigma, rel=0.05)
+    assert estimate_sigma(x) * 255 < 0.1
+
+
+def test_parse_noise_spec_reads_kinds_levels_and_aliases():
+    assert parse_noise_spec("gaussian:15,poisson:2,speckle:0.024,saltpepper:0.02") == [
+        ("gaussian", 15.0), ("poisson", 2.0), ("speckle", 0.024), ("saltpepper", 0.02)
+    ]
+    assert parse_noise_spec(" Gaussian : 25 , sp:0.002, mixture:15, correlated:10,") == [
+        ("gaussian", 25.0), ("saltpepper", 0.002), ("mixture", 15.0), ("correlated", 10.0)
+    ]
+    assert parse_noise_spec("gaussian:15,gaussian:15") == [("gaussian", 15.0)]
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("", "empty noise spec"),
+        ("gaussian", "expected kind:level"),
+        ("gaussian:", "expected kind:level"),
+        ("blur:3", "unknown noise kind 'blur'"),
+        ("gaussian:abc", "'abc' is not a number"),
+        ("gaussian:-5", "bad level -5 for gaussian"),
+        ("saltpepper:1.5", "density in \\[0, 1\\]"),
+        ("poisson:nan", "bad level nan"),
+    ],
+)
+def test_parse_noise_spec_names_the_bad_item(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_noise_spec(spec)
+
+
+def test_registry_names_match_the_issue():
+    assert list(NOISES) == ["gaussian", "correlated", "poisson", "speckle", "saltpepper", "mixture"]
+    assert noise.noise_label("speckle", 0.024) == "speckle:0.024"
