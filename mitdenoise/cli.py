@@ -201,6 +201,13 @@ def _register_commands() -> None:
         convert_command
     )
 
+    from .train.cli import EPILOG as TRAIN_EPILOG
+    from .train.cli import train_command
+
+    app.command("train", epilog=TRAIN_EPILOG, help="Train the masked-training denoiser on a folder of clean images.")(
+        train_command
+    )
+
     from .bench_cli import register
 
     register(app)  # bench, bench quality, bench speed, noise

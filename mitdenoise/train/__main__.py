@@ -1,0 +1,5 @@
+"""``python -m mitdenoise.train ...``: the same command as ``mitdenoise train``, for torchrun."""
+
+from .cli import main
+
+main()

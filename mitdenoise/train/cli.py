@@ -1,0 +1,137 @@
+"""``mitdenoise train``: a thin layer over :func:`mitdenoise.train.train`.
+
+``train_command`` is a plain function with typer annotations; the main CLI
+registers it, and ``python -m mitdenoise.train`` (what torchrun launches) runs it
+on its own. Torch is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+out = Console()
+
+EPILOG = (
+    "Examples:\n\n"
+    "  mitdenoise train --data photos/ --preset quick --val-clean val/\n\n"
+    "  mitdenoise train --data photos/ --out runs/masked --config my.toml\n\n"
+    "  mitdenoise train --out runs/masked --resume\n\n"
+    "  mitdenoise train --data photos/ --baseline --out runs/baseline\n\n"
+    "  torchrun --nproc_per_node 4 -m mitdenoise.train --data photos/ --out runs/ddp\n\n"
+    "Presets: paper (the authors' recipe: full network, batch 64, 400k iterations), "
+    "quick (tiny network, minutes on a CPU), cpu (full network, batch 8, fp32, for long CPU runs). "
+    "Ctrl-C or SIGTERM writes a checkpoint and exits with 130/143; --resume continues exactly."
+)
+
+Opt = typer.Option
+
+
+def train_command(
+    data: Annotated[Optional[Path], Opt("--data", "-d", help="Folder of clean training images (searched recursively).")] = None,
+    preset: Annotated[Optional[str], Opt("--preset", "-p", help="paper | quick | cpu  \\[default: paper]")] = None,
+    config: Annotated[Optional[Path], Opt("--config", "-c", help="TOML file of settings (a \\[model] table for the network).")] = None,
+    out_dir: Annotated[Optional[Path], Opt("--out", "-o", help="Run folder: last.pt, ema.safetensors, config.json, log.jsonl.")] = None,
+    iterations: Annotated[Optional[int], Opt("--iterations", "-n", help="Total training iterations.")] = None,
+    batch_size: Annotated[Optional[int], Opt("--batch-size", "-b", help="Global batch (split across torchrun processes).")] = None,
+    patch_size: Annotated[Optional[int], Opt("--patch-size", help="Crop size (a multiple of the window, 8).")] = None,
+    lr: Annotated[Optional[float], Opt("--lr", help="Adam learning rate.")] = None,
+    milestones: Annotated[Optional[str], Opt("--milestones", help="Iterations where lr halves, e.g. 1000,2000 ('' for none).")] = None,
+    seed: Annotated[Optional[int], Opt("--seed", help="Seed of initialisation, crops, noise and masks.")] = None,
+    baseline: Annotated[bool, Opt("--baseline", help="Train without masks (input mask and attention mask off).")] = False,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its last.pt.")] = False,
+    checkpoint_every: Annotated[Optional[int], Opt("--checkpoint-every", help="Write last.pt every N iterations.")] = None,
+    log_every: Annotated[Optional[int], Opt("--log-every", help="Log line every N iterations.")] = None,
+    val_every: Annotated[Optional[int], Opt("--val-every", help="Validate every K iterations.")] = None,
+    val_clean: Annotated[Optional[Path], Opt("--val-clean", help="Clean images to validate on (seeded Gaussian 15 and Poisson 2 noise).")] = None,
+    val_pairs: Annotated[Optional[str], Opt("--val-pairs", help="NOISY_DIR:CLEAN_DIR pairs to validate on (same file names).")] = None,
+    val_images: Annotated[Optional[int], Opt("--val-images", help="At most N validation images per set.")] = None,
+    workers: Annotated[Optional[int], Opt("--workers", "-j", help="DataLoader worker processes \\[default: 0 on CPU, 8 on CUDA].")] = None,
+    device: Annotated[Optional[str], Opt("--device", help="auto | cpu | cuda")] = None,
+    precision: Annotated[Optional[str], Opt("--precision", help="auto | fp32 | bf16 (autocast; auto = bf16 on CUDA).")] = None,
+    threads: Annotated[Optional[int], Opt("--threads", help="CPU threads \\[default: all cores; quick preset: 1].")] = None,
+    export: Annotated[Optional[Path], Opt("--export", help="Also write the EMA weights here (.safetensors).")] = None,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar or log lines.")] = False,
+) -> None:
+    """Train the masked-training denoiser on a folder of clean images."""
+    from ..errors import MitdenoiseError
+    from .config import TrainConfig, resolve_config
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    overrides = {
+        "data": None if data is None else str(data),
+        "out": None if out_dir is None else str(out_dir),
+        "iterations": iterations,
+        "batch_size": batch_size,
+        "patch_size": patch_size,
+        "lr": lr,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+        "log_every": log_every,
+        "val_every": val_every,
+        "val_clean": None if val_clean is None else str(val_clean),
+        "val_pairs": val_pairs,
+        "val_images": val_images,
+        "workers": workers,
+        "device": device,
+        "precision": precision,
+        "threads": threads,
+        "export": None if export is None else str(export),
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        if milestones is not None:
+            overrides["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
+        resolved = resolve_config(preset, config, overrides, baseline=baseline)
+        if resume:
+            saved = Path(resolved.out) / "config.json"
+            if saved.is_file():
+                import json
+
+                base = TrainConfig.from_dict(json.loads(saved.read_text()))
+                resolved = resolve_config(None, config, overrides, base=base, baseline=baseline)
+    except ValueError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+    from .loop import train
+
+    try:
+        result = train(resolved, resume=resume, quiet=quiet)
+    except MitdenoiseError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    except ValueError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    if main_rank:
+        if result.signal is not None:
+            import signal
+
+            name = signal.Signals(result.signal).name
+            err.print(
+                f"[yellow]stopped by {name} at iteration {result.iteration}[/]: checkpoint {result.checkpoint}; "
+                f"continue with: mitdenoise train --out {result.run_dir} --resume",
+                highlight=False,
+                soft_wrap=True,
+            )
+        else:
+            out.print(f"{result.iteration} iterations: weights {result.export}, checkpoint {result.checkpoint}", highlight=False, soft_wrap=True)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def main() -> None:
+    """Run ``train_command`` as a program of its own (``python -m mitdenoise.train``)."""
+    app = typer.Typer(
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.command(epilog=EPILOG)(train_command)
+    app(prog_name="python -m mitdenoise.train")

@@ -1,0 +1,151 @@
+"""Training patches: clean images decoded once into RAM, crops drawn from a seed.
+
+Every patch is a pure function of ``(seed, step, index in the global batch)``:
+which image, where the crop is, which of the 8 flip/rot90 modes, the noise and the
+input mask. So a resumed run sees exactly the batches an uninterrupted one would,
+with or without DataLoader workers, and under torchrun rank ``r`` simply builds
+its own slice of the global batch (different crops on every rank, and the same
+global batch whatever the number of ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import imageio
+from ..errors import MitdenoiseError
+from ..masking import input_mask
+
+IMAGE_SUFFIXES = imageio.SUPPORTED_SUFFIXES
+
+
+class TrainDataError(MitdenoiseError):
+    """The training or validation images could not be found or read."""
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted so runs are reproducible."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise TrainDataError(f"image folder not found: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise TrainDataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    return paths
+
+
+def read_rgb8(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: grey is replicated, alpha dropped, 16-bit and float rounded to 8 bits."""
+    pixels = imageio.read_image(path).pixels
+    if pixels.dtype != np.uint8:
+        pixels = imageio.from_float(imageio.to_float(pixels), np.uint8)
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return np.ascontiguousarray(pixels)
+
+
+def load_images(paths: list[Path], min_size: int = 1, threads: int | None = None) -> tuple[list[np.ndarray], int]:
+    """Decode all images (in threads: decoders release the GIL); drop those smaller than ``min_size``.
+
+    Returns the kept images and how many were too small.
+    """
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(read_rgb8, paths))
+    kept = [im for im in images if im.shape[0] >= min_size and im.shape[1] >= min_size]
+    if not kept:
+        raise TrainDataError(f"all {len(images)} images are smaller than the {min_size}x{min_size} patch")
+    return kept, len(images) - len(kept)
+
+
+def augment(x: torch.Tensor, mode: int) -> torch.Tensor:
+    """One of the 8 flip/rot90 modes on the last two dims: rotate ``mode % 4`` quarter turns, then mirror if ``mode >= 4``."""
+    x = torch.rot90(x, mode % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if mode >= 4 else x
+
+
+def augment_inverse(x: torch.Tensor, mode: int) -> torch.Tensor:
+    """Undo :func:`augment` with the same ``mode``."""
+    if mode >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, -(mode % 4), dims=(-2, -1))
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of integers (NumPy's SeedSequence hashing: nearby tuples give unrelated seeds)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class PatchBatches(Dataset):
+    """Item ``step`` is this rank's share of the global batch of that step: (noisy+masked, clean), (B, 3, P, P) float32."""
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        *,
+        patch_size: int,
+        batch_size: int,
+        steps: int,
+        seed: int,
+        noise_sigma: float,
+        mask_ratio: tuple[int, int],
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes")
+        self.images = images
+        self.patch_size = patch_size
+        self.per_rank = batch_size // world_size
+        self.first = rank * self.per_rank
+        self.steps = steps
+        self.seed = seed
+        self.sigma = noise_sigma / 255.0
+        self.mask_ratio = tuple(mask_ratio)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self.patch(step, self.first + i) for i in range(self.per_rank)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def patch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch ``index`` of the global batch of ``step``: the authors' recipe, in their order."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, step, index))
+        image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
+        h, w = image.shape[:2]
+        p = self.patch_size
+        top = int(torch.randint(h - p + 1, (1,), generator=g))
+        left = int(torch.randint(w - p + 1, (1,), generator=g))
+        mode = int(torch.randint(8, (1,), generator=g))
+        crop = torch.from_numpy(np.ascontiguousarray(image[top : top + p, left : left + p]))
+        clean = augment(crop.permute(2, 0, 1).float().div_(255.0), mode).contiguous()
+        noisy = clean + torch.randn(clean.shape, generator=g) * self.sigma if self.sigma else clean.clone()
+        noisy = input_mask(noisy.clamp_(0.0, 1.0), self.mask_ratio, generator=g)
+        return noisy, clean
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process saves and stops, workers carry on until then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset: PatchBatches, start: int, workers: int, pin_memory: bool) -> DataLoader:
+    """Batches for steps ``start, start+1, ...`` in order; ``workers`` processes build them ahead."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start, len(dataset)),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=_ignore_sigint if workers else None,
+    )

@@ -1,0 +1,347 @@
+"""Training: the input mask, augmentation, learning, exact resume, signals, export, torchrun.
+
+Runs use tiny networks on small generated images, one thread each, so every number
+here is deterministic on a given machine and the file stays well under two minutes.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mitdenoise.masking import MASKED_VALUE, input_mask
+from mitdenoise.model import ModelConfig
+from mitdenoise.train import PRESETS, TrainConfig, resolve_config, train
+from mitdenoise.train.data import PatchBatches, augment, augment_inverse, find_images, load_images
+from mitdenoise.train.loop import CHECKPOINT_NAME, EXPORT_NAME, TrainSetupError
+from mitdenoise.train.validation import synthetic_sets
+from mitdenoise.weights import load_model
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ModelConfig(embed_dim=12, depths=(2,), num_heads=(2,))
+
+
+def make_images(folder: Path, n: int, size=(96, 80), seed: int = 0) -> Path:
+    """Smooth colour waves with a few flat rectangles: structure a tiny network can learn fast."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    for i in range(n):
+        img = np.zeros((h, w, 3))
+        for c in range(3):
+            fx, fy, ph = rng.uniform(1, 4, 3)
+            img[..., c] = 0.5 + 0.3 * np.sin(2 * np.pi * (fx * xx + fy * yy) + ph)
+        for _ in range(3):
+            t, left = rng.integers(0, h - 16), rng.integers(0, w - 16)
+            img[t : t + rng.integers(8, 24), left : left + rng.integers(8, 24)] = rng.uniform(0, 1, 3)
+        Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("images")
+    return {"train": make_images(root / "train" / "nested", 6), "val": make_images(root / "val", 2, seed=1)}
+
+
+def tiny_config(images, out: Path, **changes) -> TrainConfig:
+    base = TrainConfig(
+        data=str(images["train"].parent),
+        out=str(out),
+        model=TINY,
+        patch_size=16,
+        batch_size=4,
+        iterations=8,
+        milestones=(5,),
+        threads=1,
+        checkpoint_every=4,
+        log_every=2,
+        val_every=1000,
+        workers=0,
+    )
+    return base.replace(**changes)
+
+
+def run_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+# ----------------------------------------------------------------------------- input mask, augmentation, data
+
+
+def test_input_mask_hides_80_to_90_percent_of_pixels_all_channels_together_with_minus_0_1():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 64, 64, generator=g)
+    y = input_mask(x, (80, 90), generator=g)
+    masked = y == MASKED_VALUE
+    assert torch.equal(masked, masked[:, :1].expand_as(masked)), "channels of a pixel are masked together"
+    assert torch.all(y[masked] == torch.tensor(-0.1)), "masked pixels are exactly -0.1"
+    assert torch.equal(y[~masked], x[~masked]), "kept pixels are untouched"
+    per_patch = masked[:, 0].float().mean(dim=(1, 2))  # 4096 pixels each: std of the fraction is ~0.006
+    assert per_patch.min() > 0.8 - 0.025 and per_patch.max() < 0.9 + 0.025
+    assert 0.8 < per_patch.mean() < 0.9
+    assert per_patch.std() > 0.01, "the ratio is drawn per patch, not once per batch"
+    fixed = input_mask(x, (80, 80), generator=g)[:, 0] == MASKED_VALUE
+    assert abs(fixed.float().mean().item() - 0.8) < 0.005
+    assert input_mask(x, (0, 0)) is x
+    single = input_mask(x[0], (80, 90), generator=g)
+    assert single.shape == x[0].shape
+
+
+def test_eight_augmentation_modes_are_distinct_and_invertible():
+    x = torch.arange(2 * 5 * 5, dtype=torch.float32).view(2, 5, 5)
+    outs = [augment(x, mode) for mode in range(8)]
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
+    for mode, o in enumerate(outs):
+        assert torch.equal(augment_inverse(o, mode), x)
+
+
+def test_patches_are_a_function_of_seed_and_step_and_ranks_split_the_global_batch(images):
+    imgs, _ = load_images(find_images(images["train"].parent), min_size=16)
+    kw = dict(patch_size=16, batch_size=4, steps=10, seed=3, noise_sigma=15, mask_ratio=(80, 90))
+    whole = PatchBatches(imgs, **kw)
+    noisy, clean = whole[7]
+    assert noisy.shape == clean.shape == (4, 3, 16, 16)
+    assert torch.equal(noisy, whole[7][0]) and not torch.equal(noisy, whole[6][0])
+    assert clean.min() >= 0 and clean.max() <= 1
+    masked = (noisy == MASKED_VALUE)[:, 0].float().mean()
+    assert 0.7 < masked < 0.95
+    halves = [PatchBatches(imgs, **kw, rank=r, world_size=2)[7] for r in (0, 1)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), noisy)
+    assert torch.equal(torch.cat([h[1] for h in halves]), clean)
+    with pytest.raises(ValueError, match="divisible"):
+        PatchBatches(imgs, **{**kw, "batch_size": 3}, world_size=2)
+
+
+def test_validation_noise_is_seeded_gaussian_15_and_the_authors_poisson_2(images):
+    from mitdenoise import noise
+
+    sets = synthetic_sets(images["val"], limit=1, crop=40, seed=5)
+    assert [s.name for s in sets] == ["gaussian15", "poisson2"]
+    clean = np.array(Image.open(images["val"] / "img0.png"))[28:68, 20:60]  # centre of 96 x 80
+    assert np.array_equal(sets[0].clean[0], clean) and np.array_equal(sets[1].clean[0], clean)
+    x = clean / 255.0
+    for val, make in zip(sets, (lambda: noise.gaussian(x, 15, np.random.default_rng(5)),
+                                lambda: noise.poisson(x, 2, np.random.default_rng(5)))):
+        assert np.array_equal(val.noisy[0], np.clip(np.round(make() * 255), 0, 255).astype(np.uint8))
+    assert [s.noisy[0].tolist() for s in synthetic_sets(images["val"], 1, 40, 5)] == [s.noisy[0].tolist() for s in sets]
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_config_layers_preset_toml_and_flags_and_baseline_turns_both_masks_off(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 5e-4\nmilestones = [10, 20]\n[model]\nembed_dim = 24\n')
+    config = resolve_config("quick", toml, {"lr": 1e-3, "batch_size": 4})
+    assert (config.lr, config.milestones, config.batch_size) == (1e-3, (10, 20), 4)
+    assert config.model.embed_dim == 24 and config.model.depths == PRESETS["quick"].model.depths
+    assert config.model.attn_mask_ratio == (75, 75) and config.input_mask == (80, 90)
+    base = resolve_config("quick", baseline=True)
+    assert base.model.attn_mask_ratio == (0, 0) and base.input_mask == (0, 0) and base.is_baseline
+    assert TrainConfig.from_dict(json.loads(config.to_json())) == config
+    paper = PRESETS["paper"]
+    assert (paper.model, paper.batch_size, paper.iterations, paper.lr, paper.ema_decay, paper.seed) == (
+        ModelConfig(), 64, 400_000, 1e-4, 0.999, 1)
+    assert paper.milestones == (150_000, 200_000, 300_000, 350_000, 400_000)
+    toml.write_text("learning_rate = 1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        resolve_config("quick", toml)
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_config("fast")
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_masked_training_lowers_the_loss(images, tmp_path):
+    config = tiny_config(images, tmp_path / "run", model=ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2)),
+                         patch_size=32, batch_size=8, iterations=80, lr=3e-3, milestones=(), log_every=20)
+    result = train(config, quiet=True)
+    assert result.iteration == 80 and result.exit_code == 0
+    losses = [r["loss"] for r in run_log(tmp_path / "run") if "loss" in r]
+    # Measured: 0.195 -> 0.165. 85 % of the input is hidden, so it starts slowly.
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_training_raises_validation_psnr(images, tmp_path):
+    # Without the masks training and validation see the same kind of input, so 80 steps of a tiny
+    # network already show; a masked network needs longer before its PSNR on unmasked images rises
+    # (the quick preset: 13.7 -> 15.7 dB in 300 steps on BSD images).
+    config = tiny_config(images, tmp_path / "run", model=ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2)),
+                         patch_size=32, batch_size=8, iterations=80, lr=3e-3, milestones=(), ema_decay=0.9,
+                         log_every=20, val_every=40, val_clean=str(images["val"]), val_crop=64).baseline_variant()
+    result = train(config, quiet=True)
+    log = run_log(tmp_path / "run")
+    start = next(r for r in log if r["event"] == "start")
+    vals = [r for r in log if "psnr_gaussian15" in r]
+    assert [r["iteration"] for r in vals] == [0, 40, 80]
+    assert start["noisy_psnr_gaussian15"] > 20 and start["noisy_psnr_poisson2"] > 15
+    # Measured: 11.7 -> 16.0 dB on both noises.
+    assert vals[-1]["psnr_gaussian15"] > vals[0]["psnr_gaussian15"] + 2.0, vals
+    assert vals[-1]["psnr_poisson2"] > vals[0]["psnr_poisson2"] + 2.0, vals
+    assert result.validation == {k: v for k, v in vals[-1].items() if k.startswith("psnr_")}
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _states(run: Path) -> dict:
+    return torch.load(run / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_gives_bitwise_the_weights_of_an_uninterrupted_run(images, tmp_path, workers):
+    whole = tiny_config(images, tmp_path / "whole", iterations=8, workers=0)
+    train(whole, quiet=True)
+    part = tiny_config(images, tmp_path / "part", iterations=3, workers=workers)
+    train(part, quiet=True)
+    assert _states(tmp_path / "part")["iteration"] == 3
+    train(part.replace(iterations=8), resume=True, quiet=True)
+    a, b = _states(tmp_path / "whole"), _states(tmp_path / "part")
+    assert b["iteration"] == 8
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 8
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"] == 5e-5
+    assert (tmp_path / "part" / "config.json").is_file()
+    events = [r["event"] for r in run_log(tmp_path / "part")]
+    assert events[0] == "start" and "resume" in events and events[-1] == "end"
+
+
+def test_refuses_to_overwrite_a_run_or_resume_a_missing_one_or_a_different_network(images, tmp_path):
+    config = tiny_config(images, tmp_path / "run", iterations=1)
+    with pytest.raises(TrainSetupError, match="nothing to resume"):
+        train(config, resume=True, quiet=True)
+    train(config, quiet=True)
+    with pytest.raises(TrainSetupError, match="already holds a run"):
+        train(config, quiet=True)
+    with pytest.raises(TrainSetupError, match="different network"):
+        train(config.replace(iterations=2, model={"embed_dim": 24}), resume=True, quiet=True)
+
+
+def test_exported_ema_weights_load_and_denoise_with_the_right_attention_mask(images, tmp_path):
+    masked = tiny_config(images, tmp_path / "masked", iterations=2, export=str(tmp_path / "out" / "m.safetensors"))
+    train(masked, quiet=True)
+    baseline = tiny_config(images, tmp_path / "baseline", iterations=2).baseline_variant()
+    train(baseline, quiet=True)
+    model = load_model(tmp_path / "masked" / EXPORT_NAME)
+    assert model.config == TINY and model.config.attn_mask_ratio == (75, 75)
+    assert load_model(tmp_path / "out" / "m.safetensors").config == TINY
+    ema = _states(tmp_path / "masked")["ema"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ema[name]), name
+    assert load_model(tmp_path / "baseline" / EXPORT_NAME).config.attn_mask_ratio == (0, 0)
+    noisy = np.array(Image.open(images["val"] / "img0.png"))
+    x = torch.from_numpy(noisy).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        y = model(x, generator=torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    try:
+        from mitdenoise.denoiser import Denoiser
+    except ImportError as e:  # mitdenoise.imageio is written separately
+        pytest.skip(f"Denoiser not importable yet: {e}")
+    out = Denoiser(model, device="cpu", tile=64, seed=0).denoise_array(noisy)
+    assert out.shape == noisy.shape and out.dtype == np.uint8
+
+
+def test_sigterm_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "mitdenoise.train", "--data", str(images["train"].parent), "--preset", "quick",
+            "--out", str(run), "--patch-size", "16", "--batch-size", "4", "--iterations", "100000",
+            "--checkpoint-every", "100000", "--log-every", "1", "--quiet"]
+    proc = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            log = run / "log.jsonl"
+            if log.exists() and any(r.get("iteration", 0) >= 3 for r in run_log(run) if r["event"] == "train"):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    stopped_at = _states(run)["iteration"]
+    assert stopped_at >= 3
+    assert run_log(run)[-1] == {"event": "stop", "iteration": stopped_at, "signal": "SIGTERM"}
+    assert load_model(run / EXPORT_NAME).config == PRESETS["quick"].model
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    resumed = subprocess.run([sys.executable, "-m", "mitdenoise.train", "--out", str(run), "--resume",
+                              "--iterations", str(stopped_at + 2), "--quiet"],
+                             env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _states(run)["iteration"] == stopped_at + 2
+    assert f"{stopped_at + 2} iterations" in resumed.stdout
+
+
+def test_cli_reports_bad_settings_in_one_line_with_exit_code_2(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "mitdenoise.train", "--data", str(tmp_path), "--preset", "fast"],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown preset 'fast'" in bad.stderr and "Traceback" not in bad.stderr
+    empty = subprocess.run([sys.executable, "-m", "mitdenoise.train", "--data", str(tmp_path), "--preset", "quick",
+                            "--out", str(tmp_path / "run")], env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 1 and "no images" in empty.stderr and "Traceback" not in empty.stderr
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(images, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "mitdenoise.train", "--data", str(images["train"].parent),
+            "--preset", "quick", "--out", str(run), "--patch-size", "16", "--batch-size", "4", "--iterations", "4",
+            "--device", "cpu", "--quiet", *extra]
+    env = subprocess_env(MITDENOISE_TEST_RANK_HASH="1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_split_the_batch_and_keep_identical_weights(images, tmp_path):
+    result = _torchrun(images, tmp_path / "ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = run_log(tmp_path / "ddp")[0]
+    assert (start["world_size"], start["global_batch"], start["per_rank_batch"]) == (2, 4, 2)
+    hashes = [(tmp_path / "ddp" / f"rank{r}_params.sha256").read_text() for r in (0, 1)]
+    assert hashes[0] == hashes[1]
+    assert _states(tmp_path / "ddp")["iteration"] == 4
+
+    # Without the attention mask (whose draws are per rank) two processes with half batches train
+    # the same network as one process with the whole batch: the batch is split, not duplicated.
+    assert _torchrun(images, tmp_path / "ddp_base", "--baseline").returncode == 0
+    single = resolve_config("quick", overrides=dict(data=str(images["train"].parent), out=str(tmp_path / "one"),
+                                                   patch_size=16, batch_size=4, iterations=4, device="cpu"),
+                            baseline=True)
+    train(single, quiet=True)
+    a = load_model(tmp_path / "ddp_base" / EXPORT_NAME).state_dict()
+    b = load_model(tmp_path / "one" / EXPORT_NAME).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
