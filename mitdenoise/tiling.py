@@ -34,12 +34,20 @@ class TileGrid:
 
     @classmethod
     def plan(cls, size: int, tile: int, overlap: int, window: int) -> "TileGrid":
-        """Tiles of ``tile`` pixels overlapping by at least ``overlap``, starting on window multiples."""
+        """Tiles of at most ``tile`` pixels overlapping by at least ``overlap``, starting on window multiples.
+
+        The tile is then shrunk to the smallest one that needs no more tiles, so the
+        last tile doesn't overlap its neighbour by far more than asked (wasted work).
+        """
         length = -(-size // window) * window
         tile = max(window, tile // window * window)
         if tile >= length:
             return cls(length, length, (0,), 0)
         stride = max(window, (tile - overlap) // window * window)
+        count = len(range(0, length - tile, stride)) + 1
+        balanced = -(-(length + (count - 1) * (tile - stride)) // count // window) * window
+        if window <= balanced < tile and len(range(0, length - balanced, balanced - (tile - stride))) + 1 == count:
+            tile, stride = balanced, balanced - (tile - stride)
         starts = list(range(0, length - tile, stride)) + [length - tile]
         return cls(length, tile, tuple(starts), max(0, min(overlap * 3 // 4, tile - stride, tile // 2)))
 

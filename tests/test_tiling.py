@@ -59,13 +59,14 @@ def test_no_seam_with_mask_on(fixtures_dir):
         with torch.no_grad():
             return model(torch.from_numpy(b), generator=g).numpy()
 
-    tiled = denoise_tiled(img, run, to_float=as_is, from_float=cast, tile=96, overlap=32, window=8, batch_size=2)
-    grid = TileGrid.plan(256, 96, 32, 8)
-    seams = sorted({s for s in grid.starts[1:]} | {s + grid.tile for s in grid.starts[:-1]})
+    tiled = denoise_tiled(img, run, to_float=as_is, from_float=cast, tile=96, overlap=48, window=8, batch_size=2)
+    grid = TileGrid.plan(256, 96, 48, 8)
+    half = grid.ramp // 2
+    edges = {s + d for s in grid.starts[1:] for d in (0, half)} | {s + grid.tile - d for s in grid.starts[:-1] for d in (0, half)}
     col_jump = np.abs(np.diff(tiled, axis=1)).mean(axis=(0, 2))  # jump between column j and j+1
-    at_seams = np.array([col_jump[s - 1] for s in seams if 0 < s < 256])
-    typical = np.median(col_jump)
-    assert at_seams.max() < 1.5 * typical, (at_seams.max(), typical)
+    at_seams = np.array([col_jump[e - 1] for e in sorted(edges) if 0 < e < 256])
+    # where tiles hand over, the image changes no more than it does anywhere else
+    assert at_seams.mean() < 1.3 * col_jump.mean(), (at_seams.mean(), col_jump.mean())
 
 
 @settings(max_examples=200, deadline=None)
