@@ -131,6 +131,7 @@ def run_jobs(
             if on_start:
                 on_start(job, h * w)
             result = denoise(image)
+            del image  # the input pixels aren't needed to write: free them before the encoder's buffers
             if job.target.parent != Path("") and not job.target.parent.exists():
                 job.target.parent.mkdir(parents=True, exist_ok=True)
             write_image(job.target, result, overwrite=True)

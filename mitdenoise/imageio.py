@@ -32,8 +32,10 @@ import struct
 import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image as PILImage
@@ -224,7 +226,7 @@ def _pixels_from_pillow(path: Path, im: PILImage.Image, icc: bytes | None):
     elif mode in ("YCbCr", "LAB", "HSV"):
         im, icc = im.convert("RGB"), None  # the profile described the old colour space
 
-    array = np.asarray(im)
+    array = _as_array(im)
     if im.mode.startswith("I"):
         array = _as_uint16(path, array)
     elif im.mode == "F":
@@ -240,6 +242,24 @@ def _pixels_from_pillow(path: Path, im: PILImage.Image, icc: bytes | None):
     if im.mode in ("L", "RGB") or im.mode.startswith("I"):
         return array, _alpha_from_colour_key(array, transparency), icc
     return array, None, icc
+
+
+def _as_array(im: PILImage.Image, band_bytes: int = 16 << 20) -> np.ndarray:
+    """``np.asarray(im)``, copied band by band.
+
+    Pillow's own conversion goes through one ``tobytes()`` of the whole frame, a
+    transient second copy of the image (432 MB more at 12000x12000 RGB).
+    """
+    width, height = im.size
+    rows = max(1, band_bytes // max(1, width * 4 * len(im.getbands())))
+    first = np.asarray(im.crop((0, 0, width, min(rows, height))))
+    if rows >= height:
+        return first
+    array = np.empty((height, *first.shape[1:]), first.dtype)
+    array[:rows] = first
+    for top in range(rows, height, rows):
+        array[top : top + rows] = np.asarray(im.crop((0, top, width, min(top + rows, height))))
+    return array
 
 
 def _as_uint16(path: Path, array: np.ndarray) -> np.ndarray:
@@ -380,11 +400,7 @@ def write_image(path: str | os.PathLike, image: Image, *, overwrite: bool = True
     _check_layout(image)
     if not overwrite and path.exists():
         raise ImageWriteError(f"cannot write {path}: it already exists")
-    try:
-        data = encode(path, image)
-    except (OSError, ValueError) as e:
-        raise ImageWriteError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    _write_atomically(path, data)
+    _write_atomically(path, lambda f: encode(path, image, f))
 
 
 def _check_layout(image: Image) -> None:
@@ -398,8 +414,12 @@ def _check_layout(image: Image) -> None:
         raise ValueError(f"alpha must be {pixels.shape[:2]} {pixels.dtype}, got {alpha.shape} {alpha.dtype}")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the target's folder, fsync, rename over the target: readers see old or new, never half."""
+def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Temp file in the target's folder, fsync, rename over the target: readers see old or new, never half.
+
+    ``write`` encodes straight into the temp file, so no second copy of the encoded
+    image is held in memory.
+    """
     folder = path.parent
     try:
         fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
@@ -408,8 +428,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except OSError as e:
         raise ImageWriteError(f"cannot write {path}: {_os_reason(e)}") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        os.close(fd)
+        with open(temp, "wb") as f:  # by name, not fd: tifffile wants f.name to be a path
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp, 0o666 & ~_UMASK)
@@ -419,8 +440,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
             os.unlink(temp)
         except OSError:
             pass
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.errno is not None:
             raise ImageWriteError(f"cannot write {path}: {_os_reason(e)}") from None
+        if isinstance(e, (OSError, ValueError)):  # the encoder's complaint
+            raise ImageWriteError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         raise
 
 
@@ -446,61 +469,58 @@ def _refuse_alpha(path: Path, image: Image, format_name: str) -> None:
         raise ImageWriteError(f"cannot write {path}: {format_name} cannot store the alpha channel; write .png or .tif")
 
 
-def _pil_bytes(frame: PILImage.Image, format_name: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    frame.save(buffer, format_name, **{k: v for k, v in options.items() if v is not None})
-    return buffer.getvalue()
+def _pil_save(f: BinaryIO, frame: PILImage.Image, format_name: str, **options) -> None:
+    frame.save(f, format_name, **{k: v for k, v in options.items() if v is not None})
 
 
-def _encode_png(path: Path, image: Image) -> bytes:
+def _encode_png(path: Path, image: Image, f: BinaryIO) -> None:
     if image.pixels.dtype == np.uint8:
         frame = _pil_frame(image.pixels, image.alpha)
-        return _pil_bytes(frame, "PNG", icc_profile=image.icc_profile, exif=image.exif)
+        return _pil_save(f, frame, "PNG", icc_profile=image.icc_profile, exif=image.exif)
     pixels, alpha = image.pixels, image.alpha
     if pixels.dtype == np.float32:
         pixels = from_float(pixels, np.uint16)
         alpha = None if alpha is None else from_float(alpha, np.uint16)
-    return _encode_png16(pixels, alpha, image.icc_profile, image.exif)
+    _encode_png16(f, pixels, alpha, image.icc_profile, image.exif)
 
 
-def _encode_jpeg(path: Path, image: Image) -> bytes:
+def _encode_jpeg(path: Path, image: Image, f: BinaryIO) -> None:
     _refuse_alpha(path, image, "JPEG")
     pixels, _ = _to_8bit(image)
-    return _pil_bytes(
-        _pil_frame(pixels, None), "JPEG",
+    _pil_save(
+        f, _pil_frame(pixels, None), "JPEG",
         quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING, icc_profile=image.icc_profile, exif=image.exif,
     )
 
 
-def _encode_webp(path: Path, image: Image) -> bytes:
+def _encode_webp(path: Path, image: Image, f: BinaryIO) -> None:
     pixels, alpha = _to_8bit(image)
     icc = image.icc_profile
     if pixels.shape[2] == 1:  # WebP has no grayscale
         pixels = np.repeat(pixels, 3, axis=2)
         if icc and icc[16:20] == b"GRAY":
             icc = None  # a gray profile is invalid on RGB data
-    return _pil_bytes(
-        _pil_frame(pixels, alpha), "WEBP",
+    _pil_save(
+        f, _pil_frame(pixels, alpha), "WEBP",
         quality=WEBP_QUALITY, exact=True, icc_profile=icc, exif=image.exif,
     )
 
 
-def _encode_bmp(path: Path, image: Image) -> bytes:
+def _encode_bmp(path: Path, image: Image, f: BinaryIO) -> None:
     _refuse_alpha(path, image, "BMP")
     pixels, _ = _to_8bit(image)
-    return _pil_bytes(_pil_frame(pixels, None), "BMP")
+    _pil_save(f, _pil_frame(pixels, None), "BMP")
 
 
-def _encode_tiff(path: Path, image: Image) -> bytes:
+def _encode_tiff(path: Path, image: Image, f: BinaryIO) -> None:
     import tifffile
 
     pixels, alpha = image.pixels, image.alpha
     planes = pixels if alpha is None else np.concatenate([pixels, alpha[..., None]], axis=2)
     if planes.shape[2] == 1:
         planes = planes[..., 0]
-    buffer = io.BytesIO()
     tifffile.imwrite(
-        buffer,
+        f,
         planes,
         photometric="minisblack" if pixels.shape[2] == 1 else "rgb",
         extrasamples=["unassalpha"] if alpha is not None else None,
@@ -510,7 +530,6 @@ def _encode_tiff(path: Path, image: Image) -> bytes:
         iccprofile=image.icc_profile,
         metadata=None,
     )
-    return buffer.getvalue()
 
 
 _ENCODERS = {
@@ -528,25 +547,40 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _encode_png16(pixels: np.ndarray, alpha: np.ndarray | None, icc: bytes | None, exif: bytes | None) -> bytes:
-    """A 16-bit PNG of any of the four layouts, with iCCP and eXIf before the image data."""
-    planes = pixels if alpha is None else np.concatenate([pixels, alpha[..., None]], axis=2)
-    height, width, channels = planes.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    rows = planes.astype(">u2").view(np.uint8).reshape(height, width * channels * 2)
-    # filter 2 ("Up", each byte minus the byte above): one numpy subtraction, and close
-    # to libpng's adaptive filtering on photographs
-    filtered = rows.copy()
-    filtered[1:] -= rows[:-1]
-    scanlines = np.concatenate([np.full((height, 1), 2, np.uint8), filtered], axis=1)
-    compressed = zlib.compress(scanlines.tobytes(), 6)
+def _encode_png16(
+    f: BinaryIO, pixels: np.ndarray, alpha: np.ndarray | None, icc: bytes | None, exif: bytes | None
+) -> None:
+    """A 16-bit PNG of any of the four layouts, with iCCP and eXIf before the image data.
 
-    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))]
+    Filtered and compressed in bands of rows, so memory stays at a band, not a copy of the image.
+    """
+    height, width, channels = pixels.shape[0], pixels.shape[1], pixels.shape[2] + (alpha is not None)
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    f.write(b"\x89PNG\r\n\x1a\n")
+    f.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)))
     if icc:
-        chunks.append(_png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc)))
+        f.write(_png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc)))
     if exif:
-        chunks.append(_png_chunk(b"eXIf", exif.removeprefix(b"Exif\x00\x00")))
-    step = 1 << 23  # several IDAT chunks keep each under the 2 GiB chunk limit
-    chunks += [_png_chunk(b"IDAT", compressed[i : i + step]) for i in range(0, max(len(compressed), 1), step)]
-    chunks.append(_png_chunk(b"IEND", b""))
-    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+        f.write(_png_chunk(b"eXIf", exif.removeprefix(b"Exif\x00\x00")))
+    compressor = zlib.compressobj(6)
+    above = np.zeros(width * channels * 2, np.uint8)
+    band = max(1, (8 << 20) // (width * channels * 2))
+    for top in range(0, height, band):
+        part = pixels[top : top + band]
+        if alpha is not None:
+            part = np.concatenate([part, alpha[top : top + band, :, None]], axis=2)
+        rows = part.astype(">u2").view(np.uint8).reshape(len(part), width * channels * 2)
+        # filter 2 ("Up", each byte minus the byte above): one numpy subtraction, and close
+        # to libpng's adaptive filtering on photographs
+        scanlines = np.empty((len(rows), rows.shape[1] + 1), np.uint8)
+        scanlines[:, 0] = 2
+        np.subtract(rows, np.concatenate([above[None], rows[:-1]]), out=scanlines[:, 1:])
+        above = rows[-1].copy()
+        _write_idat(f, compressor.compress(scanlines.tobytes()))
+    _write_idat(f, compressor.flush())
+    f.write(_png_chunk(b"IEND", b""))
+
+
+def _write_idat(f: BinaryIO, data: bytes) -> None:
+    if data:
+        f.write(_png_chunk(b"IDAT", data))

@@ -393,7 +393,8 @@ def test_a_folder_we_may_not_write_is_a_one_line_error(tmp_path, monkeypatch):
 def test_an_encoder_failure_leaves_the_old_target_and_no_temp_file(tmp_path, monkeypatch):
     (tmp_path / "x.png").write_bytes(b"old")
 
-    def explode(path, image):
+    def explode(path, image, f):
+        f.write(b"half an image")
         raise OSError("encoder exploded")
 
     monkeypatch.setitem(imageio._ENCODERS, ".png", explode)
