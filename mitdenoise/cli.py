@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -109,6 +108,7 @@ def denoise(
     from .batch import plan_jobs, run_jobs
     from .denoiser import Denoiser
     from .imageio import set_max_pixels
+    from .weights import validation_warning
 
     if len(paths) < 2:
         fail("give at least one input and an output, e.g. mitdenoise denoise in.png out.png", 2)
@@ -131,6 +131,9 @@ def denoise(
         fail(str(e))
     except ValueError as e:
         fail(str(e), 2)
+    warning = validation_warning(denoiser.validation)
+    if warning and not quiet:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
     stop = StopFlag()
     stop.install()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +12,7 @@ from . import imageio
 from .errors import DeviceError
 from .model import SwinIR
 from .tiling import count_tiles, denoise_tiled
-from .weights import load_model, resolve_model
+from .weights import load_model, read_validation, resolve_model
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_TILE = 256
@@ -42,12 +40,14 @@ def pick_device(name: str = "auto") -> torch.device:
 class Denoiser:
     """Denoise images with a masked-training SwinIR checkpoint, tile by tile.
 
-    >>> d = Denoiser("weights/mitdenoise-swinir-m.safetensors")   # or a registry name, or a SwinIR
+    >>> d = Denoiser("weights/mitdenoise-masked.safetensors")   # or a registry name, or a SwinIR
     >>> clean = d(noisy)      # NumPy (H, W[, C]) uint8/uint16/float32, or a PIL image
 
     The attention mask stays on (the method needs it at inference); ``seed`` makes
     its draws reproducible, ``passes`` averages that many independent draws.
     ``attn_mask_ratio`` overrides the checkpoint's ratio (percent; 0 switches it off).
+    ``validation`` is what training recorded about the checkpoint's quality, if anything
+    (see :func:`mitdenoise.weights.read_validation`).
     """
 
     def __init__(
@@ -77,8 +77,11 @@ class Denoiser:
             if overrides:
                 net = SwinIR(type(model.config)(**{**model.config.__dict__, **overrides}))
                 net.load_state_dict(model.state_dict())
+            self.validation = None
         else:
-            net = load_model(resolve_model(model), **overrides)
+            path = resolve_model(model)
+            net = load_model(path, **overrides)
+            self.validation = read_validation(path)
         self.model = net.to(self.device).eval()
         self.config = net.config
         self.precision = precision

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -35,6 +36,7 @@ from .model import ModelConfig, SwinIR, config_from_state_dict, load_state_dict_
 CONFIG_KEY = "mitdenoise.config"
 SOURCE_KEY = "mitdenoise.source"
 SOURCE_BLOB_KEY = "mitdenoise.source_git_blob"
+VALIDATION_KEY = "mitdenoise.validation"
 MAX_CHECKPOINT_BYTES = 2 * 1024**3
 """Refuse files over 2 GiB: the full network is 3.3 MB of parameters (16 MB with buffers)."""
 
@@ -169,6 +171,43 @@ def save_safetensors(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_validation(path: str | os.PathLike) -> dict | None:
+    """The last validation ``mitdenoise train`` stored in a checkpoint's metadata, if any.
+
+    ``{"iteration": N, "sets": {name: {"psnr": dB, "noisy_psnr": dB}}}``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(VALIDATION_KEY)
+        record = json.loads(raw) if raw else None
+        for scores in record["sets"].values():
+            float(scores["psnr"]), float(scores["noisy_psnr"])
+        int(record["iteration"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return record
+
+
+def validation_warning(record: dict | None) -> str | None:
+    """One line for the user when the recorded validation says the model makes images worse."""
+    if not record:
+        return None
+    worse = [
+        f"{name} {scores['psnr']:.2f} dB out vs {scores['noisy_psnr']:.2f} dB in"
+        for name, scores in record["sets"].items()
+        if scores["psnr"] < scores["noisy_psnr"]
+    ]
+    if not worse:
+        return None
+    return (
+        f"this model made its validation images worse ({', '.join(worse)}; iteration {record['iteration']}): "
+        "it is undertrained. The authors' released checkpoint: --model masked-denoising"
+    )
 
 
 def convert_checkpoint(

@@ -1,5 +1,6 @@
 """`mitdenoise denoise` end to end: outputs, seeds, folders, resumption and every bad-input message."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mitdenoise.cli import app
+from mitdenoise.model import ModelConfig
 
 runner = CliRunner()
 
@@ -183,3 +185,39 @@ def test_console_script_prints_no_traceback_on_error(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error:")
     assert "Traceback" not in result.stderr
+
+
+def checkpoint_with_validation(path: Path, sets: dict) -> str:
+    from mitdenoise.model import SwinIR
+    from mitdenoise.weights import VALIDATION_KEY, save_safetensors
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = SwinIR(ModelConfig(embed_dim=12, depths=(2,), num_heads=(2,)))
+    save_safetensors(net, path, extra_metadata={VALIDATION_KEY: json.dumps({"iteration": 240, "sets": sets})})
+    return str(path)
+
+
+def test_warns_when_the_checkpoints_own_validation_shows_it_makes_images_worse(tmp_path):
+    src = make_image(tmp_path / "in.png")
+    harmful = checkpoint_with_validation(
+        tmp_path / "early.safetensors",
+        {"gaussian15": {"psnr": 10.3, "noisy_psnr": 25.15}, "poisson2": {"psnr": 24.0, "noisy_psnr": 23.3}},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mitdenoise", "denoise", str(src), str(tmp_path / "a.png"), "-m", harmful],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0 and (tmp_path / "a.png").is_file()
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warning == [
+        "warning: this model made its validation images worse (gaussian15 10.30 dB out vs 25.15 dB in; "
+        "iteration 240): it is undertrained. The authors' released checkpoint: --model masked-denoising"
+    ]
+
+    helpful = checkpoint_with_validation(tmp_path / "good.safetensors", {"gaussian15": {"psnr": 30.0, "noisy_psnr": 25.15}})
+    result = subprocess.run(
+        [sys.executable, "-m", "mitdenoise", "denoise", str(src), str(tmp_path / "b.png"), "-m", helpful],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0 and "warning" not in result.stderr

@@ -24,7 +24,7 @@ from mitdenoise.train import PRESETS, TrainConfig, resolve_config, train
 from mitdenoise.train.data import PatchBatches, augment, augment_inverse, find_images, load_images
 from mitdenoise.train.loop import CHECKPOINT_NAME, EXPORT_NAME, TrainSetupError
 from mitdenoise.train.validation import synthetic_sets
-from mitdenoise.weights import load_model
+from mitdenoise.weights import load_model, read_validation
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ModelConfig(embed_dim=12, depths=(2,), num_heads=(2,))
@@ -197,6 +197,11 @@ def test_training_raises_validation_psnr(images, tmp_path):
     assert vals[-1]["psnr_gaussian15"] > vals[0]["psnr_gaussian15"] + 2.0, vals
     assert vals[-1]["psnr_poisson2"] > vals[0]["psnr_poisson2"] + 2.0, vals
     assert result.validation == {k: v for k, v in vals[-1].items() if k.startswith("psnr_")}
+    # the exported weights carry the last validation, for `denoise` to warn with
+    assert read_validation(tmp_path / "run" / EXPORT_NAME) == {"iteration": 80, "sets": {
+        name: {"psnr": vals[-1][f"psnr_{name}"], "noisy_psnr": start[f"noisy_psnr_{name}"]}
+        for name in ("gaussian15", "poisson2")
+    }}
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < 0.7 * losses[0], losses
 

@@ -339,7 +339,7 @@ def test_connection_refused_says_how_to_get_the_file(origin, fixtures_dir, hf_ho
     with pytest.raises(ModelLoadError) as info:
         resolve_model("fixture-tiny")
     message = str(info.value)
-    assert f"cannot connect to 127.0.0.1" in message
+    assert "cannot connect to 127.0.0.1" in message
     assert f"http://127.0.0.1:{port}/haoyuc/MaskedDenoising/raw/{COMMIT}/{entry.path}" in message
     assert "`mitdenoise download fixture-tiny`" in message and "--model PATH" in message
     assert "\n" not in message
@@ -588,3 +588,22 @@ def test_download_command_errors_are_one_line(cli, hf_home, monkeypatch):
     result = cli("download", "masked-denoising")
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "raw/9cd4c62a7a82178d86f197e11f2d0ba3ab1fbd5a/model_zoo/input_mask_80_90.pth" in result.stderr
+
+
+def test_validation_record_is_read_back_and_a_malformed_one_is_ignored(tmp_path):
+    from mitdenoise.model import SwinIR
+
+    net = SwinIR(ModelConfig(embed_dim=12, depths=(2,), num_heads=(2,)))
+    record = {"iteration": 7, "sets": {"gaussian15": {"psnr": 26.5, "noisy_psnr": 25.0}}}
+    weights.save_safetensors(net, tmp_path / "ok.safetensors", extra_metadata={weights.VALIDATION_KEY: json.dumps(record)})
+    assert weights.read_validation(tmp_path / "ok.safetensors") == record
+    assert weights.validation_warning(record) is None
+    worse = {"iteration": 7, "sets": {"gaussian15": {"psnr": 26.5, "noisy_psnr": 25.0}, "poisson2": {"psnr": 9.0, "noisy_psnr": 23.25}}}
+    assert weights.validation_warning(worse).startswith(
+        "this model made its validation images worse (poisson2 9.00 dB out vs 23.25 dB in; iteration 7)"
+    )
+    for bad in ("not json", json.dumps({"sets": {}}), json.dumps({"iteration": 1, "sets": {"g": {"psnr": "x"}}})):
+        weights.save_safetensors(net, tmp_path / "bad.safetensors", extra_metadata={weights.VALIDATION_KEY: bad})
+        assert weights.read_validation(tmp_path / "bad.safetensors") is None, bad
+    weights.save_safetensors(net, tmp_path / "none.safetensors")
+    assert weights.read_validation(tmp_path / "none.safetensors") is None

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import DeviceError, MitdenoiseError
 from ..model import SwinIR
-from ..weights import save_safetensors
+from ..weights import VALIDATION_KEY, save_safetensors
 from .config import TrainConfig
 from .data import PatchBatches, derive_seed, find_images, load_images, make_loader
 from .validation import ValSet, evaluate, pair_set, synthetic_sets
@@ -137,6 +137,16 @@ def _resolve_device(name: str, d: Dist) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def quality_metadata(validation: dict[str, float], iteration: int, val_sets: list[ValSet]) -> dict[str, str]:
+    """The last validation, for the exported file's metadata: ``denoise`` warns when it shows harm."""
+    sets = {
+        v.name: {"psnr": validation[f"psnr_{v.name}"], "noisy_psnr": round(v.noisy_psnr, 4)}
+        for v in val_sets
+        if f"psnr_{v.name}" in validation
+    }
+    return {VALIDATION_KEY: json.dumps({"iteration": iteration, "sets": sets})} if sets else {}
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -448,6 +458,7 @@ def train(
         if too_small:
             reporter.message(f"[yellow]skipped {too_small} images smaller than {config.patch_size}x{config.patch_size}[/]")
         validation: dict[str, float] = {}
+        validated_at = start
         if val_sets and not resume:
             validation = evaluate(ema, val_sets, device, config.val_seed)
             reporter.write({"event": "val", "iteration": start, **validation})
@@ -488,10 +499,11 @@ def train(
                     "rng": rng_state(device),
                 },
             )
-            save_safetensors(ema, run_dir / EXPORT_NAME)
+            quality = quality_metadata(validation, validated_at, val_sets)
+            save_safetensors(ema, run_dir / EXPORT_NAME, extra_metadata=quality)
             if config.export:
                 Path(config.export).parent.mkdir(parents=True, exist_ok=True)
-                save_safetensors(ema, config.export)
+                save_safetensors(ema, config.export, extra_metadata=quality)
             saved_at = iteration
 
         for step, (noisy, clean) in zip(range(start, config.iterations), loader):
@@ -538,6 +550,7 @@ def train(
             if val_sets and (iteration % config.val_every == 0 or finished):
                 t = time.perf_counter()
                 validation = evaluate(ema, val_sets, device, config.val_seed)
+                validated_at = iteration
                 val_time += time.perf_counter() - t
                 record = {"event": "train", "iteration": iteration, **record, **validation}
             if record:
