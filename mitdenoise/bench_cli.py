@@ -132,14 +132,20 @@ def bench_quality_command(
     _report_quality(results, out_dir, as_json, quiet)
 
 
-def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
-    from .bench import best_methods
-
+def _print_notes_or_json(results: dict, as_json: bool, quiet: bool) -> bool:
+    """Notes go to stderr; with --json the results go to stdout and the caller prints no table."""
     if not quiet:
         for note in results["notes"]:
             err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
+    return as_json
+
+
+def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
+    from .bench import best_methods
+
+    if _print_notes_or_json(results, as_json, quiet):
         return
     names = [m["name"] for m in results["methods"]]
     table = Table(title=f"PSNR dB / SSIM, 8-bit RGB, mean of {len(results['images'])} image(s)",
@@ -241,11 +247,7 @@ def bench_speed_command(
 
 
 def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
-    if not quiet:
-        for note in results["notes"]:
-            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
+    if _print_notes_or_json(results, as_json, quiet):
         return
     c = results["config"]
     table = Table(

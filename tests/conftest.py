@@ -28,3 +28,14 @@ def fixtures_dir() -> Path:
 @pytest.fixture
 def data_dir() -> Path:
     return need_shared(DATA)
+
+
+@pytest.fixture
+def two_threads():
+    """Torch on 2 threads (this project's CPU) for the test, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -15,12 +15,7 @@ CONFIGS = {
 CHECKPOINTS = [("full", "pth"), ("tiny", "pth"), ("tiny", "safetensors"), ("tiny1conv", "pth")]
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 @pytest.mark.parametrize("name,ext", CHECKPOINTS)
