@@ -1,0 +1,136 @@
+"""`mitdenoise denoise` against signals, a second process, odd names and odd sizes: nothing lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mitdenoise.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_model(fixtures_dir) -> str:
+    return str(fixtures_dir / "official_tiny_random.pth")
+
+
+def make_images(folder: Path, names, size=(96, 128)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, name in enumerate(names):
+        data = np.random.default_rng(i).integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(data).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mitdenoise", "denoise", *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()  # a half-written file fails here
+        return np.asarray(im)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_folder_keeps_finished_outputs_whole_and_a_rerun_does_only_the_rest(tmp_path, tiny_model, sig):
+    names = [f"{i}.png" for i in range(5)]
+    make_images(tmp_path / "in", names, size=(256, 256))  # about a second each through the tiny model here
+    out = tmp_path / "out"
+    proc = cli(str(tmp_path / "in"), str(out), "-m", tiny_model)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no output appeared"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert "stopping after the current image" in stderr and "Traceback" not in stderr
+    finished = sorted(p.name for p in out.iterdir())
+    assert all(name in names for name in finished), finished  # no temp files left behind
+    assert 1 <= len(finished) < len(names)
+    for name in finished:
+        assert pixels(out / name).shape == (256, 256, 3)
+
+    rerun = cli(str(tmp_path / "in"), str(out), "-m", tiny_model)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert f"denoised {len(names) - len(finished)} file(s)" in stderr and f"{len(finished)} skipped" in stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_folder_both_finish_and_every_output_is_whole_and_right(tmp_path, tiny_model):
+    names = [f"{i}.png" for i in range(6)]
+    make_images(tmp_path / "in", names)
+    first, second = (cli(str(tmp_path / "in"), str(tmp_path / "out"), "-m", tiny_model, "-q") for _ in range(2))
+    for proc in (first, second):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    alone = cli(str(tmp_path / "in"), str(tmp_path / "alone"), "-m", tiny_model, "-q")
+    assert alone.wait(timeout=300) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(names)  # and no temp files
+    for name in names:
+        assert np.array_equal(pixels(tmp_path / "out" / name), pixels(tmp_path / "alone" / name))
+
+
+def test_spaces_unicode_leading_dashes_and_symlinks_in_names(tmp_path, tiny_model, monkeypatch):
+    names = ["with space.png", "ünïcødé 写真.png", "-starts-with-dash.png"]
+    make_images(tmp_path / "in dir", names, size=(24, 40))
+    (tmp_path / "in dir" / "link.png").symlink_to(tmp_path / "in dir" / "with space.png")
+    result = runner.invoke(app, ["denoise", str(tmp_path / "in dir"), str(tmp_path / "out dir"), "-m", tiny_model, "-q"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out dir"
+    assert sorted(os.listdir(out)) == sorted([*names, "link.png"])
+    assert not (out / "link.png").is_symlink()  # the link's target is denoised into a real file
+    assert np.array_equal(pixels(out / "link.png"), pixels(out / "with space.png"))
+
+    # a leading dash is an option to the command line unless it follows `--`
+    monkeypatch.chdir(tmp_path / "in dir")
+    result = runner.invoke(app, ["denoise", "-m", tiny_model, "-q", "--", "-starts-with-dash.png", "-out.png"])
+    assert result.exit_code == 0, result.output
+    assert pixels(tmp_path / "in dir" / "-out.png").shape == (24, 40, 3)
+
+    # an output that is a symlink to the input is the input: refused, input untouched
+    (tmp_path / "alias.png").symlink_to(tmp_path / "in dir" / "with space.png")
+    before = (tmp_path / "in dir" / "with space.png").read_bytes()
+    result = runner.invoke(app, ["denoise", str(tmp_path / "in dir" / "with space.png"), str(tmp_path / "alias.png"),
+                                 "-m", tiny_model, "-q"])
+    assert result.exit_code == 1 and "is the input file itself" in result.output
+    assert (tmp_path / "in dir" / "with space.png").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_3_by_100000_image_comes_back_the_same_size(tmp_path, tiny_model):
+    src = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3, 100_000, 3), dtype=np.uint8)).save(src)
+    result = runner.invoke(app, ["denoise", str(src), str(tmp_path / "out.png"), "-m", tiny_model, "-q"])
+    assert result.exit_code == 0, result.output
+    out = pixels(tmp_path / "out.png")
+    assert out.shape == (3, 100_000, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - pixels(src)).mean() > 1  # the network did run on it
+
+
+def test_max_pixels_flag_refuses_or_lets_through(tmp_path, tiny_model):
+    (src,) = make_images(tmp_path, ["a.png"], size=(100, 100))
+    result = runner.invoke(app, ["denoise", str(src), str(tmp_path / "o.png"), "-m", tiny_model, "--max-pixels", "5000"])
+    assert result.exit_code == 1
+    assert "image has 10000 pixels, over the limit of 5000; pass --max-pixels to raise it" in result.output
+    assert not (tmp_path / "o.png").exists()
+    result = runner.invoke(app, ["denoise", str(src), str(tmp_path / "o.png"), "-m", tiny_model, "--max-pixels", "20000"])
+    assert result.exit_code == 0 and pixels(tmp_path / "o.png").shape == (100, 100, 3)
