@@ -602,3 +602,51 @@ def test_validation_record_is_read_back_and_a_malformed_one_is_ignored(tmp_path)
         assert weights.read_validation(tmp_path / "bad.safetensors") is None, bad
     weights.save_safetensors(net, tmp_path / "none.safetensors")
     assert weights.read_validation(tmp_path / "none.safetensors") is None
+
+
+def _tiny_state(fixtures_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(fixtures_dir / "official_tiny_random.safetensors"))
+
+
+def _with(state: dict, **changes) -> dict:
+    state = dict(state)
+    for key, value in changes.items():
+        if value is None:
+            state.pop(key.replace("__", "."))
+        else:
+            state[key.replace("__", ".")] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d, s: (d / "x.safetensors").write_bytes(b"hi"), r"not a valid safetensors file"),
+        (lambda d, s: save_file(s, str(d / "x.safetensors"), metadata={weights.CONFIG_KEY: '{"colour": 1}'}),
+         r"bad config in metadata"),
+        (lambda d, s: torch.save({"a": torch.zeros(1)}, d / "x.pth"), r"not a SwinIR state dict \(missing conv_first.weight\)"),
+        (lambda d, s: torch.save(_with(s, extra__weight=torch.zeros(1)), d / "x.pth"),
+         r"state dict does not match the network: unexpected 1 keys \(e.g. extra.weight\)"),
+        (lambda d, s: torch.save(_with(s, conv_last__bias=None), d / "x.pth"),
+         r"state dict does not match the network: missing 1 keys \(e.g. conv_last.bias\)"),
+        (lambda d, s: torch.save(
+            _with(s, layers__0__residual_group__blocks__0__attn__relative_position_index=torch.zeros(64, 64, dtype=torch.long)),
+            d / "x.pth"), r"relative_position_index differs from the standard relative-position index"),
+    ],
+    ids=["not-safetensors", "bad-metadata", "not-swinir", "extra-key", "missing-key", "tampered-index"],
+)
+def test_broken_checkpoints_are_one_line_errors_naming_the_file(fixtures_dir, tmp_path, make, expected):
+    make(tmp_path, _tiny_state(fixtures_dir))
+    (path,) = tmp_path.iterdir()
+    with pytest.raises(ModelLoadError, match=rf"^cannot load {path}: .*{expected}") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_folder_or_a_missing_shipped_file_as_the_model_says_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match=rf"^model file not found: {tmp_path} is a directory$"):
+        resolve_model(str(tmp_path))
+    monkeypatch.setattr(weights, "SHIPPED_DIRS", (tmp_path / "nowhere",))
+    with pytest.raises(ModelLoadError, match=r"the shipped checkpoint .*mitdenoise-masked.safetensors is missing: "
+                                             r"reinstall mitdenoise or pass --model PATH"):
+        resolve_model(None)
