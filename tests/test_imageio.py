@@ -476,3 +476,54 @@ def test_lossless_round_trip_is_exact_for_any_shape_depth_and_alpha(case):
     assert back.pixels.dtype == image.pixels.dtype and np.array_equal(back.pixels, image.pixels)
     assert (back.alpha is None) == (image.alpha is None)
     assert image.alpha is None or np.array_equal(back.alpha, image.alpha)
+
+
+# Source files as other programs write them (Pillow modes), then read -> denoise -> write -> read.
+# mode: (how to make it, the file suffix, channels, dtype and alpha expected after reading)
+FOREIGN_MODES = {
+    "L": (lambda a, rng: PILImage.fromarray(a[..., 0]), ".png", 1, np.uint8, False),
+    "LA": (lambda a, rng: PILImage.fromarray(a[..., :2], "LA"), ".png", 1, np.uint8, True),
+    "RGB": (lambda a, rng: PILImage.fromarray(a[..., :3]), ".png", 3, np.uint8, False),
+    "RGBA": (lambda a, rng: PILImage.fromarray(a), ".tif", 3, np.uint8, True),
+    "P": (lambda a, rng: PILImage.fromarray(a[..., :3]).quantize(16), ".png", 3, np.uint8, False),
+    "CMYK": (lambda a, rng: PILImage.fromarray(a, "CMYK"), ".tif", 3, np.uint8, False),
+    "I;16": (lambda a, rng: PILImage.fromarray(rng.integers(0, 65536, a.shape[:2], dtype=np.uint16)), ".png", 1, np.uint16, False),
+    "F": (lambda a, rng: PILImage.fromarray(rng.random(a.shape[:2], dtype=np.float32)), ".tif", 1, np.float32, False),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_denoiser():
+    from mitdenoise import Denoiser
+    from mitdenoise.model import ModelConfig, SwinIR
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    return Denoiser(SwinIR(ModelConfig(embed_dim=12, depths=(2,), num_heads=(2,))), device="cpu")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    mode=st.sampled_from(sorted(FOREIGN_MODES)),
+    h=st.integers(1, 40),
+    w=st.integers(1, 40),
+    out_suffix=st.sampled_from([".png", ".tif"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_mode_and_depth_survives_read_denoise_write(tiny_denoiser, mode, h, w, out_suffix, seed):
+    make, suffix, channels, dtype, has_alpha = FOREIGN_MODES[mode]
+    rng = np.random.default_rng(seed)
+    source = make(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), rng)
+    with tempfile.TemporaryDirectory() as folder:
+        src, dst = Path(folder) / f"in{suffix}", Path(folder) / f"out{out_suffix}"
+        source.save(src)
+        image = read_image(src)
+        write_image(dst, tiny_denoiser.denoise_image(image))
+        back = read_image(dst)
+    # float is kept by TIFF; PNG holds it as 16-bit
+    want = np.uint16 if dtype == np.float32 and out_suffix == ".png" else dtype
+    assert image.pixels.shape == (h, w, channels) and image.pixels.dtype == dtype
+    assert back.pixels.shape == (h, w, channels) and back.pixels.dtype == want
+    assert (back.alpha is not None) == has_alpha
+    if has_alpha:
+        assert np.array_equal(back.alpha, image.alpha)

@@ -268,7 +268,8 @@ def test_exported_ema_weights_load_and_denoise_with_the_right_attention_mask(ima
     assert out.shape == noisy.shape and out.dtype == np.uint8
 
 
-def test_sigterm_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path, sig):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "mitdenoise.train", "--data", str(images["train"].parent), "--preset", "quick",
             "--out", str(run), "--patch-size", "16", "--batch-size", "4", "--iterations", "100000",
@@ -282,16 +283,16 @@ def test_sigterm_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path):
                 break
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, stderr
-    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    assert proc.returncode == 128 + sig, stderr
+    assert f"stopped by {sig.name}" in stderr and "--resume" in stderr
     stopped_at = _states(run)["iteration"]
     assert stopped_at >= 3
-    assert run_log(run)[-1] == {"event": "stop", "iteration": stopped_at, "signal": "SIGTERM"}
+    assert run_log(run)[-1] == {"event": "stop", "iteration": stopped_at, "signal": sig.name}
     assert load_model(run / EXPORT_NAME).config == PRESETS["quick"].model
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     resumed = subprocess.run([sys.executable, "-m", "mitdenoise.train", "--out", str(run), "--resume",
