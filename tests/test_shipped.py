@@ -1,0 +1,96 @@
+"""The checkpoint we ship: the network and numbers its card states, the README's first command."""
+
+import itertools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mitdenoise import Denoiser
+from mitdenoise.bench import run_quality
+from mitdenoise.metrics import psnr
+from mitdenoise.model import ModelConfig
+from mitdenoise.train.config import resolve_config
+from mitdenoise.weights import DEFAULT_MODEL, read_validation, shipped_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+CARD = ROOT / "weights" / "README.md"
+EXAMPLE_NOISY = ROOT / "examples" / "kodim23-noisy-poisson2.png"
+EXAMPLE_CLEAN = ROOT / "examples" / "kodim23-clean.png"
+
+
+def card_number(pattern: str) -> float:
+    found = re.search(pattern, CARD.read_text())
+    assert found, f"weights/README.md has no line matching {pattern!r}"
+    return float(found.group(1))
+
+
+def test_the_default_model_is_the_shipped_file_with_the_network_and_mask_the_card_states():
+    assert shipped_checkpoint().is_file() and shipped_checkpoint().stat().st_size < 10 * 2**20
+    denoiser = Denoiser(device="cpu")
+    network = r"\*\*Network:\*\* .*?embed_dim (\d+), depths \[([\d, ]+)\], heads \[([\d, ]+)\]"
+    found = re.search(network, CARD.read_text(), re.DOTALL)
+    assert found, "weights/README.md states no **Network:** line"
+    stated = ModelConfig(
+        embed_dim=int(found.group(1)),
+        depths=tuple(int(d) for d in found.group(2).split(",")),
+        num_heads=tuple(int(h) for h in found.group(3).split(",")),
+    )
+    # The masked-training wiring (1x1 conv_first, 3conv, no global residual, window 8) and the 75 % attention mask.
+    assert denoiser.config == stated and stated.attn_mask_ratio == (75, 75) and not stated.global_residual
+    # The settings file the card's command trains from builds this very network, for as long as the card says.
+    settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-masked.toml")
+    record = read_validation(shipped_checkpoint())
+    assert settings.model == denoiser.config
+    assert record is not None and record["iteration"] == settings.iterations == card_number(r"\*\*Iterations:\*\* (\d+)")
+
+
+def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_states(tmp_path):
+    out = tmp_path / "denoised.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "mitdenoise", "denoise", str(EXAMPLE_NOISY), str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    result = np.asarray(Image.open(out))
+    clean = np.asarray(Image.open(EXAMPLE_CLEAN))
+    assert result.shape == clean.shape == (256, 256, 3) and result.dtype == np.uint8
+    stated = card_number(r"`examples/kodim23-noisy-poisson2.png`, denoised with the defaults: ([\d.]+) dB")
+    assert abs(psnr(result, clean) - stated) < 0.01
+
+
+def table_cell(document: Path, noise: str, column: str) -> tuple[float, float]:
+    """(PSNR, SSIM) that the quality table in ``document`` gives ``column`` in the row ``noise``."""
+    lines = [line for line in document.read_text().splitlines() if line.startswith("| ")]
+    header = next(line for line in lines if line.startswith("| noise |"))
+    names = [cell.strip() for cell in header.strip("|").split("|")]
+    row = next((line for line in lines if line.startswith(f"| {noise} |")), None)
+    assert row is not None, f"the table in {document.name} has no row {noise!r}"
+    cell = [c.strip() for c in row.strip("|").split("|")][names.index(column)]
+    psnr_text, ssim_text = (part.strip().strip("*") for part in cell.split("/"))
+    return float(psnr_text), float(ssim_text)
+
+
+@pytest.mark.slow
+def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_model_measures(data_dir, two_threads):
+    results = run_quality(
+        data_dir / "test" / "mcmaster",
+        noisy_dir=data_dir / "test" / "mcmaster_poisson_alpha2",
+        noise_spec="gaussian:15",
+        baselines=("noisy",),
+        crop=256,
+        seed=0,
+        device="cpu",
+    )
+    assert [row["noise"] for row in results["rows"]] == ["gaussian:15", "given:mcmaster_poisson_alpha2"]
+    for row in results["rows"]:
+        for document, column in itertools.product((CARD, ROOT / "README.md"), ("noisy", DEFAULT_MODEL)):
+            measured = row["results"][column]
+            stated_psnr, stated_ssim = table_cell(document, row["noise"], column)
+            where = (document.name, row["noise"], column, measured, (stated_psnr, stated_ssim))
+            # The tables round to 0.01 dB and 0.0001.
+            assert abs(measured["psnr"] - stated_psnr) <= 0.0051, where
+            assert abs(measured["ssim"] - stated_ssim) <= 0.000051, where
