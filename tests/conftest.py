@@ -39,3 +39,13 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def pillows_pixel_limit_restored():
+    """`denoise --max-pixels` run in-process sets Pillow's global limit: put it back after every test."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = before
