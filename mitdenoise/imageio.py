@@ -476,7 +476,8 @@ def _pil_save(f: BinaryIO, frame: PILImage.Image, format_name: str, **options) -
 def _encode_png(path: Path, image: Image, f: BinaryIO) -> None:
     if image.pixels.dtype == np.uint8:
         frame = _pil_frame(image.pixels, image.alpha)
-        return _pil_save(f, frame, "PNG", icc_profile=image.icc_profile, exif=image.exif)
+        _pil_save(f, frame, "PNG", icc_profile=image.icc_profile, exif=image.exif)
+        return
     pixels, alpha = image.pixels, image.alpha
     if pixels.dtype == np.float32:
         pixels = from_float(pixels, np.uint16)

@@ -53,14 +53,6 @@ def exif_with(orientation: int) -> bytes:
     return exif.tobytes()
 
 
-@pytest.fixture
-def pixel_limit():
-    """Lets a test lower the pixel limit and puts Pillow's default back afterwards."""
-    before = PILImage.MAX_IMAGE_PIXELS
-    yield set_max_pixels
-    PILImage.MAX_IMAGE_PIXELS = before
-
-
 # ---------------------------------------------------------------- round trips
 
 
@@ -331,22 +323,22 @@ def test_unreadable_inputs_give_one_line_naming_the_file_and_the_reason(tmp_path
     assert reason in message and "\n" not in message
 
 
-def test_an_image_over_the_pixel_limit_is_refused_with_its_size(tmp_path, pixel_limit):
+def test_an_image_over_the_pixel_limit_is_refused_with_its_size(tmp_path):  # conftest restores the limit
     PILImage.new("RGB", (15, 10)).save(tmp_path / "a.png")
-    pixel_limit(100)  # 150 pixels: Pillow's warning range
+    set_max_pixels(100)  # 150 pixels: Pillow's warning range
     with pytest.raises(ImageReadError, match=r"a\.png: image has 150 pixels, over the limit of 100; pass --max-pixels"):
         read_image(tmp_path / "a.png")
-    pixel_limit(50)  # 150 pixels: Pillow's error range
+    set_max_pixels(50)  # 150 pixels: Pillow's error range
     with pytest.raises(ImageReadError, match=r"image has 150 pixels, over the limit of 50"):
         read_image(tmp_path / "a.png")
-    pixel_limit(None)
+    set_max_pixels(None)
     assert read_image(tmp_path / "a.png").pixels.shape == (10, 15, 3)
 
 
 @pytest.mark.parametrize("suffix, layout", [(".png", "RGB"), (".tif", "LA")])
-def test_the_pixel_limit_also_guards_opencv_and_tifffile_decoding(tmp_path, pixel_limit, suffix, layout):
+def test_the_pixel_limit_also_guards_opencv_and_tifffile_decoding(tmp_path, suffix, layout):
     write_image(tmp_path / f"deep{suffix}", layout_image(layout, np.uint16))  # 12 x 17 = 204 pixels
-    pixel_limit(200)
+    set_max_pixels(200)
     with pytest.raises(ImageReadError, match=r"image has 204 pixels, over the limit of 200"):
         read_image(tmp_path / f"deep{suffix}")
 
