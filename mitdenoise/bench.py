@@ -688,7 +688,8 @@ def host_numpy_masks(seed: int = 0) -> Iterator[list[int]]:
 
 class HostMaskReference:
     """The straightforward way to run the network: the whole image in one fp32 forward pass,
-    attention masks drawn with NumPy on the host per layer (see :func:`host_numpy_masks`).
+    attention masks drawn with NumPy on the host per layer (see :func:`host_numpy_masks`),
+    image rolled and partitioned, plain attention over all 64 tokens of every window.
 
     Shares the weights of ``model``; the comparison point for the tiled denoiser's speed.
     """
@@ -703,7 +704,7 @@ class HostMaskReference:
 
         x = torch.from_numpy(to_unit(pixels).astype(np.float32).transpose(2, 0, 1).copy())[None].to(self.device)
         with host_numpy_masks(self.seed) as calls, torch.inference_mode():
-            y = self.model(x)
+            y = self.model(x, shortcut=False)
         if self.model.config.mask_enabled and calls[0] == 0:
             raise RuntimeError(
                 "the network no longer draws its mask through model.draw_keep_mask: update bench.host_numpy_masks"

@@ -21,6 +21,8 @@ from torch import nn
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 CPU_ATTENTION_CHUNK = 128
 """Windows per chunk on CPU: 8192 tokens, 12 MB of attention scores for 6 heads."""
+LAYOUT_CACHE_ENTRIES = 32
+"""Shift masks and window orders kept per network (two per image size seen)."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,18 @@ def draw_keep_mask(
     return (torch.rand(shape, generator=generator, device=device) >= ratio).float()
 
 
+def window_kinds(n_rows: int, n_cols: int, rows: tuple[int, int], images: int, shifted: bool) -> torch.Tensor:
+    """Kind of every window of window rows ``rows`` of ``images`` images, in partition order.
+
+    0 inner, 1 last column, 2 last row, 3 corner: after the cyclic shift only these
+    edge windows mix regions, and each kind has one shift-mask pattern. Unshifted, all 0.
+    """
+    row = torch.arange(*rows).view(-1, 1)
+    col = torch.arange(n_cols).view(1, -1)
+    kinds = (col == n_cols - 1).long() + 2 * (row == n_rows - 1).long()
+    return (kinds if shifted else kinds * 0).flatten().repeat(images)
+
+
 class Mlp(nn.Module):
     """Token-wise feed-forward: Linear, GELU, Linear."""
 
@@ -183,6 +197,78 @@ class WindowAttention(nn.Module):
         n = self.window_size**2
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
+
+    def window_biases(self, shift: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per window kind (see :func:`window_kinds`): the (4, heads, N, N) position bias plus shift
+        mask, and its row-normalised exponential (zero across the shift seam), for
+        :meth:`forward_masked`. None where that exponential could underflow a whole row."""
+        bias = self.position_bias().unsqueeze(0)
+        if shift:
+            ws = self.window_size
+            bias = bias + shift_mask(2 * ws, 2 * ws, ws, shift, bias.device).unsqueeze(1)  # one window per kind
+        else:
+            bias = bias.expand(4, -1, -1, -1)
+        inner = self.position_bias()
+        if float(inner.amax() - inner.amin()) > 60:
+            return None
+        exp_bias = (bias - bias.amax(-1, keepdim=True)).exp().masked_fill_(bias < -50, 0.0)
+        return bias, exp_bias
+
+    def forward_masked(
+        self, x: torch.Tensor, keep: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor], kinds: torch.Tensor
+    ) -> torch.Tensor | None:
+        """What :meth:`forward` computes with a keep-mask, in about half the time (inference only).
+
+        A masked token enters ``qkv`` as zeros, so its query, key and value are all the
+        ``qkv`` bias. So ``qkv`` runs on the kept tokens only; kept queries attend
+        densely; and the masked queries, whose scores are ``c_j + bias_ij`` with ``c_j``
+        the same for all of them, share one GEMM: the softmax numerator factorises as
+        ``exp(c_j) * exp(bias_ij)``. Returns None where that could underflow (the
+        caller then takes :meth:`forward`).
+        """
+        bias, exp_bias = biases
+        bw, n, c = x.shape
+        heads, hd = self.num_heads, c // self.num_heads
+        keep = keep.view(bw, n)
+        n_kept = int(keep.sum(1).max())
+        # The first n_kept tokens of every window after this sort include all its kept ones.
+        order = torch.argsort(keep, dim=1, descending=True, stable=True)[:, :n_kept]
+        x_kept = torch.gather(x, 1, order.unsqueeze(-1).expand(bw, n_kept, c)) * torch.gather(keep, 1, order).unsqueeze(-1)
+        qkv_kept = self.qkv(x_kept).view(bw, n_kept, 3, heads, hd)
+        q_bias, k_bias, v_bias = self.qkv.bias.view(3, heads, hd)
+        slots = order.view(1, bw, n_kept, 1).expand(heads, bw, n_kept, hd)
+        k = k_bias.view(heads, 1, 1, hd).expand(heads, bw, n, hd).contiguous()
+        k.scatter_(2, slots, qkv_kept[:, :, 1].permute(2, 0, 1, 3))
+        v = v_bias.view(heads, 1, 1, hd).expand(heads, bw, n, hd).contiguous()
+        v.scatter_(2, slots, qkv_kept[:, :, 2].permute(2, 0, 1, 3))
+
+        # Masked queries: weights exp(c_j - max c) * exp_bias_ij, then normalise.
+        scores = (k.view(heads, bw * n, hd) @ (q_bias * self.scale).unsqueeze(-1)).view(heads, bw, n)
+        weights = (scores - scores.amax(-1, keepdim=True)).exp_().permute(0, 2, 1)  # (heads, N, windows)
+        values = torch.empty(heads, n, bw, hd + 1, dtype=x.dtype, device=x.device)
+        torch.mul(v.permute(0, 2, 1, 3), weights.unsqueeze(-1), out=values[..., :hd])
+        values[..., hd] = weights
+        sums = torch.bmm(exp_bias[0], values.view(heads, n, bw * (hd + 1))).view(heads, n, bw, hd + 1)
+        for kind in (1, 2, 3):
+            windows = (kinds == kind).nonzero().flatten()
+            if len(windows):
+                part = torch.bmm(exp_bias[kind], values.index_select(2, windows).view(heads, n, -1))
+                part = part.view(heads, n, -1, hd + 1)
+                if not bool(part[..., hd].amin() > 1e-30):
+                    return None  # a row sees only keys whose weights underflowed
+                sums.index_copy_(2, windows, part)
+        out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
+        torch.div(sums[..., :hd], sums[..., hd:], out=out.permute(2, 1, 0, 3))
+
+        # Kept queries: dense scores against all keys, plus the bias rows of their positions and kinds.
+        rows = (kinds.unsqueeze(1) * n + order).flatten()
+        attn = bias.permute(1, 0, 2, 3).reshape(heads, 4 * n, n).index_select(1, rows).view(heads * bw, n_kept, n)
+        q = qkv_kept[:, :, 0].permute(2, 0, 1, 3).reshape(heads * bw, n_kept, hd)
+        attn.baddbmm_(q, k.view(heads * bw, n, hd).transpose(1, 2), alpha=self.scale)
+        attn = attn.softmax(dim=-1)
+        kept_out = torch.bmm(attn, v.view(heads * bw, n, hd)).view(heads, bw, n_kept, hd)
+        out.scatter_(1, order.view(bw, n_kept, 1, 1).expand(bw, n_kept, heads, hd), kept_out.permute(1, 2, 0, 3))
+        return self.proj(out.view(bw, n, c))
 
     def forward(
         self, x: torch.Tensor, keep: torch.Tensor | None, mask: EdgeShiftMask | None, rows: tuple[int, int]
@@ -225,25 +311,44 @@ class SwinTransformerBlock(nn.Module):
         Everything after the shift is per window (attention) or per token (norms, MLP,
         residuals), so a chunk of windows goes through the whole block at once and
         its temporaries stay small enough to be cached and reused.
+
+        With ``ctx.masked_shortcut`` a chunk's windows are gathered straight from the
+        tokens (shift and partition in one copy, see :func:`window_order`) and attention
+        takes :meth:`WindowAttention.forward_masked`; otherwise the image is rolled and
+        partitioned as the authors' code does.
         """
         h, w = size
         b, _, c = x.shape
         ws, shift = self.window_size, self.shift_size
         n_rows, n_cols = h // ws, w // ws
-        image = x.view(b, h, w, c)
-        if shift:
-            image = torch.roll(image, shifts=(-shift, -shift), dims=(1, 2))
         keep = ctx.keep_mask((b * n_rows * n_cols, ws * ws, 1), x.device)
         mask = ctx.shift_mask(h, w, ws, shift, x.device) if shift else None
         chunks = list(window_chunks(b, n_rows, n_cols, ctx.chunk_windows))
+        if ctx.masked_shortcut:
+            flat = x.reshape(b * h * w, c)
+            order = ctx.window_order(b, h, w, ws, shift, x.device)
+            biases = None if keep is None else self.attn.window_biases(shift)
+            out = torch.empty_like(flat)
+            for first_image, stop_image, first_row, stop_row in chunks:
+                start = (first_image * n_rows + first_row) * n_cols
+                stop = start + (stop_image - first_image) * (stop_row - first_row) * n_cols
+                tokens = order[start * ws * ws : stop * ws * ws]
+                windows = flat.index_select(0, tokens).view(stop - start, ws * ws, c)
+                part_keep = None if keep is None else keep[start:stop]
+                kinds = window_kinds(n_rows, n_cols, (first_row, stop_row), stop_image - first_image, shift > 0)
+                windows = self.window_step(windows, part_keep, mask, (first_row, stop_row), biases, kinds)
+                out.index_copy_(0, tokens, windows.view(-1, c))
+            return out.view(b, h * w, c)
+
+        image = x.view(b, h, w, c)
+        if shift:
+            image = torch.roll(image, shifts=(-shift, -shift), dims=(1, 2))
         out = image if len(chunks) == 1 else torch.empty_like(image)
         for first_image, stop_image, first_row, stop_row in chunks:
-            part = image[first_image:stop_image, first_row * ws : stop_row * ws]
-            windows = window_partition(part, ws)
+            windows = window_partition(image[first_image:stop_image, first_row * ws : stop_row * ws], ws)
             start = (first_image * n_rows + first_row) * n_cols
             part_keep = None if keep is None else keep[start : start + windows.shape[0]]
-            windows = windows + self.attn(self.norm1(windows), part_keep, mask, (first_row, stop_row))
-            windows = windows + self.mlp(self.norm2(windows))
+            windows = self.window_step(windows, part_keep, mask, (first_row, stop_row))
             result = window_reverse(windows, ws, (stop_row - first_row) * ws, w)
             if len(chunks) == 1:
                 out = result
@@ -252,6 +357,34 @@ class SwinTransformerBlock(nn.Module):
         if shift:
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         return out.reshape(b, h * w, c)
+
+    def window_step(
+        self,
+        windows: torch.Tensor,
+        keep: torch.Tensor | None,
+        mask: EdgeShiftMask | None,
+        rows: tuple[int, int],
+        biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kinds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The block on a chunk of windows (window rows ``rows``); the shortcut where ``biases`` allow."""
+        normed = self.norm1(windows)
+        attended = None
+        if biases is not None:
+            attended = self.attn.forward_masked(normed, keep, biases, kinds.to(windows.device))
+        if attended is None:
+            attended = self.attn(normed, keep, mask, rows)
+        windows = windows + attended
+        return windows + self.mlp(self.norm2(windows))
+
+
+def window_order(images: int, h: int, w: int, ws: int, shift: int) -> torch.Tensor:
+    """Token index (into ``images`` flattened H*W images) of every token in window-partition order,
+    after a cyclic shift by ``shift``: gathering with it does the roll and the partition in one copy."""
+    index = torch.arange(images * h * w).view(images, h, w, 1)
+    if shift:
+        index = torch.roll(index, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(index, ws).flatten()
 
 
 def window_chunks(images: int, n_rows: int, n_cols: int, chunk_windows: int | None):
@@ -334,9 +467,15 @@ class ForwardContext:
     """Per-forward state shared by all layers: the mask generator and cached shift masks."""
 
     def __init__(
-        self, ratio: tuple[int, int], generator: torch.Generator | None, cache: dict, chunk_windows: int | None
+        self,
+        ratio: tuple[int, int],
+        generator: torch.Generator | None,
+        cache: dict,
+        chunk_windows: int | None,
+        masked_shortcut: bool,
     ) -> None:
         self.ratio = ratio
+        self.masked_shortcut = masked_shortcut
         self.generator = generator
         self.cache = cache
         self.chunk_windows = chunk_windows
@@ -345,11 +484,19 @@ class ForwardContext:
         return draw_keep_mask(shape, self.ratio, self.generator, device)
 
     def shift_mask(self, h: int, w: int, ws: int, shift: int, device: torch.device) -> EdgeShiftMask:
-        key = (h, w, ws, shift, str(device))
-        mask = self.cache.get(key)
-        if mask is None:
-            mask = self.cache[key] = EdgeShiftMask(h, w, ws, shift, device)
-        return mask
+        return self._cached(("shift_mask", h, w, ws, shift, str(device)), lambda: EdgeShiftMask(h, w, ws, shift, device))
+
+    def window_order(self, images: int, h: int, w: int, ws: int, shift: int, device: torch.device) -> torch.Tensor:
+        key = ("window_order", images, h, w, ws, shift, str(device))
+        return self._cached(key, lambda: window_order(images, h, w, ws, shift).to(device))
+
+    def _cached(self, key: tuple, make):
+        value = self.cache.get(key)
+        if value is None:
+            if len(self.cache) >= LAYOUT_CACHE_ENTRIES:
+                self.cache.clear()  # many image sizes seen: start afresh rather than grow
+            value = self.cache[key] = make()
+        return value
 
 
 class SwinIR(nn.Module):
@@ -375,10 +522,17 @@ class SwinIR(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.conv_after_body = make_body_conv(dim, config.resi_connection)
         self.conv_last = nn.Conv2d(dim, cin, 3, 1, 1)
-        self._shift_masks: dict = {}
+        self._layout_cache: dict = {}
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoise ``x``; ``generator`` makes the attention mask reproducible."""
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, *, shortcut: bool = True
+    ) -> torch.Tensor:
+        """Denoise ``x``; ``generator`` makes the attention mask reproducible.
+
+        On CPU without autograd, attention takes the masked-token shortcut
+        (:meth:`WindowAttention.forward_masked`); ``shortcut=False`` forces the plain
+        computation (the speed reference and the tests that pin the two together).
+        """
         h, w = x.shape[-2:]
         ws = self.config.window_size
         pad_h, pad_w = (-h) % ws, (-w) % ws
@@ -387,7 +541,8 @@ class SwinIR(nn.Module):
         x = x - self.mean
         ratio = self.config.attn_mask_ratio
         chunk = CPU_ATTENTION_CHUNK if x.device.type == "cpu" else None
-        ctx = ForwardContext(ratio, generator, self._shift_masks, chunk)
+        shortcut = shortcut and x.device.type == "cpu" and not torch.is_grad_enabled()
+        ctx = ForwardContext(ratio, generator, self._layout_cache, chunk, shortcut)
         first = self.conv_first(x)
         size = first.shape[-2:]
         tokens = self.patch_embed(first)

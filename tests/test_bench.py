@@ -198,3 +198,31 @@ def test_option_parsers_explain_bad_values():
         bench.parse_sizes("big")
     with pytest.raises(ValueError, match="unknown baseline 'dncnn'"):
         bench.parse_baselines("noisy,dncnn")
+
+
+def test_the_speed_reference_runs_the_plain_attention_and_equals_the_fast_path(tiny_model, monkeypatch):
+    """The reference is the authors' formulation (no masked-token shortcut); with the same
+    host-drawn masks the tiled path's network gives the same numbers to 1e-5."""
+    import numpy as np
+    import torch
+
+    from mitdenoise import model as model_module
+    from mitdenoise.weights import load_model
+
+    net = load_model(tiny_model)
+    shortcut_calls = []
+    original = model_module.WindowAttention.forward_masked
+    monkeypatch.setattr(
+        model_module.WindowAttention, "forward_masked", lambda *a: shortcut_calls.append(1) or original(*a)
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    reference = bench.HostMaskReference(net, torch.device("cpu"))
+    assert reference(pixels).shape == pixels.shape
+    assert shortcut_calls == []
+    x = torch.rand(1, 3, 24, 32)
+    with bench.host_numpy_masks(0), torch.inference_mode():
+        plain = net(x, shortcut=False)
+    with bench.host_numpy_masks(0), torch.inference_mode():
+        fast = net(x)
+    assert len(shortcut_calls) == sum(net.config.depths)
+    assert (plain - fast).abs().max() < 1e-5

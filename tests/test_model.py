@@ -132,3 +132,67 @@ def test_attention_in_chunks_equals_one_call(fixtures_dir, monkeypatch, chunk):
         monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
         chunked = model(x, generator=torch.Generator().manual_seed(4))
     assert (whole - chunked).abs().max() < 1e-5
+
+
+def test_window_order_gathers_what_roll_and_partition_give():
+    from mitdenoise.model import window_order, window_partition
+
+    x = torch.rand(2, 24, 40, 5, generator=torch.Generator().manual_seed(0))
+    for shift in (0, 4):
+        expected = window_partition(torch.roll(x, shifts=(-shift, -shift), dims=(1, 2)), 8).reshape(-1, 5)
+        assert torch.equal(x.reshape(-1, 5)[window_order(2, 24, 40, 8, shift)], expected)
+
+
+@pytest.mark.parametrize("ratio", [(75, 75), (50, 90), (10, 10)])
+@pytest.mark.parametrize("chunk", [None, 4, 128])
+def test_masked_token_shortcut_equals_the_plain_attention(fixtures_dir, monkeypatch, ratio, chunk):
+    """Same seed, same keep-masks: the shortcut changes only the arithmetic (to 1e-5),
+    on every window kind of the shifted blocks (40x48: 5x6 windows) and across images."""
+    import mitdenoise.model as model_module
+
+    monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
+    model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=ratio)
+    x = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    calls = []
+    original = model_module.WindowAttention.forward_masked
+    monkeypatch.setattr(
+        model_module.WindowAttention, "forward_masked", lambda *a: calls.append(1) or original(*a)
+    )
+    with torch.inference_mode():
+        fast = model(x, generator=torch.Generator().manual_seed(3))
+        plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
+    assert len(calls) >= 4  # the shortcut was taken, in every block
+    assert (fast - plain).abs().max() < 1e-5
+
+
+def test_masked_token_shortcut_is_used_for_the_full_network(fixtures_dir):
+    model = load_model(fixtures_dir / "official_full_random.pth")
+    x = torch.rand(1, 3, 48, 56, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fast = model(x, generator=torch.Generator().manual_seed(3))
+        plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
+    assert (fast - plain).abs().max() < 1e-5
+
+
+def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fixtures_dir):
+    """A huge query bias makes exp(c_j - max c) underflow for a whole shift region: the block
+    must fall back to the plain attention, not return NaN; so must a position bias spanning > 60."""
+    model = load_model(fixtures_dir / "official_tiny_random.pth")
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    attn = model.layers[0].residual_group.blocks[1].attn  # a shifted block
+    with torch.no_grad():
+        attn.qkv.bias[:12] = 400.0
+        attn.qkv.weight[12:24] *= 50
+    with torch.inference_mode():
+        fast = model(x, generator=torch.Generator().manual_seed(3))
+        plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
+        assert torch.isfinite(fast).all()
+        assert (fast - plain).abs().max() < 1e-4
+        biases = attn.window_biases(4)
+        keep = torch.ones(16, 64, 1)
+        keep[:, 1::2] = 0
+        normed = torch.randn(16, 64, 12)
+        kinds = torch.tensor([0, 0, 0, 1] * 3 + [2, 2, 2, 3])
+        assert attn.forward_masked(normed, keep, biases, kinds) is None
+        attn.relative_position_bias_table.data[0] = 70.0
+        assert attn.window_biases(4) is None
