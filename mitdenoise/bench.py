@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -712,6 +714,43 @@ class HostMaskReference:
         return from_unit(y.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy(), pixels.dtype)
 
 
+REFERENCE_DESCRIPTION = (
+    "whole image, one fp32 forward, NumPy host mask per layer, plain attention, no window chunking, "
+    "in a fresh process with glibc's default malloc settings"
+)
+
+
+def measure_reference(
+    model_path, device, size: tuple[int, int], seed: int, runs: int, warmup: int, threads: int
+) -> dict | None:
+    """Time :class:`HostMaskReference` in a child process; None if it dies (e.g. out of memory).
+
+    A child, because the reference must see the allocator as the authors' script does
+    (the tiled path changes it process-wide, see ``keep_freed_buffers_for_reuse``), and
+    so that its peak RSS is its own.
+    """
+    args = json.dumps(dict(model=str(model_path), device=str(device), size=list(size), seed=seed, runs=runs,
+                           warmup=warmup, threads=threads))
+    code = "import sys; from mitdenoise.bench import _reference_child; _reference_child(sys.argv[1])"
+    run = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if run.returncode != 0 or not run.stdout.strip():
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _reference_child(args_json: str) -> None:
+    import torch
+
+    from .weights import load_model
+
+    args = json.loads(args_json)
+    torch.set_num_threads(args["threads"])
+    device = torch.device(args["device"])
+    image = synthetic_image(*args["size"], args["seed"])
+    ref = HostMaskReference(load_model(args["model"]), device, args["seed"])
+    print(json.dumps(_measure(lambda: ref(image), device, args["runs"], args["warmup"])))
+
+
 def run_speed(
     model: str | os.PathLike | None = None,
     *,
@@ -747,7 +786,8 @@ def run_speed(
     if threads is not None:
         torch.set_num_threads(threads)
     notes: list[str] = []
-    net = load_model(resolve_model(model))
+    model_path = resolve_model(model)
+    net = load_model(model_path)
     config = net.config
     macs = macs_per_pixel(config)
     resolved = []
@@ -786,8 +826,11 @@ def run_speed(
                 if on_progress:
                     on_progress(f"{h}x{w} tile {tile} batch {batch} {precision} on {device}")
             if reference:
-                ref = HostMaskReference(net, device, seed)
-                row = _measure(lambda: ref(image), device, runs, warmup)
+                row = measure_reference(model_path, device, (h, w), seed, runs, warmup, torch.get_num_threads())
+                if row is None:
+                    notes.append(f"reference at {h}x{w} on {device} did not finish (out of memory?)")
+                    rows += size_rows
+                    continue
                 row.update(kind="reference", device=str(device), precision="fp32", height=h, width=w, tile=None,
                            tile_overlap=None, batch_size=1, tiles=1)
                 for other in size_rows:
@@ -813,7 +856,7 @@ def run_speed(
             "macs_per_pixel": macs, "tflop_per_megapixel": 2 * macs * 1e6 / 1e12,
             "runs": runs, "warmup": warmup, "threads": torch.get_num_threads(), "seed": seed,
             "torch": torch.__version__, "peak_rss_per_row": all(r["peak_rss_is_per_row"] for r in rows),
-            "reference": "whole image, one fp32 forward, NumPy host mask per layer, no window chunking",
+            "reference": REFERENCE_DESCRIPTION,
         },
         "sgemm": ceilings,
         "rows": rows,

@@ -19,6 +19,35 @@ DEFAULT_TILE = 256
 DEFAULT_OVERLAP = 32
 
 
+MALLOC_KEEP_BYTES = 512 << 20
+MALLOC_HEAP_UP_TO_BYTES = 256 << 20
+
+
+def keep_freed_buffers_for_reuse() -> bool:
+    """On glibc, stop malloc from handing freed tile-sized buffers back to the kernel.
+
+    By default glibc returns freed blocks above its adaptive mmap threshold to the
+    OS, so each layer's next output page-faults in afresh: measured here, a forward
+    of the full network on a 192x192 tile spent 0.5 s of 1.5 s in 300,000 page faults;
+    with these settings it took 0.81 s and 500 faults. Blocks up to 256 MB now come
+    from the heap and up to 512 MB of free heap is kept, so the next tile reuses them.
+    Process-wide; what is kept is bounded by the tile budget. True where applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    if os.name != "posix" or not (ctypes.util.find_library("c") or "").startswith("libc.so"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_trim_threshold, MALLOC_KEEP_BYTES)) and bool(
+            libc.mallopt(m_mmap_threshold, MALLOC_HEAP_UP_TO_BYTES)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' is CUDA when present, else CPU; a CUDA device that isn't there is an error."""
     if name == "auto":
@@ -68,6 +97,8 @@ class Denoiser:
         if tile < 8 or tile_overlap < 0 or batch_size < 1 or passes < 1:
             raise ValueError("tile must be >= 8, tile_overlap >= 0, batch_size >= 1, passes >= 1")
         self.device = pick_device(device)
+        if self.device.type == "cpu":
+            keep_freed_buffers_for_reuse()
         if precision != "fp32" and self.device.type == "cpu":
             # Measured here (torch 2.13, AVX-512 BF16 CPU): eager bf16 autocast ran 15x slower than fp32.
             raise DeviceError(f"--precision {precision} is for CUDA; on the CPU use fp32 (half precision is slower there)")

@@ -226,3 +226,21 @@ def test_the_speed_reference_runs_the_plain_attention_and_equals_the_fast_path(t
         fast = net(x)
     assert len(shortcut_calls) == sum(net.config.depths)
     assert (plain - fast).abs().max() < 1e-5
+
+
+def test_the_reference_runs_in_a_child_with_its_own_peak_memory_and_a_death_becomes_a_note(tiny_model, monkeypatch):
+    import subprocess
+
+    import torch
+
+    row = bench.measure_reference(tiny_model, torch.device("cpu"), (24, 32), 0, 2, 0, 1)
+    assert len(row["times_s"]) == 2 and row["median_s"] > 0
+    assert row["peak_rss_mb"] > 50  # a process with torch loaded, measured there
+    killed = "import os, sys; os.kill(os.getpid(), 9)"
+    real_run = subprocess.run
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: real_run([cmd[0], "-c", killed], **kw))
+    assert bench.measure_reference(tiny_model, torch.device("cpu"), (24, 32), 0, 1, 0, 1) is None
+    res = bench.run_speed(tiny_model, sizes=[(24, 32)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=64)
+    assert [r["kind"] for r in res["rows"]] == ["tiled"]
+    assert "reference at 24x32 on cpu did not finish (out of memory?)" in res["notes"]
+    assert "speedup_vs_reference" not in res["rows"][0]
