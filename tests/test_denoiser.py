@@ -125,3 +125,13 @@ def test_a_cpu_denoiser_applies_the_allocator_setting(monkeypatch, tiny):
     monkeypatch.setattr(denoiser_module, "keep_freed_buffers_for_reuse", lambda: calls.append(1) or True)
     Denoiser(tiny, device="cpu")
     assert calls == [1]
+
+
+def test_the_cli_defaults_are_the_library_defaults():
+    import inspect
+
+    from mitdenoise import cli
+    from mitdenoise.denoiser import DEFAULT_OVERLAP, DEFAULT_TILE
+
+    params = inspect.signature(cli.denoise).parameters
+    assert (params["tile"].default, params["tile_overlap"].default) == (DEFAULT_TILE, DEFAULT_OVERLAP)
