@@ -176,6 +176,13 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual += forward(x)`` in place, the last matmul accumulating straight into it."""
+        hidden = self.act(self.fc1(x))
+        flat = residual.view(-1, residual.shape[-1])
+        flat.addmm_(hidden.view(flat.shape[0], -1), self.fc2.weight.t()).add_(self.fc2.bias)
+        return residual
+
 
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside 8x8 windows with a learned relative-position bias."""
@@ -215,9 +222,14 @@ class WindowAttention(nn.Module):
         return bias, exp_bias
 
     def forward_masked(
-        self, x: torch.Tensor, keep: torch.Tensor, biases: tuple[torch.Tensor, torch.Tensor], kinds: torch.Tensor
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor,
+        biases: tuple[torch.Tensor, torch.Tensor],
+        kinds: torch.Tensor,
+        residual: torch.Tensor,
     ) -> torch.Tensor | None:
-        """What :meth:`forward` computes with a keep-mask, in about half the time (inference only).
+        """``residual += forward(x, keep)``, in place, in about half the time (inference only).
 
         A masked token enters ``qkv`` as zeros, so its query, key and value are all the
         ``qkv`` bias. So ``qkv`` runs on the kept tokens only; kept queries attend
@@ -268,7 +280,8 @@ class WindowAttention(nn.Module):
         attn = attn.softmax(dim=-1)
         kept_out = torch.bmm(attn, v.view(heads * bw, n, hd)).view(heads, bw, n_kept, hd)
         out.scatter_(1, order.view(bw, n_kept, 1, 1).expand(bw, n_kept, heads, hd), kept_out.permute(1, 2, 0, 3))
-        return self.proj(out.view(bw, n, c))
+        residual.view(bw * n, c).addmm_(out.view(bw * n, c), self.proj.weight.t()).add_(self.proj.bias)
+        return residual
 
     def forward(
         self, x: torch.Tensor, keep: torch.Tensor | None, mask: EdgeShiftMask | None, rows: tuple[int, int]
@@ -369,12 +382,11 @@ class SwinTransformerBlock(nn.Module):
     ) -> torch.Tensor:
         """The block on a chunk of windows (window rows ``rows``); the shortcut where ``biases`` allow."""
         normed = self.norm1(windows)
-        attended = None
-        if biases is not None:
-            attended = self.attn.forward_masked(normed, keep, biases, kinds.to(windows.device))
-        if attended is None:
-            attended = self.attn(normed, keep, mask, rows)
-        windows = windows + attended
+        if biases is not None:  # inference: residuals added in place, windows is a fresh gather
+            if self.attn.forward_masked(normed, keep, biases, kinds.to(windows.device), windows) is None:
+                windows += self.attn(normed, keep, mask, rows)
+            return self.mlp.add_to(windows, self.norm2(windows))
+        windows = windows + self.attn(normed, keep, mask, rows)
         return windows + self.mlp(self.norm2(windows))
 
 

@@ -193,6 +193,6 @@ def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fix
         keep[:, 1::2] = 0
         normed = torch.randn(16, 64, 12)
         kinds = torch.tensor([0, 0, 0, 1] * 3 + [2, 2, 2, 3])
-        assert attn.forward_masked(normed, keep, biases, kinds) is None
+        assert attn.forward_masked(normed, keep, biases, kinds, torch.zeros(16, 64, 12)) is None
         attn.relative_position_bias_table.data[0] = 70.0
         assert attn.window_biases(4) is None
