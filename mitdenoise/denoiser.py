@@ -21,8 +21,8 @@ and, with freed buffers reused, cost the same per pixel; the network's working s
 DEFAULT_OVERLAP = 32
 
 
-MALLOC_KEEP_BYTES = 512 << 20
-MALLOC_HEAP_UP_TO_BYTES = 256 << 20
+MALLOC_KEEP_BYTES = 128 << 20
+MALLOC_HEAP_UP_TO_BYTES = 64 << 20
 
 
 def keep_freed_buffers_for_reuse() -> bool:
@@ -31,9 +31,10 @@ def keep_freed_buffers_for_reuse() -> bool:
     By default glibc returns freed blocks above its adaptive mmap threshold to the
     OS, so each layer's next output page-faults in afresh: measured here, a forward
     of the full network on a 192x192 tile spent 0.5 s of 1.5 s in 300,000 page faults;
-    with these settings it took 0.81 s and 500 faults. Blocks up to 256 MB now come
-    from the heap and up to 512 MB of free heap is kept, so the next tile reuses them.
-    Process-wide; what is kept is bounded by the tile budget. True where applied.
+    with these settings it took 0.81 s and 500 faults. Blocks up to 64 MB (a 512x512
+    tile's activations) now come from the heap and up to 128 MB of free heap is kept,
+    so the next layer and tile reuse them; image-sized buffers still go straight back.
+    Process-wide. True where applied.
     """
     import ctypes
     import ctypes.util

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FLUSH_ROWS = 32
+"""Finished rows are normalised and converted this many at a time, so the temporaries stay small."""
+
 RunTiles = Callable[[np.ndarray], np.ndarray]
 """Takes a float32 batch (B, C, h, w) and returns the denoised batch, same shape."""
 
@@ -125,10 +128,12 @@ def denoise_tiled(
         """Normalise band rows [band_top, upto) and write the part inside the image."""
         n = upto - band_top
         stop = min(upto, height)
-        if stop > band_top:
-            k = stop - band_top
-            done = band[:k, :width] * norm_rows[band_top:stop, None, None] * norm_cols[None, :width, None]
-            out[band_top:stop] = from_float(done, pixels.dtype)
+        for first in range(band_top, stop, FLUSH_ROWS):  # a few rows at a time: small temporaries
+            last = min(first + FLUSH_ROWS, stop)
+            done = band[first - band_top : last - band_top, :width]
+            done *= norm_rows[first:last, None, None]  # in place: these band rows are done with
+            done *= norm_cols[None, :width, None]
+            out[first:last] = from_float(done, pixels.dtype)
         band[: rows.tile - n] = band[n:]
         band[rows.tile - n :] = 0
 

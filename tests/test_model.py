@@ -196,3 +196,21 @@ def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fix
         assert attn.forward_masked(normed, keep, biases, kinds, torch.zeros(16, 64, 12)) is None
         attn.relative_position_bias_table.data[0] = 70.0
         assert attn.window_biases(4) is None
+
+
+def test_chunks_on_parallel_workers_give_the_serial_result_bit_for_bit(fixtures_dir, monkeypatch):
+    import mitdenoise.model as model_module
+
+    model = load_model(fixtures_dir / "official_tiny_random.pth")
+    x = torch.rand(2, 3, 64, 72, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", 8)
+    with torch.inference_mode():
+        assert model_module.chunk_workers() is not None  # the test process runs two threads
+        parallel = model(x, generator=torch.Generator().manual_seed(5))
+        monkeypatch.setattr(model_module, "chunk_workers", lambda: None)
+        serial = model(x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(parallel, serial)
+    with torch.no_grad():  # the caller's autograd mode carries over to the workers
+        monkeypatch.undo()
+        monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", 8)
+        assert torch.equal(model(x, generator=torch.Generator().manual_seed(5)), serial)
