@@ -87,7 +87,7 @@ def denoise(
         typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: the shipped one."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = 384,
+    tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = 544,
     tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
     precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 on CUDA (fp16 tiles that overflow are redone in fp32).")] = "fp32",

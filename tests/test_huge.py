@@ -62,6 +62,6 @@ def test_a_12000_pixel_square_image_needs_its_buffers_and_a_fixed_budget_not_mor
     image_bytes = (12000**2 - 2048**2) * 3
     # At any moment at most: decoded pixels + Pillow's frame (4 bytes a pixel) while
     # reading, input + output arrays while denoising, output + frame while writing:
-    # 2.33 image buffers. Measured: 2.34 (283 MB -> 1217 MB; default 384-pixel tiles, allocator
+    # 2.33 image buffers. Measured: 2.36 (299 MB -> 1244 MB; default 544-pixel tiles, allocator
     # set to keep freed buffers); 2.61 before finished rows were normalised a few at a time.
     assert huge - small <= 2.5 * image_bytes, f"grew {(huge - small) / image_bytes:.2f} image buffers"
