@@ -199,7 +199,7 @@ def bench_speed_command(
         Optional[str], typer.Option("--model", "-m", help="Model spec. Default: the shipped model.")
     ] = None,
     sizes: Annotated[str, typer.Option(help="Image sizes, N or HxW, comma separated.")] = "256,512",
-    tiles: Annotated[str, typer.Option(help="Tile sizes, comma separated.")] = "128,256",
+    tiles: Annotated[str, typer.Option(help="Tile sizes, comma separated.")] = "256,544",
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma separated.")] = "1",
     precisions: Annotated[str, typer.Option(help="Precisions: fp32, bf16, fp16, comma separated.")] = "fp32",
     devices: Annotated[str, typer.Option(help="Devices, comma separated (auto, cpu, cuda, cuda:N).")] = "auto",
