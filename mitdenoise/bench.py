@@ -891,6 +891,10 @@ def _measure(fn: Callable[[], object], device, runs: int, warmup: int) -> dict:
     return row
 
 
+def _speedup(row: dict) -> str:
+    return f"{row['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in row else "-"
+
+
 def speed_markdown(results: dict) -> str:
     """The speed table as Markdown."""
     lines = [
@@ -905,7 +909,7 @@ def speed_markdown(results: dict) -> str:
             f"{r['median_s']:.3f} | {r['mp_per_s']:.4f} | {r['s_per_mp']:.1f} | {r['gflops_effective']:.1f} | "
             f"{100 * r['fraction_of_sgemm']:.1f}% | {r['peak_rss_mb']:.0f} | "
             f"{_fmt(r['cuda_peak_mb'], 0)} | "
-            f"{r.get('speedup_vs_reference', float('nan')):.2f}x |"
+            f"{_speedup(r)} |"
         )
     for dev, s in results["sgemm"].items():
         lines.append(f"\nsgemm {s['n']}x{s['n']} float32 on {dev}: {s['gflops']:.1f} GFLOP/s (median of {s['runs']}).")

@@ -244,3 +244,10 @@ def test_the_reference_runs_in_a_child_with_its_own_peak_memory_and_a_death_beco
     assert [r["kind"] for r in res["rows"]] == ["tiled"]
     assert "reference at 24x32 on cpu did not finish (out of memory?)" in res["notes"]
     assert "speedup_vs_reference" not in res["rows"][0]
+
+
+def test_speed_markdown_without_a_reference_says_so_instead_of_nan(tiny_model):
+    res = bench.run_speed(tiny_model, sizes=[(24, 32)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=64,
+                          reference=False)
+    row = bench.speed_markdown(res).splitlines()[2]
+    assert row.endswith("| - |") and "nan" not in row
