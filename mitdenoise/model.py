@@ -496,8 +496,8 @@ def chunk_workers():
     small, so splitting each op across threads mostly waits. Same numbers either way.
     """
     n = torch.get_num_threads()
-    if n < 2:
-        return None
+    if n < 2 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None  # under torchrun (validation while training) keep to the caller's thread
     pool = _CHUNK_WORKERS.get(n)
     if pool is None:
         from concurrent.futures import ThreadPoolExecutor

@@ -214,3 +214,16 @@ def test_chunks_on_parallel_workers_give_the_serial_result_bit_for_bit(fixtures_
         monkeypatch.undo()
         monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", 8)
         assert torch.equal(model(x, generator=torch.Generator().manual_seed(5)), serial)
+
+
+def test_no_chunk_workers_under_torch_distributed(tmp_path):
+    import torch.distributed as dist
+
+    import mitdenoise.model as model_module
+
+    assert model_module.chunk_workers() is not None  # two threads here
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert model_module.chunk_workers() is None
+    finally:
+        dist.destroy_process_group()
