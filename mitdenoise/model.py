@@ -164,10 +164,12 @@ def window_kinds(n_rows: int, n_cols: int, rows: tuple[int, int], images: int, s
     0 inner, 1 last column, 2 last row, 3 corner: after the cyclic shift only these
     edge windows mix regions, and each kind has one shift-mask pattern. Unshifted, all 0.
     """
+    if not shifted:
+        return torch.zeros(images * (rows[1] - rows[0]) * n_cols, dtype=torch.long)
     row = torch.arange(*rows).view(-1, 1)
     col = torch.arange(n_cols).view(1, -1)
     kinds = (col == n_cols - 1).long() + 2 * (row == n_rows - 1).long()
-    return (kinds if shifted else kinds * 0).flatten().repeat(images)
+    return kinds.flatten().repeat(images)
 
 
 class Mlp(nn.Module):
@@ -215,15 +217,14 @@ class WindowAttention(nn.Module):
         """Per window kind (see :func:`window_kinds`): the (4, heads, N, N) position bias plus shift
         mask, and its row-normalised exponential (zero across the shift seam), for
         :meth:`forward_masked`. None where that exponential could underflow a whole row."""
-        bias = self.position_bias().unsqueeze(0)
-        if shift:
-            ws = self.window_size
-            bias = bias + shift_mask(2 * ws, 2 * ws, ws, shift, bias.device).unsqueeze(1)  # one window per kind
-        else:
-            bias = bias.expand(4, -1, -1, -1)
         inner = self.position_bias()
         if float(inner.amax() - inner.amin()) > 60:
             return None
+        if shift:
+            ws = self.window_size
+            bias = inner + shift_mask(2 * ws, 2 * ws, ws, shift, inner.device).unsqueeze(1)  # one window per kind
+        else:
+            bias = inner.expand(4, -1, -1, -1)
         exp_bias = (bias - bias.amax(-1, keepdim=True)).exp().masked_fill_(bias < -50, 0.0)
         return bias, exp_bias
 

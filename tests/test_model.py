@@ -165,12 +165,20 @@ def test_masked_token_shortcut_equals_the_plain_attention(fixtures_dir, monkeypa
     assert (fast - plain).abs().max() < 1e-5
 
 
-def test_masked_token_shortcut_is_used_for_the_full_network(fixtures_dir):
+def test_masked_token_shortcut_is_used_for_the_full_network(fixtures_dir, monkeypatch):
+    import mitdenoise.model as model_module
+
     model = load_model(fixtures_dir / "official_full_random.pth")
     x = torch.rand(1, 3, 48, 56, generator=torch.Generator().manual_seed(0))
+    calls = []
+    original = model_module.WindowAttention.forward_masked
+    monkeypatch.setattr(
+        model_module.WindowAttention, "forward_masked", lambda *a: (result := original(*a), calls.append(result is not None))[0]
+    )
     with torch.inference_mode():
         fast = model(x, generator=torch.Generator().manual_seed(3))
         plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
+    assert calls == [True] * 24  # every block of the 4 x 6 took the shortcut, none fell back
     assert (fast - plain).abs().max() < 1e-5
 
 
