@@ -213,10 +213,11 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
-    def window_biases(self, shift: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def window_biases(self, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Per window kind (see :func:`window_kinds`): the (4, heads, N, N) position bias plus shift
-        mask, and its row-normalised exponential (zero across the shift seam), for
-        :meth:`forward_masked`. None where that exponential could underflow a whole row."""
+        mask; its exponential, scaled so that each row's largest entry is 1 and zero across the
+        shift seam; and the log of that scale, (4, heads, N). For :meth:`forward_masked`; None
+        where the exponential could underflow a whole row."""
         inner = self.position_bias()
         if float(inner.amax() - inner.amin()) > 60:
             return None
@@ -225,27 +226,35 @@ class WindowAttention(nn.Module):
             bias = inner + shift_mask(2 * ws, 2 * ws, ws, shift, inner.device).unsqueeze(1)  # one window per kind
         else:
             bias = inner.expand(4, -1, -1, -1)
-        exp_bias = (bias - bias.amax(-1, keepdim=True)).exp().masked_fill_(bias < -50, 0.0)
-        return bias, exp_bias
+        row_max = bias.amax(-1)
+        exp_bias = (bias - row_max.unsqueeze(-1)).exp().masked_fill_(bias < -50, 0.0)
+        return bias.contiguous(), exp_bias, row_max
 
     def forward_masked(
         self,
         x: torch.Tensor,
         keep: torch.Tensor,
-        biases: tuple[torch.Tensor, torch.Tensor],
+        biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         kinds: torch.Tensor,
         residual: torch.Tensor,
     ) -> torch.Tensor | None:
-        """``residual += forward(x, keep)``, in place, in about half the time (inference only).
+        """``residual += forward(x, keep)``, in place, in a fraction of the time (inference only).
 
         A masked token enters ``qkv`` as zeros, so its query, key and value are all the
-        ``qkv`` bias. So ``qkv`` runs on the kept tokens only; kept queries attend
-        densely; and the masked queries, whose scores are ``c_j + bias_ij`` with ``c_j``
-        the same for all of them, share one GEMM: the softmax numerator factorises as
-        ``exp(c_j) * exp(bias_ij)``. Returns None where that could underflow (the
-        caller then takes :meth:`forward`).
+        ``qkv`` bias. So ``qkv`` runs on the kept tokens only (padded with masked ones to
+        the chunk's largest count: the "listed" tokens of a window); the rest, all alike
+        but for their position, are handled in aggregate:
+
+        - masked queries score ``c_j + bias_ij`` with ``c_j`` the same for all of them, so
+          their softmax numerators factorise as ``exp(c_j) * exp(bias_ij)`` and all of them
+          share one GEMM per window kind;
+        - a listed query sees the listed keys one by one and the rest as one key, ``k_bias``
+          with value ``v_bias``, whose position bias is ``log sum_j exp(bias_ij)`` over the
+          rest (a column of that same GEMM).
+
+        Returns None where weights could underflow (the caller then takes :meth:`forward`).
         """
-        bias, exp_bias = biases
+        bias, exp_bias, row_max = biases
         bw, n, c = x.shape
         heads, hd = self.num_heads, c // self.num_heads
         keep = keep.view(bw, n)
@@ -253,39 +262,55 @@ class WindowAttention(nn.Module):
         # The first n_kept tokens of every window after this sort include all its kept ones.
         order = torch.argsort(keep, dim=1, descending=True, stable=True)[:, :n_kept]
         x_kept = torch.gather(x, 1, order.unsqueeze(-1).expand(bw, n_kept, c)) * torch.gather(keep, 1, order).unsqueeze(-1)
-        qkv_kept = self.qkv(x_kept).view(bw, n_kept, 3, heads, hd)
-        q_bias, k_bias, v_bias = self.qkv.bias.view(3, heads, hd)
-        slots = order.view(1, bw, n_kept, 1).expand(heads, bw, n_kept, hd)
-        k = k_bias.view(heads, 1, 1, hd).expand(heads, bw, n, hd).contiguous()
-        k.scatter_(2, slots, qkv_kept[:, :, 1].permute(2, 0, 1, 3))
-        v = v_bias.view(heads, 1, 1, hd).expand(heads, bw, n, hd).contiguous()
-        v.scatter_(2, slots, qkv_kept[:, :, 2].permute(2, 0, 1, 3))
+        qkv_kept = self.qkv(x_kept).view(bw, n_kept, 3, heads, hd).permute(2, 3, 0, 1, 4)  # (3, heads, bw, nk, hd)
+        q_bias, k_bias, v_bias = self.qkv.bias.view(3, heads, 1, hd)
 
-        # Masked queries: weights exp(c_j - max c) * exp_bias_ij, then normalise.
-        scores = (k.view(heads, bw * n, hd) @ (q_bias * self.scale).unsqueeze(-1)).view(heads, bw, n)
-        weights = (scores - scores.amax(-1, keepdim=True)).exp_().permute(0, 2, 1)  # (heads, N, windows)
-        values = torch.empty(heads, n, bw, hd + 1, dtype=x.dtype, device=x.device)
-        torch.mul(v.permute(0, 2, 1, 3), weights.unsqueeze(-1), out=values[..., :hd])
-        values[..., hd] = weights
-        sums = torch.bmm(exp_bias[0], values.view(heads, n, bw * (hd + 1))).view(heads, n, bw, hd + 1)
+        # Masked queries: weights exp(c_j - max c) * exp_bias_ij over all N keys, then normalise.
+        listed_scores = (qkv_kept[1] @ (q_bias * self.scale).unsqueeze(-1)).squeeze(-1)  # (heads, bw, nk)
+        rest_score = (k_bias * q_bias).sum(-1) * self.scale  # (heads, 1)
+        top = torch.maximum(listed_scores.amax(-1), rest_score)  # (heads, bw)
+        listed_weights = (listed_scores - top.unsqueeze(-1)).exp_()
+        rest_weights = (rest_score - top).exp_()
+        # Per key position j of every window: [w_j v_j, w_j, 1 if j is in the rest].
+        values = torch.empty(heads, n, bw, hd + 2, dtype=x.dtype, device=x.device)
+        values[..., :hd] = (rest_weights.unsqueeze(-1) * v_bias).unsqueeze(1)
+        values[..., hd] = rest_weights.unsqueeze(1)
+        values[..., hd + 1] = 1.0
+        listed = torch.empty(heads, n_kept, bw, hd + 2, dtype=x.dtype, device=x.device)
+        torch.mul(qkv_kept[2].transpose(1, 2), listed_weights.transpose(1, 2).unsqueeze(-1), out=listed[..., :hd])
+        listed[..., hd] = listed_weights.transpose(1, 2)
+        listed[..., hd + 1] = 0.0
+        values.scatter_(1, order.t().reshape(1, n_kept, bw, 1).expand(heads, n_kept, bw, hd + 2), listed)
+        sums = torch.bmm(exp_bias[0], values.view(heads, n, bw * (hd + 2))).view(heads, n, bw, hd + 2)
         for kind in (1, 2, 3):
             windows = (kinds == kind).nonzero().flatten()
             if len(windows):
                 part = torch.bmm(exp_bias[kind], values.index_select(2, windows).view(heads, n, -1))
-                part = part.view(heads, n, -1, hd + 1)
-                if not bool(part[..., hd].amin() > 1e-30):
-                    return None  # a row sees only keys whose weights underflowed
-                sums.index_copy_(2, windows, part)
+                sums.index_copy_(2, windows, part.view(heads, n, -1, hd + 2))
+        if not bool(sums[..., hd].amin() > 1e-30):
+            return None  # a row sees only keys whose weights underflowed
         out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
-        torch.div(sums[..., :hd], sums[..., hd:], out=out.permute(2, 1, 0, 3))
+        torch.div(sums[..., :hd], sums[..., hd : hd + 1], out=out.permute(2, 1, 0, 3))
 
-        # Kept queries: dense scores against all keys, plus the bias rows of their positions and kinds.
-        rows = (kinds.unsqueeze(1) * n + order).flatten()
-        attn = bias.permute(1, 0, 2, 3).reshape(heads, 4 * n, n).index_select(1, rows).view(heads * bw, n_kept, n)
-        q = qkv_kept[:, :, 0].permute(2, 0, 1, 3).reshape(heads * bw, n_kept, hd)
-        attn.baddbmm_(q, k.view(heads * bw, n, hd).transpose(1, 2), alpha=self.scale)
+        # Listed queries: the listed keys one by one, then the rest as one key.
+        positions = order.unsqueeze(2) * n + order.unsqueeze(1)  # (bw, nk, nk) into an N x N bias
+        positions += (kinds * (n * n)).view(bw, 1, 1)
+        attn = torch.empty(heads, bw, n_kept, n_kept + 1, dtype=x.dtype, device=x.device)
+        attn[..., :n_kept] = bias.transpose(0, 1).reshape(heads, -1).index_select(1, positions.flatten()).view(heads, bw, n_kept, n_kept)
+        rest_bias = sums[..., hd + 1].gather(1, order.t().unsqueeze(0).expand(heads, n_kept, bw)).log_()
+        rest_bias += row_max.transpose(0, 1).reshape(heads, -1).index_select(1, (order + (kinds * n).unsqueeze(1)).flatten()).view(heads, bw, n_kept).transpose(1, 2)
+        attn[..., n_kept] = rest_bias.transpose(1, 2)
+        keys = torch.empty(heads, bw, n_kept + 1, hd, dtype=x.dtype, device=x.device)
+        keys[:, :, :n_kept] = qkv_kept[1]
+        keys[:, :, n_kept] = k_bias
+        vals = torch.empty(heads, bw, n_kept + 1, hd, dtype=x.dtype, device=x.device)
+        vals[:, :, :n_kept] = qkv_kept[2]
+        vals[:, :, n_kept] = v_bias
+        attn = attn.view(heads * bw, n_kept, n_kept + 1)
+        q = qkv_kept[0].reshape(heads * bw, n_kept, hd)
+        attn.baddbmm_(q, keys.view(heads * bw, n_kept + 1, hd).transpose(1, 2), alpha=self.scale)
         attn = attn.softmax(dim=-1)
-        kept_out = torch.bmm(attn, v.view(heads * bw, n, hd)).view(heads, bw, n_kept, hd)
+        kept_out = torch.bmm(attn, vals.view(heads * bw, n_kept + 1, hd)).view(heads, bw, n_kept, hd)
         out.scatter_(1, order.view(bw, n_kept, 1, 1).expand(bw, n_kept, heads, hd), kept_out.permute(1, 2, 0, 3))
         residual.view(bw * n, c).addmm_(out.view(bw * n, c), self.proj.weight.t()).add_(self.proj.bias)
         return residual
@@ -298,18 +323,32 @@ class WindowAttention(nn.Module):
         x: (images * rows * nWw, N, C) windows; keep: the same with C = 1, the token
         keep-mask; mask: the shift mask of a shifted block.
         """
+        attn, v = self._scores(x, keep)
+        attn += self.position_bias().unsqueeze(0)
+        if mask is not None:
+            n_cols = mask.grid[1]
+            mask.add_to(attn.view(-1, rows[1] - rows[0], n_cols, self.num_heads, *attn.shape[-2:]), rows)
+        return self._mix(attn, v)
+
+    def forward_by_kind(self, x: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for windows in any order: window ``i`` takes ``bias[kinds[i]]``, its
+        position bias plus shift mask (see :meth:`window_biases`)."""
+        attn, v = self._scores(x, keep)
+        attn += bias.index_select(0, kinds)
+        return self._mix(attn, v)
+
+    def _scores(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled query-key products (windows, heads, N, N) of the kept tokens, and the values."""
         if keep is not None:
             x = x * keep
         bn, n, c = x.shape
         qkv = self.qkv(x).reshape(bn, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        attn += self.position_bias().unsqueeze(0)
-        if mask is not None:
-            n_cols = mask.grid[1]
-            mask.add_to(attn.view(-1, rows[1] - rows[0], n_cols, self.num_heads, n, n), rows)
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(bn, n, c)
+        return (q * self.scale) @ k.transpose(-2, -1), v
+
+    def _mix(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        bn, heads, n, hd = v.shape
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(bn, n, heads * hd)
         return self.proj(x)
 
 
@@ -332,9 +371,10 @@ class SwinTransformerBlock(nn.Module):
         residuals), so a chunk of windows goes through the whole block at once and
         its temporaries stay small enough to be cached and reused.
 
-        With ``ctx.masked_shortcut`` a chunk's windows are gathered straight from the
-        tokens (shift and partition in one copy, see :func:`window_order`) and attention
-        takes :meth:`WindowAttention.forward_masked`; otherwise the image is rolled and
+        With ``ctx.masked_shortcut`` windows are gathered straight from the tokens (shift
+        and partition in one copy, see :func:`window_order`), in chunks of windows with
+        about as many kept tokens, and attention takes
+        :meth:`WindowAttention.forward_masked`; otherwise the image is rolled and
         partitioned as the authors' code does.
         """
         h, w = size
@@ -346,22 +386,35 @@ class SwinTransformerBlock(nn.Module):
         chunks = list(window_chunks(b, n_rows, n_cols, ctx.chunk_windows))
         if ctx.masked_shortcut:
             flat = x.reshape(b * h * w, c)
-            order = ctx.window_order(b, h, w, ws, shift, x.device)
+            order = ctx.window_order(b, h, w, ws, shift, x.device).view(-1, ws * ws)
             biases = None if keep is None else self.attn.window_biases(shift)
             out = torch.empty_like(flat)
+            if biases is None:
 
-            def run_chunk(chunk: tuple[int, int, int, int]) -> None:
-                first_image, stop_image, first_row, stop_row = chunk
-                start = (first_image * n_rows + first_row) * n_cols
-                stop = start + (stop_image - first_image) * (stop_row - first_row) * n_cols
-                tokens = order[start * ws * ws : stop * ws * ws]
-                windows = flat.index_select(0, tokens).view(stop - start, ws * ws, c)
-                part_keep = None if keep is None else keep[start:stop]
-                kinds = window_kinds(n_rows, n_cols, (first_row, stop_row), stop_image - first_image, shift > 0)
-                windows = self.window_step(windows, part_keep, mask, (first_row, stop_row), biases, kinds)
+                def run_chunk(chunk: tuple[int, int, int, int]) -> None:
+                    first_image, stop_image, first_row, stop_row = chunk
+                    start = (first_image * n_rows + first_row) * n_cols
+                    stop = start + (stop_image - first_image) * (stop_row - first_row) * n_cols
+                    tokens = order[start:stop].flatten()
+                    windows = flat.index_select(0, tokens).view(stop - start, ws * ws, c)
+                    part_keep = None if keep is None else keep[start:stop]
+                    windows = self.window_step(windows, part_keep, mask, (first_row, stop_row))
+                    out.index_copy_(0, tokens, windows.view(-1, c))
+
+                ctx.map_chunks(run_chunk, chunks)
+                return out.view(b, h * w, c)
+
+            # Windows with about as many kept tokens go together: little padding in forward_masked.
+            by_count = torch.argsort(keep.view(len(order), -1).sum(1), stable=True)
+            kinds = window_kinds(n_rows, n_cols, (0, n_rows), b, shift > 0).to(x.device)
+
+            def run_group(ids: torch.Tensor) -> None:
+                tokens = order.index_select(0, ids).flatten()
+                windows = flat.index_select(0, tokens).view(len(ids), ws * ws, c)
+                windows = self.window_step_masked(windows, keep.index_select(0, ids), biases, kinds.index_select(0, ids))
                 out.index_copy_(0, tokens, windows.view(-1, c))
 
-            ctx.map_chunks(run_chunk, chunks)
+            ctx.map_chunks(run_group, list(by_count.split(ctx.chunk_windows or len(order))))
             return out.view(b, h * w, c)
 
         image = x.view(b, h, w, c)
@@ -383,22 +436,21 @@ class SwinTransformerBlock(nn.Module):
         return out.reshape(b, h * w, c)
 
     def window_step(
-        self,
-        windows: torch.Tensor,
-        keep: torch.Tensor | None,
-        mask: EdgeShiftMask | None,
-        rows: tuple[int, int],
-        biases: tuple[torch.Tensor, torch.Tensor] | None = None,
-        kinds: torch.Tensor | None = None,
+        self, windows: torch.Tensor, keep: torch.Tensor | None, mask: EdgeShiftMask | None, rows: tuple[int, int]
     ) -> torch.Tensor:
-        """The block on a chunk of windows (window rows ``rows``); the shortcut where ``biases`` allow."""
-        normed = self.norm1(windows)
-        if biases is not None:  # inference: residuals added in place, windows is a fresh gather
-            if self.attn.forward_masked(normed, keep, biases, kinds.to(windows.device), windows) is None:
-                windows += self.attn(normed, keep, mask, rows)
-            return self.mlp.add_to(windows, self.norm2(windows))
-        windows = windows + self.attn(normed, keep, mask, rows)
+        """The block on a chunk of windows (window rows ``rows``), the authors' way."""
+        windows = windows + self.attn(self.norm1(windows), keep, mask, rows)
         return windows + self.mlp(self.norm2(windows))
+
+    def window_step_masked(
+        self, windows: torch.Tensor, keep: torch.Tensor, biases: tuple[torch.Tensor, ...], kinds: torch.Tensor
+    ) -> torch.Tensor:
+        """The block on windows in any order, in place (``windows`` is a fresh gather), through
+        :meth:`WindowAttention.forward_masked` where its weights do not underflow."""
+        normed = self.norm1(windows)
+        if self.attn.forward_masked(normed, keep, biases, kinds, windows) is None:
+            windows += self.attn.forward_by_kind(normed, keep, biases[0], kinds)
+        return self.mlp.add_to(windows, self.norm2(windows))
 
 
 def window_order(images: int, h: int, w: int, ws: int, shift: int) -> torch.Tensor:
