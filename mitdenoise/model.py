@@ -213,28 +213,30 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
-    def window_biases(self, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Per window kind (see :func:`window_kinds`): the (4, heads, N, N) position bias plus shift
-        mask; its exponential, scaled so that each row's largest entry is 1 and zero across the
-        shift seam; and the log of that scale, (4, heads, N). For :meth:`forward_masked`; None
-        where the exponential could underflow a whole row."""
+    def kind_biases(self, shift: int) -> torch.Tensor:
+        """Position bias plus shift mask of each window kind (see :func:`window_kinds`): (4, heads, N, N)."""
         inner = self.position_bias()
-        if float(inner.amax() - inner.amin()) > 60:
+        if not shift:
+            return inner.expand(4, -1, -1, -1).contiguous()
+        ws = self.window_size
+        return inner + shift_mask(2 * ws, 2 * ws, ws, shift, inner.device).unsqueeze(1)  # one window per kind
+
+    @staticmethod
+    def exp_biases(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For :meth:`forward_masked`: ``exp(bias)`` with each row scaled so that its largest entry
+        is 1, zero across the shift seam, and the log of that scale, (4, heads, N). None where
+        the exponential could underflow a whole row."""
+        if float(bias[0].amax() - bias[0].amin()) > 60:  # kind 0 has no seam: the position bias alone
             return None
-        if shift:
-            ws = self.window_size
-            bias = inner + shift_mask(2 * ws, 2 * ws, ws, shift, inner.device).unsqueeze(1)  # one window per kind
-        else:
-            bias = inner.expand(4, -1, -1, -1)
         row_max = bias.amax(-1)
-        exp_bias = (bias - row_max.unsqueeze(-1)).exp().masked_fill_(bias < -50, 0.0)
-        return bias.contiguous(), exp_bias, row_max
+        return (bias - row_max.unsqueeze(-1)).exp().masked_fill_(bias < -50, 0.0), row_max
 
     def forward_masked(
         self,
         x: torch.Tensor,
         keep: torch.Tensor,
-        biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        bias: torch.Tensor,
+        exp_biases: tuple[torch.Tensor, torch.Tensor],
         kinds: torch.Tensor,
         residual: torch.Tensor,
     ) -> torch.Tensor | None:
@@ -254,7 +256,7 @@ class WindowAttention(nn.Module):
 
         Returns None where weights could underflow (the caller then takes :meth:`forward`).
         """
-        bias, exp_bias, row_max = biases
+        exp_bias, row_max = exp_biases
         bw, n, c = x.shape
         heads, hd = self.num_heads, c // self.num_heads
         keep = keep.view(bw, n)
@@ -330,9 +332,9 @@ class WindowAttention(nn.Module):
             mask.add_to(attn.view(-1, rows[1] - rows[0], n_cols, self.num_heads, *attn.shape[-2:]), rows)
         return self._mix(attn, v)
 
-    def forward_by_kind(self, x: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    def forward_by_kind(self, x: torch.Tensor, keep: torch.Tensor | None, bias: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for windows in any order: window ``i`` takes ``bias[kinds[i]]``, its
-        position bias plus shift mask (see :meth:`window_biases`)."""
+        position bias plus shift mask (see :meth:`kind_biases`)."""
         attn, v = self._scores(x, keep)
         attn += bias.index_select(0, kinds)
         return self._mix(attn, v)
@@ -365,17 +367,12 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
-        """x: (B, H*W, C) tokens. Done chunk by chunk of windows (see :func:`window_chunks`).
+        """x: (B, H*W, C) tokens, the authors' way: roll, partition, attend, reverse, roll back.
 
-        Everything after the shift is per window (attention) or per token (norms, MLP,
-        residuals), so a chunk of windows goes through the whole block at once and
-        its temporaries stay small enough to be cached and reused.
-
-        With ``ctx.masked_shortcut`` windows are gathered straight from the tokens (shift
-        and partition in one copy, see :func:`window_order`), in chunks of windows with
-        about as many kept tokens, and attention takes
-        :meth:`WindowAttention.forward_masked`; otherwise the image is rolled and
-        partitioned as the authors' code does.
+        Done chunk by chunk of windows (see :func:`window_chunks`): everything after the
+        shift is per window (attention) or per token (norms, MLP, residuals), so a chunk
+        of windows goes through the whole block at once and its temporaries stay small
+        enough to be cached and reused.
         """
         h, w = size
         b, _, c = x.shape
@@ -384,39 +381,6 @@ class SwinTransformerBlock(nn.Module):
         keep = ctx.keep_mask((b * n_rows * n_cols, ws * ws, 1), x.device)
         mask = ctx.shift_mask(h, w, ws, shift, x.device) if shift else None
         chunks = list(window_chunks(b, n_rows, n_cols, ctx.chunk_windows))
-        if ctx.masked_shortcut:
-            flat = x.reshape(b * h * w, c)
-            order = ctx.window_order(b, h, w, ws, shift, x.device).view(-1, ws * ws)
-            biases = None if keep is None else self.attn.window_biases(shift)
-            out = torch.empty_like(flat)
-            if biases is None:
-
-                def run_chunk(chunk: tuple[int, int, int, int]) -> None:
-                    first_image, stop_image, first_row, stop_row = chunk
-                    start = (first_image * n_rows + first_row) * n_cols
-                    stop = start + (stop_image - first_image) * (stop_row - first_row) * n_cols
-                    tokens = order[start:stop].flatten()
-                    windows = flat.index_select(0, tokens).view(stop - start, ws * ws, c)
-                    part_keep = None if keep is None else keep[start:stop]
-                    windows = self.window_step(windows, part_keep, mask, (first_row, stop_row))
-                    out.index_copy_(0, tokens, windows.view(-1, c))
-
-                ctx.map_chunks(run_chunk, chunks)
-                return out.view(b, h * w, c)
-
-            # Windows with about as many kept tokens go together: little padding in forward_masked.
-            by_count = torch.argsort(keep.view(len(order), -1).sum(1), stable=True)
-            kinds = window_kinds(n_rows, n_cols, (0, n_rows), b, shift > 0).to(x.device)
-
-            def run_group(ids: torch.Tensor) -> None:
-                tokens = order.index_select(0, ids).flatten()
-                windows = flat.index_select(0, tokens).view(len(ids), ws * ws, c)
-                windows = self.window_step_masked(windows, keep.index_select(0, ids), biases, kinds.index_select(0, ids))
-                out.index_copy_(0, tokens, windows.view(-1, c))
-
-            ctx.map_chunks(run_group, list(by_count.split(ctx.chunk_windows or len(order))))
-            return out.view(b, h * w, c)
-
         image = x.view(b, h, w, c)
         if shift:
             image = torch.roll(image, shifts=(-shift, -shift), dims=(1, 2))
@@ -435,6 +399,46 @@ class SwinTransformerBlock(nn.Module):
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         return out.reshape(b, h * w, c)
 
+    def forward_gathered(
+        self, flat: torch.Tensor, rows: torch.Tensor | None, size: tuple[int, int], ctx: "ForwardContext"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block for the shortcut route, on tokens held in any row order.
+
+        ``flat[p]`` is token ``rows[p]`` of the B*H*W tokens (``rows`` None: token order).
+        Windows are gathered straight from it (shift and partition in one copy, see
+        :func:`window_order`) into the output, in chunks of windows with about as many
+        kept tokens, and worked on in place there; attention takes
+        :meth:`WindowAttention.forward_masked`. Returns the output and its ``rows``: the
+        next block gathers from it as it is, so nothing is scattered back to token order.
+        """
+        h, w = size
+        c = flat.shape[1]
+        b = flat.shape[0] // (h * w)
+        ws, shift = self.window_size, self.shift_size
+        n_rows, n_cols, n = h // ws, w // ws, ws * ws
+        keep = ctx.keep_mask((b * n_rows * n_cols, n, 1), flat.device)
+        order = ctx.window_order(b, h, w, ws, shift, flat.device).view(-1, n)
+        kinds = window_kinds(n_rows, n_cols, (0, n_rows), b, shift > 0).to(flat.device)
+        bias = self.attn.kind_biases(shift)
+        exp_biases = None if keep is None else self.attn.exp_biases(bias)
+        if keep is not None:  # windows with about as many kept tokens together: little padding in forward_masked
+            by_count = torch.argsort(keep.view(len(order), -1).sum(1), stable=True)
+            order, kinds, keep = order[by_count], kinds[by_count], keep[by_count]
+        out_rows = order.flatten()
+        source = out_rows if rows is None else inverse_permutation(rows).index_select(0, out_rows)
+        out = torch.empty_like(flat)
+        step = ctx.chunk_windows or len(order)
+
+        def run_chunk(start: int) -> None:
+            stop = min(start + step, len(order))
+            windows = out[start * n : stop * n]
+            torch.index_select(flat, 0, source[start * n : stop * n], out=windows)
+            part_keep = None if keep is None else keep[start:stop]
+            self.window_step_gathered(windows.view(stop - start, n, c), part_keep, bias, exp_biases, kinds[start:stop])
+
+        ctx.map_chunks(run_chunk, list(range(0, len(order), step)))
+        return out, out_rows
+
     def window_step(
         self, windows: torch.Tensor, keep: torch.Tensor | None, mask: EdgeShiftMask | None, rows: tuple[int, int]
     ) -> torch.Tensor:
@@ -442,15 +446,21 @@ class SwinTransformerBlock(nn.Module):
         windows = windows + self.attn(self.norm1(windows), keep, mask, rows)
         return windows + self.mlp(self.norm2(windows))
 
-    def window_step_masked(
-        self, windows: torch.Tensor, keep: torch.Tensor, biases: tuple[torch.Tensor, ...], kinds: torch.Tensor
-    ) -> torch.Tensor:
-        """The block on windows in any order, in place (``windows`` is a fresh gather), through
-        :meth:`WindowAttention.forward_masked` where its weights do not underflow."""
+    def window_step_gathered(
+        self,
+        windows: torch.Tensor,
+        keep: torch.Tensor | None,
+        bias: torch.Tensor,
+        exp_biases: tuple[torch.Tensor, torch.Tensor] | None,
+        kinds: torch.Tensor,
+    ) -> None:
+        """The block on windows in any order, in place, through
+        :meth:`WindowAttention.forward_masked` where ``exp_biases`` allow and its weights do
+        not underflow."""
         normed = self.norm1(windows)
-        if self.attn.forward_masked(normed, keep, biases, kinds, windows) is None:
-            windows += self.attn.forward_by_kind(normed, keep, biases[0], kinds)
-        return self.mlp.add_to(windows, self.norm2(windows))
+        if exp_biases is None or self.attn.forward_masked(normed, keep, bias, exp_biases, kinds, windows) is None:
+            windows += self.attn.forward_by_kind(normed, keep, bias, kinds)
+        self.mlp.add_to(windows, self.norm2(windows))
 
 
 def window_order(images: int, h: int, w: int, ws: int, shift: int) -> torch.Tensor:
@@ -493,9 +503,19 @@ class ResidualGroup(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
+        if not ctx.masked_shortcut:
+            for block in self.blocks:
+                x = block(x, size, ctx)
+            return x
+        flat, rows = x.reshape(-1, x.shape[-1]), None
         for block in self.blocks:
-            x = block(x, size, ctx)
-        return x
+            flat, rows = block.forward_gathered(flat, rows, size, ctx)
+        return flat.index_select(0, inverse_permutation(rows)).view(x.shape)
+
+
+def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
+    """``inverse[index[p]] == p``."""
+    return torch.empty_like(index).scatter_(0, index, torch.arange(len(index), device=index.device))
 
 
 def make_body_conv(dim: int, resi_connection: str) -> nn.Module:

@@ -196,14 +196,39 @@ def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fix
         plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
         assert torch.isfinite(fast).all()
         assert (fast - plain).abs().max() < 1e-4
-        biases = attn.window_biases(4)
+        bias = attn.kind_biases(4)
         keep = torch.ones(16, 64, 1)
         keep[:, 1::2] = 0
         normed = torch.randn(16, 64, 12)
         kinds = torch.tensor([0, 0, 0, 1] * 3 + [2, 2, 2, 3])
-        assert attn.forward_masked(normed, keep, biases, kinds, torch.zeros(16, 64, 12)) is None
+        assert attn.forward_masked(normed, keep, bias, attn.exp_biases(bias), kinds, torch.zeros(16, 64, 12)) is None
+        model = load_model(fixtures_dir / "official_tiny_random.pth")
+        attn = model.layers[0].residual_group.blocks[1].attn
         attn.relative_position_bias_table.data[0] = 70.0
-        assert attn.window_biases(4) is None
+        assert attn.exp_biases(attn.kind_biases(4)) is None
+        fast = model(x, generator=torch.Generator().manual_seed(3))
+        plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
+        assert (fast - plain).abs().max() < 1e-4
+
+
+def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monkeypatch):
+    """Mask ratio 0: no keep-mask, so the gathered route attends plainly by window kind."""
+    import mitdenoise.model as model_module
+
+    monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", 7)
+    model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=(0, 0))
+    x = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert (model(x) - model(x, shortcut=False)).abs().max() < 1e-5
+
+
+def test_inverse_permutation():
+    from mitdenoise.model import inverse_permutation
+
+    index = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    inverse = inverse_permutation(index)
+    assert torch.equal(inverse[index], torch.arange(50))
+    assert torch.equal(index[inverse], torch.arange(50))
 
 
 def test_chunks_on_parallel_workers_give_the_serial_result_bit_for_bit(fixtures_dir, monkeypatch):
