@@ -543,6 +543,9 @@ class RSTB(nn.Module):
         h, w = size
         b, _, c = x.shape
         y = self.residual_group(x, size, ctx)
+        if ctx.masked_shortcut:  # tokens are NHWC in memory: a channels-last conv takes them as they are
+            y = self.conv(y.view(b, h, w, c).permute(0, 3, 1, 2))
+            return x + y.permute(0, 2, 3, 1).reshape(b, h * w, c)
         y = self.conv(y.transpose(1, 2).reshape(b, c, h, w))
         return x + y.flatten(2).transpose(1, 2)
 
@@ -676,19 +679,24 @@ class SwinIR(nn.Module):
         chunk = CPU_ATTENTION_CHUNK if x.device.type == "cpu" else None
         shortcut = shortcut and x.device.type == "cpu" and not torch.is_grad_enabled()
         ctx = ForwardContext(ratio, generator, self._layout_cache, chunk, shortcut)
+        if shortcut:  # channels-last features are the tokens' own layout: no transposes around the convs
+            x = x.contiguous(memory_format=torch.channels_last)
         first = self.conv_first(x)
         size = first.shape[-2:]
         tokens = self.patch_embed(first)
         for layer in self.layers:
             tokens = layer(tokens, size, ctx)
         tokens = self.norm(tokens)
-        feats = tokens.transpose(1, 2).reshape(first.shape)
+        if shortcut:
+            feats = tokens.view(first.shape[0], *size, -1).permute(0, 3, 1, 2)
+        else:
+            feats = tokens.transpose(1, 2).reshape(first.shape)
         body = self.conv_after_body(feats)
         if self.config.global_residual:
             y = x + self.conv_last(body + first)
         else:
             y = self.conv_last(body)
-        return (y + self.mean)[..., :h, :w]
+        return (y + self.mean)[..., :h, :w].contiguous()
 
 
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.")
