@@ -239,8 +239,9 @@ class WindowAttention(nn.Module):
         exp_biases: tuple[torch.Tensor, torch.Tensor],
         kinds: torch.Tensor,
         residual: torch.Tensor,
+        norm: nn.Module,
     ) -> torch.Tensor | None:
-        """``residual += forward(x, keep)``, in place, in a fraction of the time (inference only).
+        """``residual += forward(norm(x), keep)``, in place, in a fraction of the time (inference only).
 
         A masked token enters ``qkv`` as zeros, so its query, key and value are all the
         ``qkv`` bias. So ``qkv`` runs on the kept tokens only (padded with masked ones to
@@ -254,7 +255,9 @@ class WindowAttention(nn.Module):
           with value ``v_bias``, whose position bias is ``log sum_j exp(bias_ij)`` over the
           rest (a column of that same GEMM).
 
-        Returns None where weights could underflow (the caller then takes :meth:`forward`).
+        ``norm`` (the block's first LayerNorm) is applied here, to the listed tokens only.
+        Returns None, with ``residual`` untouched, where weights could underflow (the caller
+        then takes :meth:`forward_by_kind`).
         """
         exp_bias, row_max = exp_biases
         bw, n, c = x.shape
@@ -263,7 +266,7 @@ class WindowAttention(nn.Module):
         n_kept = int(keep.sum(1).max())
         # The first n_kept tokens of every window after this sort include all its kept ones.
         order = torch.argsort(keep, dim=1, descending=True, stable=True)[:, :n_kept]
-        x_kept = torch.gather(x, 1, order.unsqueeze(-1).expand(bw, n_kept, c)) * torch.gather(keep, 1, order).unsqueeze(-1)
+        x_kept = norm(torch.gather(x, 1, order.unsqueeze(-1).expand(bw, n_kept, c))) * torch.gather(keep, 1, order).unsqueeze(-1)
         qkv_kept = self.qkv(x_kept).view(bw, n_kept, 3, heads, hd).permute(2, 3, 0, 1, 4)  # (3, heads, bw, nk, hd)
         q_bias, k_bias, v_bias = self.qkv.bias.view(3, heads, 1, hd)
 
@@ -289,10 +292,11 @@ class WindowAttention(nn.Module):
             if len(windows):
                 part = torch.bmm(exp_bias[kind], values.index_select(2, windows).view(heads, n, -1))
                 sums.index_copy_(2, windows, part.view(heads, n, -1, hd + 2))
-        if not bool(sums[..., hd].amin() > 1e-30):
+        inverse_sums = sums[..., hd].reciprocal()
+        if not bool(inverse_sums.amax() < 1e30):
             return None  # a row sees only keys whose weights underflowed
         out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
-        torch.div(sums[..., :hd], sums[..., hd : hd + 1], out=out.permute(2, 1, 0, 3))
+        torch.mul(sums[..., :hd], inverse_sums.unsqueeze(-1), out=out.permute(2, 1, 0, 3))
 
         # Listed queries: the listed keys one by one, then the rest as one key.
         positions = order.unsqueeze(2) * n + order.unsqueeze(1)  # (bw, nk, nk) into an N x N bias
@@ -457,9 +461,8 @@ class SwinTransformerBlock(nn.Module):
         """The block on windows in any order, in place, through
         :meth:`WindowAttention.forward_masked` where ``exp_biases`` allow and its weights do
         not underflow."""
-        normed = self.norm1(windows)
-        if exp_biases is None or self.attn.forward_masked(normed, keep, bias, exp_biases, kinds, windows) is None:
-            windows += self.attn.forward_by_kind(normed, keep, bias, kinds)
+        if exp_biases is None or self.attn.forward_masked(windows, keep, bias, exp_biases, kinds, windows, self.norm1) is None:
+            windows += self.attn.forward_by_kind(self.norm1(windows), keep, bias, kinds)
         self.mlp.add_to(windows, self.norm2(windows))
 
 

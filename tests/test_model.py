@@ -201,7 +201,9 @@ def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fix
         keep[:, 1::2] = 0
         normed = torch.randn(16, 64, 12)
         kinds = torch.tensor([0, 0, 0, 1] * 3 + [2, 2, 2, 3])
-        assert attn.forward_masked(normed, keep, bias, attn.exp_biases(bias), kinds, torch.zeros(16, 64, 12)) is None
+        residual = torch.zeros(16, 64, 12)
+        assert attn.forward_masked(normed, keep, bias, attn.exp_biases(bias), kinds, residual, torch.nn.Identity()) is None
+        assert not residual.any()
         model = load_model(fixtures_dir / "official_tiny_random.pth")
         attn = model.layers[0].residual_group.blocks[1].attn
         attn.relative_position_bias_table.data[0] = 70.0
