@@ -93,7 +93,7 @@ def bench_quality_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
-    tile: Annotated[int, typer.Option(help="Tile size of the model runs.")] = 256,
+    tile: Annotated[int, typer.Option(help="Tile size of the model runs (denoise's default).")] = 544,
     tile_overlap: Annotated[int, typer.Option(help="Tile overlap of the model runs.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
     threads: ThreadsOpt = None,

@@ -128,10 +128,12 @@ def test_a_cpu_denoiser_applies_the_allocator_setting(monkeypatch, tiny):
 
 
 def test_the_cli_defaults_are_the_library_defaults():
+    """denoise and bench quality (which must measure what denoise gives) tile like the library."""
     import inspect
 
-    from mitdenoise import cli
+    from mitdenoise import bench_cli, cli
     from mitdenoise.denoiser import DEFAULT_OVERLAP, DEFAULT_TILE
 
-    params = inspect.signature(cli.denoise).parameters
-    assert (params["tile"].default, params["tile_overlap"].default) == (DEFAULT_TILE, DEFAULT_OVERLAP)
+    for command in (cli.denoise, bench_cli.bench_quality_command):
+        params = inspect.signature(command).parameters
+        assert (params["tile"].default, params["tile_overlap"].default) == (DEFAULT_TILE, DEFAULT_OVERLAP)
