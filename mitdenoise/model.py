@@ -27,6 +27,8 @@ from torch import nn
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 CPU_ATTENTION_CHUNK = 128
 """Windows per chunk on CPU: 8192 tokens, 12 MB of attention scores for 6 heads."""
+MLP_ROWS = 2048
+"""Tokens per MLP call on the shortcut route: a chunk's 8192 in slices of 2048 run ~4 % faster (cache)."""
 LAYOUT_CACHE_ENTRIES = 32
 """Shift masks and window orders kept per network (two per image size seen)."""
 
@@ -463,7 +465,8 @@ class SwinTransformerBlock(nn.Module):
         not underflow."""
         if exp_biases is None or self.attn.forward_masked(windows, keep, bias, exp_biases, kinds, windows, self.norm1) is None:
             windows += self.attn.forward_by_kind(self.norm1(windows), keep, bias, kinds)
-        self.mlp.add_to(windows, self.norm2(windows))
+        for rows in windows.view(-1, windows.shape[-1]).split(MLP_ROWS):
+            self.mlp.add_to(rows, self.norm2(rows))
 
 
 def window_order(images: int, h: int, w: int, ws: int, shift: int) -> torch.Tensor:
