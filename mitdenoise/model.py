@@ -268,7 +268,8 @@ class WindowAttention(nn.Module):
         n_kept = int(keep.sum(1).max())
         # The first n_kept tokens of every window after this sort include all its kept ones.
         order = torch.argsort(keep, dim=1, descending=True, stable=True)[:, :n_kept]
-        x_kept = norm(torch.gather(x, 1, order.unsqueeze(-1).expand(bw, n_kept, c))) * torch.gather(keep, 1, order).unsqueeze(-1)
+        listed_rows = (order + torch.arange(0, bw * n, n, device=x.device).unsqueeze(1)).flatten()  # into (bw * N) rows
+        x_kept = norm(x.view(bw * n, c).index_select(0, listed_rows).view(bw, n_kept, c)) * torch.gather(keep, 1, order).unsqueeze(-1)
         qkv_kept = self.qkv(x_kept).view(bw, n_kept, 3, heads, hd).permute(2, 3, 0, 1, 4)  # (3, heads, bw, nk, hd)
         q_bias, k_bias, v_bias = self.qkv.bias.view(3, heads, 1, hd)
 
@@ -287,7 +288,9 @@ class WindowAttention(nn.Module):
         torch.mul(qkv_kept[2].transpose(1, 2), listed_weights.transpose(1, 2).unsqueeze(-1), out=listed[..., :hd])
         listed[..., hd] = listed_weights.transpose(1, 2)
         listed[..., hd + 1] = 0.0
-        values.scatter_(1, order.t().reshape(1, n_kept, bw, 1).expand(heads, n_kept, bw, hd + 2), listed)
+        values.view(heads, n * bw, hd + 2).index_copy_(
+            1, (order.t() * bw + torch.arange(bw, device=x.device)).flatten(), listed.view(heads, n_kept * bw, hd + 2)
+        )
         sums = torch.bmm(exp_bias[0], values.view(heads, n, bw * (hd + 2))).view(heads, n, bw, hd + 2)
         for kind in (1, 2, 3):
             windows = (kinds == kind).nonzero().flatten()
@@ -319,7 +322,7 @@ class WindowAttention(nn.Module):
         attn.baddbmm_(q, keys.view(heads * bw, n_kept + 1, hd).transpose(1, 2), alpha=self.scale)
         attn = attn.softmax(dim=-1)
         kept_out = torch.bmm(attn, vals.view(heads * bw, n_kept + 1, hd)).view(heads, bw, n_kept, hd)
-        out.scatter_(1, order.view(bw, n_kept, 1, 1).expand(bw, n_kept, heads, hd), kept_out.permute(1, 2, 0, 3))
+        out.view(bw * n, c).index_copy_(0, listed_rows, kept_out.permute(1, 2, 0, 3).reshape(bw * n_kept, c))
         residual.view(bw * n, c).addmm_(out.view(bw * n, c), self.proj.weight.t()).add_(self.proj.bias)
         return residual
 
