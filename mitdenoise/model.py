@@ -5,11 +5,13 @@ checkpoints load as they are. The one addition is the attention keep-mask: insid
 every window attention the input tokens are zeroed at random with probability
 ``r`` (75 % for the released model), at training and at inference alike.
 
-Inference on the CPU takes a faster route to the same numbers (to 1e-5): windows are
-gathered straight from the tokens, attention exploits the zeroed tokens
-(:meth:`WindowAttention.forward_masked`), and chunks of windows run on parallel
-single-thread workers (:func:`chunk_workers`). Training, CUDA and the speed reference
-take the plain route, the authors' formulation.
+Inference on the CPU takes a faster route to the same numbers (to 1e-5): attention
+exploits the zeroed tokens (:meth:`WindowAttention.forward_masked`); each block gathers
+its windows straight from the previous block's output, in chunks of windows with about
+as many kept tokens, and hands them on in that order
+(:meth:`SwinTransformerBlock.forward_gathered`); chunks run on parallel single-thread
+workers (:func:`chunk_workers`); convs run channels-last on the tokens' own memory.
+Training, CUDA and the speed reference take the plain route, the authors' formulation.
 """
 
 from __future__ import annotations
@@ -269,7 +271,8 @@ class WindowAttention(nn.Module):
         # The first n_kept tokens of every window after this sort include all its kept ones.
         order = torch.argsort(keep, dim=1, descending=True, stable=True)[:, :n_kept]
         listed_rows = (order + torch.arange(0, bw * n, n, device=x.device).unsqueeze(1)).flatten()  # into (bw * N) rows
-        x_kept = norm(x.view(bw * n, c).index_select(0, listed_rows).view(bw, n_kept, c)) * torch.gather(keep, 1, order).unsqueeze(-1)
+        x_kept = norm(x.view(bw * n, c).index_select(0, listed_rows).view(bw, n_kept, c))
+        x_kept *= torch.gather(keep, 1, order).unsqueeze(-1)
         qkv_kept = self.qkv(x_kept).view(bw, n_kept, 3, heads, hd).permute(2, 3, 0, 1, 4)  # (3, heads, bw, nk, hd)
         q_bias, k_bias, v_bias = self.qkv.bias.view(3, heads, 1, hd)
 
@@ -307,10 +310,13 @@ class WindowAttention(nn.Module):
         positions = order.unsqueeze(2) * n + order.unsqueeze(1)  # (bw, nk, nk) into an N x N bias
         positions += (kinds * (n * n)).view(bw, 1, 1)
         attn = torch.empty(heads, bw, n_kept, n_kept + 1, dtype=x.dtype, device=x.device)
-        attn[..., :n_kept] = bias.transpose(0, 1).reshape(heads, -1).index_select(1, positions.flatten()).view(heads, bw, n_kept, n_kept)
-        rest_bias = sums[..., hd + 1].gather(1, order.t().unsqueeze(0).expand(heads, n_kept, bw)).log_()
-        rest_bias += row_max.transpose(0, 1).reshape(heads, -1).index_select(1, (order + (kinds * n).unsqueeze(1)).flatten()).view(heads, bw, n_kept).transpose(1, 2)
-        attn[..., n_kept] = rest_bias.transpose(1, 2)
+        per_head = bias.transpose(0, 1).reshape(heads, -1)
+        attn[..., :n_kept] = per_head.index_select(1, positions.flatten()).view(heads, bw, n_kept, n_kept)
+        # The rest's position bias: log of its exp_bias row sum, plus the row's scale.
+        rest_bias = sums[..., hd + 1].gather(1, order.t().unsqueeze(0).expand(heads, n_kept, bw)).log_().transpose(1, 2)
+        query_rows = (order + (kinds * n).unsqueeze(1)).flatten()
+        rest_bias += row_max.transpose(0, 1).reshape(heads, -1).index_select(1, query_rows).view(heads, bw, n_kept)
+        attn[..., n_kept] = rest_bias
         keys = torch.empty(heads, bw, n_kept + 1, hd, dtype=x.dtype, device=x.device)
         keys[:, :, :n_kept] = qkv_kept[1]
         keys[:, :, n_kept] = k_bias
