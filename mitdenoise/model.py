@@ -162,15 +162,15 @@ def draw_keep_mask(
     return (torch.rand(shape, generator=generator, device=device) >= ratio).float()
 
 
-def window_kinds(n_rows: int, n_cols: int, rows: tuple[int, int], images: int, shifted: bool) -> torch.Tensor:
-    """Kind of every window of window rows ``rows`` of ``images`` images, in partition order.
+def window_kinds(n_rows: int, n_cols: int, images: int, shifted: bool) -> torch.Tensor:
+    """Kind of every window of ``images`` images of n_rows x n_cols windows, in partition order.
 
     0 inner, 1 last column, 2 last row, 3 corner: after the cyclic shift only these
     edge windows mix regions, and each kind has one shift-mask pattern. Unshifted, all 0.
     """
     if not shifted:
-        return torch.zeros(images * (rows[1] - rows[0]) * n_cols, dtype=torch.long)
-    row = torch.arange(*rows).view(-1, 1)
+        return torch.zeros(images * n_rows * n_cols, dtype=torch.long)
+    row = torch.arange(n_rows).view(-1, 1)
     col = torch.arange(n_cols).view(1, -1)
     kinds = (col == n_cols - 1).long() + 2 * (row == n_rows - 1).long()
     return kinds.flatten().repeat(images)
@@ -433,7 +433,7 @@ class SwinTransformerBlock(nn.Module):
         n_rows, n_cols, n = h // ws, w // ws, ws * ws
         keep = ctx.keep_mask((b * n_rows * n_cols, n, 1), flat.device)
         order = ctx.window_order(b, h, w, ws, shift, flat.device).view(-1, n)
-        kinds = window_kinds(n_rows, n_cols, (0, n_rows), b, shift > 0).to(flat.device)
+        kinds = window_kinds(n_rows, n_cols, b, shift > 0).to(flat.device)
         bias = self.attn.kind_biases(shift)
         exp_biases = None if keep is None else self.attn.exp_biases(bias)
         if keep is not None:  # windows with about as many kept tokens together: little padding in forward_masked
