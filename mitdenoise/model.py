@@ -242,10 +242,9 @@ class WindowAttention(nn.Module):
         bias: torch.Tensor,
         exp_biases: tuple[torch.Tensor, torch.Tensor],
         kinds: torch.Tensor,
-        residual: torch.Tensor,
         norm: nn.Module,
     ) -> torch.Tensor | None:
-        """``residual += forward(norm(x), keep)``, in place, in a fraction of the time (inference only).
+        """``x += forward(norm(x), keep)``, in place, in a fraction of the time (inference only).
 
         A masked token enters ``qkv`` as zeros, so its query, key and value are all the
         ``qkv`` bias. So ``qkv`` runs on the kept tokens only (padded with masked ones to
@@ -260,8 +259,8 @@ class WindowAttention(nn.Module):
           rest (a column of that same GEMM).
 
         ``norm`` (the block's first LayerNorm) is applied here, to the listed tokens only.
-        Returns None, with ``residual`` untouched, where weights could underflow (the caller
-        then takes :meth:`forward_by_kind`).
+        Returns None, with ``x`` untouched, where weights could underflow (the caller then
+        takes :meth:`forward_by_kind`).
         """
         exp_bias, row_max = exp_biases
         bw, n, c = x.shape
@@ -329,8 +328,8 @@ class WindowAttention(nn.Module):
         attn = attn.softmax(dim=-1)
         kept_out = torch.bmm(attn, vals.view(heads * bw, n_kept + 1, hd)).view(heads, bw, n_kept, hd)
         out.view(bw * n, c).index_copy_(0, listed_rows, kept_out.permute(1, 2, 0, 3).reshape(bw * n_kept, c))
-        residual.view(bw * n, c).addmm_(out.view(bw * n, c), self.proj.weight.t()).add_(self.proj.bias)
-        return residual
+        x.view(bw * n, c).addmm_(out.view(bw * n, c), self.proj.weight.t()).add_(self.proj.bias)
+        return x
 
     def forward(
         self, x: torch.Tensor, keep: torch.Tensor | None, mask: EdgeShiftMask | None, rows: tuple[int, int]
@@ -472,7 +471,7 @@ class SwinTransformerBlock(nn.Module):
         """The block on windows in any order, in place, through
         :meth:`WindowAttention.forward_masked` where ``exp_biases`` allow and its weights do
         not underflow."""
-        if exp_biases is None or self.attn.forward_masked(windows, keep, bias, exp_biases, kinds, windows, self.norm1) is None:
+        if exp_biases is None or self.attn.forward_masked(windows, keep, bias, exp_biases, kinds, self.norm1) is None:
             windows += self.attn.forward_by_kind(self.norm1(windows), keep, bias, kinds)
         for rows in windows.view(-1, windows.shape[-1]).split(MLP_ROWS):
             self.mlp.add_to(rows, self.norm2(rows))
