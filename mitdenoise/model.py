@@ -532,6 +532,16 @@ def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(index).scatter_(0, index, torch.arange(len(index), device=index.device))
 
 
+def tokens_as_image(tokens: torch.Tensor, size: tuple[int, int], channels_last: bool) -> torch.Tensor:
+    """(B, H*W, C) tokens as a (B, C, H, W) image: a free channels-last view (tokens are NHWC
+    in memory, and a channels-last conv takes them as they are), or the authors' transposed copy.
+    Back to tokens: ``image.flatten(2).transpose(1, 2)``, free for a channels-last image."""
+    b, _, c = tokens.shape
+    if channels_last:
+        return tokens.view(b, *size, c).permute(0, 3, 1, 2)
+    return tokens.transpose(1, 2).reshape(b, c, *size)
+
+
 def make_body_conv(dim: int, resi_connection: str) -> nn.Module:
     """The conv closing each RSTB and the body: one 3x3 conv, or 3x3 -> 1x1 -> 3x3 through dim/4."""
     if resi_connection == "1conv":
@@ -554,13 +564,7 @@ class RSTB(nn.Module):
         self.conv = make_body_conv(dim, resi)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
-        h, w = size
-        b, _, c = x.shape
-        y = self.residual_group(x, size, ctx)
-        if ctx.masked_shortcut:  # tokens are NHWC in memory: a channels-last conv takes them as they are
-            y = self.conv(y.view(b, h, w, c).permute(0, 3, 1, 2))
-            return x + y.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        y = self.conv(y.transpose(1, 2).reshape(b, c, h, w))
+        y = self.conv(tokens_as_image(self.residual_group(x, size, ctx), size, ctx.masked_shortcut))
         return x + y.flatten(2).transpose(1, 2)
 
 
@@ -700,12 +704,7 @@ class SwinIR(nn.Module):
         tokens = self.patch_embed(first)
         for layer in self.layers:
             tokens = layer(tokens, size, ctx)
-        tokens = self.norm(tokens)
-        if shortcut:
-            feats = tokens.view(first.shape[0], *size, -1).permute(0, 3, 1, 2)
-        else:
-            feats = tokens.transpose(1, 2).reshape(first.shape)
-        body = self.conv_after_body(feats)
+        body = self.conv_after_body(tokens_as_image(self.norm(tokens), size, shortcut))
         if self.config.global_residual:
             y = x + self.conv_last(body + first)
         else:
