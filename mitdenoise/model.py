@@ -196,6 +196,10 @@ class Mlp(nn.Module):
         return residual
 
 
+def _same_tensor_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside 8x8 windows with a learned relative-position bias."""
 
@@ -210,6 +214,7 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._last_exp_biases: tuple | None = None
 
     def position_bias(self) -> torch.Tensor:
         """(heads, N, N) bias gathered from the table."""
@@ -225,15 +230,24 @@ class WindowAttention(nn.Module):
         ws = self.window_size
         return inner + shift_mask(2 * ws, 2 * ws, ws, shift, inner.device).unsqueeze(1)  # one window per kind
 
-    @staticmethod
-    def exp_biases(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def exp_biases(self, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For :meth:`forward_masked`: ``exp(bias)`` with each row scaled so that its largest entry
         is 1, zero across the shift seam, and the log of that scale, (4, heads, N). None where
-        the exponential could underflow a whole row."""
+        the exponential could underflow a whole row.
+
+        Kept from the last call while ``bias`` is the same (it is, tile after tile): about
+        1 ms a block, 5 % of a 128x128 tile's forward.
+        """
+        last = self._last_exp_biases
+        if last is not None and _same_tensor_values(last[0], bias):
+            return last[1]
         if float(bias[0].amax() - bias[0].amin()) > 60:  # kind 0 has no seam: the position bias alone
-            return None
-        row_max = bias.amax(-1)
-        return (bias - row_max.unsqueeze(-1)).exp().masked_fill_(bias < -50, 0.0), row_max
+            result = None
+        else:
+            row_max = bias.amax(-1)
+            result = (bias - row_max.unsqueeze(-1)).exp().masked_fill_(bias < -50, 0.0), row_max
+        self._last_exp_biases = (bias, result)
+        return result
 
     def forward_masked(
         self,

@@ -213,6 +213,21 @@ def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fix
         assert (fast - plain).abs().max() < 1e-4
 
 
+def test_the_shortcut_follows_weights_changed_between_calls(fixtures_dir):
+    """exp_biases is kept from call to call: it must be redone when the position bias changes."""
+    model = load_model(fixtures_dir / "official_tiny_random.pth")
+    x = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(x, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for block in model.layers[0].residual_group.blocks:
+            block.attn.relative_position_bias_table.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        fast = model(x, generator=torch.Generator().manual_seed(3))
+        plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
+    assert (fast - plain).abs().max() < 1e-5
+
+
 def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monkeypatch):
     """Mask ratio 0: no keep-mask, so the gathered route attends plainly by window kind."""
     import mitdenoise.model as model_module
