@@ -145,12 +145,15 @@ def test_window_order_gathers_what_roll_and_partition_give():
 
 @pytest.mark.parametrize("ratio", [(75, 75), (50, 90), (10, 10)])
 @pytest.mark.parametrize("chunk", [None, 4, 128])
-def test_masked_token_shortcut_equals_the_plain_attention(fixtures_dir, monkeypatch, ratio, chunk):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_masked_token_shortcut_equals_the_plain_attention(fixtures_dir, monkeypatch, ratio, chunk, onednn):
     """Same seed, same keep-masks: the shortcut changes only the arithmetic (to 1e-5),
-    on every window kind of the shifted blocks (40x48: 5x6 windows) and across images."""
+    on every window kind of the shifted blocks (40x48: 5x6 windows) and across images,
+    with its linears through oneDNN or through ``F.linear`` (where torch lacks oneDNN)."""
     import mitdenoise.model as model_module
 
     monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(model_module, "ONEDNN_LINEAR", onednn and model_module.ONEDNN_LINEAR)
     model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=ratio)
     x = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     calls = []
@@ -277,3 +280,32 @@ def test_no_chunk_workers_under_torch_distributed(tmp_path):
         assert model_module.chunk_workers() is None
     finally:
         dist.destroy_process_group()
+
+
+def test_x86_builds_of_torch_take_the_onednn_linear():
+    """The CPU route's linears go through oneDNN on x86 (CI's build), so the tests above run it."""
+    import platform
+
+    import mitdenoise.model as model_module
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"oneDNN's linear is only expected on x86 builds of torch (this is {platform.machine()})")
+    assert model_module.ONEDNN_LINEAR
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("gelu", [True, False])
+@pytest.mark.parametrize("rows,cols,out", [(2048, 60, 120), (64, 64, 1536), (7, 13, 5)])
+def test_cpu_linear_equals_linear_then_gelu(monkeypatch, onednn, gelu, rows, cols, out):
+    import mitdenoise.model as model_module
+
+    monkeypatch.setattr(model_module, "ONEDNN_LINEAR", onednn and model_module.ONEDNN_LINEAR)
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(rows, cols, generator=g), torch.randn(out, cols, generator=g), torch.randn(out, generator=g)
+    for b in (bias, None):
+        expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+        if gelu:
+            expected = torch.nn.functional.gelu(expected)
+        got = model_module.cpu_linear(x, weight, b, gelu=gelu)
+        assert got.dtype == torch.float32 and got.shape == (rows, out)
+        assert (got.double() - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
