@@ -224,6 +224,20 @@ def _same_tensor_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
+def short_row_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.softmax(-1)`` for the shortcut's rows of n_kept + 1 scores, in place.
+
+    torch's CPU softmax takes a scalar loop for rows shorter than 16 floats: measured
+    here (one thread, 768 x 14 x 15 scores) 2.0 ms, against 0.38 ms for max, subtract,
+    exp, sum and divide as separate vectorised passes (which lose from 19 columns up).
+    """
+    if scores.shape[-1] >= 16:
+        return scores.softmax(dim=-1)
+    scores -= scores.amax(-1, keepdim=True)
+    scores.exp_()
+    return scores.div_(scores.sum(-1, keepdim=True))
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside 8x8 windows with a learned relative-position bias."""
 
@@ -364,7 +378,7 @@ class WindowAttention(nn.Module):
         attn = attn.view(heads * bw, n_kept, n_kept + 1)
         q = qkv_kept[0].reshape(heads * bw, n_kept, hd)
         attn.baddbmm_(q, keys.view(heads * bw, n_kept + 1, hd).transpose(1, 2), alpha=self.scale)
-        attn = attn.softmax(dim=-1)
+        attn = short_row_softmax(attn)
         kept_out = torch.bmm(attn, vals.view(heads * bw, n_kept + 1, hd)).view(heads, bw, n_kept, hd)
         out.view(bw * n, c).index_copy_(0, listed_rows, kept_out.permute(1, 2, 0, 3).reshape(bw * n_kept, c))
         x.view(bw * n, c).add_(cpu_linear(out.view(bw * n, c), self.proj.weight, self.proj.bias))

@@ -309,3 +309,14 @@ def test_cpu_linear_equals_linear_then_gelu(monkeypatch, onednn, gelu, rows, col
         got = model_module.cpu_linear(x, weight, b, gelu=gelu)
         assert got.dtype == torch.float32 and got.shape == (rows, out)
         assert (got.double() - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("width", [1, 5, 15, 16, 29])
+def test_short_row_softmax_equals_softmax(width):
+    from mitdenoise.model import short_row_softmax
+
+    scores = torch.randn(3, 7, width, generator=torch.Generator().manual_seed(width)) * 30 + 500
+    expected = scores.double().softmax(-1)
+    got = short_row_softmax(scores.clone())
+    assert (got.double() - expected).abs().max() < 1e-6
+    assert torch.allclose(got.sum(-1), torch.ones(3, 7))
