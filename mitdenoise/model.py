@@ -178,7 +178,15 @@ def window_kinds(n_rows: int, n_cols: int, images: int, shifted: bool) -> torch.
 
 
 def _has_onednn_linear() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether oneDNN's linear is there and answers as expected (it is a private op of torch's)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    x, weight, bias = torch.ones(2, 3), torch.ones(4, 3), torch.ones(4)
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "none")
+    except (RuntimeError, TypeError):
+        return False
+    return y.shape == (2, 4) and bool((y == 4).all())
 
 
 ONEDNN_LINEAR = _has_onednn_linear()
