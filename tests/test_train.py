@@ -351,3 +351,19 @@ def test_torchrun_two_gloo_processes_split_the_batch_and_keep_identical_weights(
     b = load_model(tmp_path / "one" / EXPORT_NAME).state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+def test_cuda_without_an_index_trains_on_the_current_gpu(monkeypatch):
+    """``--device cuda`` (no index) must become cuda:N before ``torch.cuda.set_device``,
+    which refuses an index-less device (seen on the first GPU run)."""
+    from mitdenoise.train import loop
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    assert loop._resolve_device("cuda", loop.Dist()) == torch.device("cuda", 0)
+    assert chosen == [torch.device("cuda", 0)]
+    with pytest.raises(loop.DeviceError, match="only 1 CUDA device"):
+        loop._resolve_device("cuda:3", loop.Dist())

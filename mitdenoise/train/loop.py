@@ -132,9 +132,13 @@ def _resolve_device(name: str, d: Dist) -> torch.device:
         raise DeviceError(f"unsupported device {name!r}: use auto, cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {name} requested but CUDA is not available here (use --device cpu)")
-    if device.type == "cuda" and d.enabled:
-        device = torch.device("cuda", d.local_rank)
     if device.type == "cuda":
+        if d.enabled:
+            device = torch.device("cuda", d.local_rank)
+        elif device.index is None:  # set_device and the data loader's pinning want an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
         torch.cuda.set_device(device)
     return device
 
