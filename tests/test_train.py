@@ -268,13 +268,20 @@ def test_exported_ema_weights_load_and_denoise_with_the_right_attention_mask(ima
     assert out.shape == noisy.shape and out.dtype == np.uint8
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig,group",
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-to-group", "SIGINT-to-group"],
+)
+def test_a_signal_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path, sig, group):
+    """To the main process, or (as `timeout`, a job scheduler or Ctrl-C send it) to the whole
+    process group, DataLoader workers included."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "mitdenoise.train", "--data", str(images["train"].parent), "--preset", "quick",
             "--out", str(run), "--patch-size", "16", "--batch-size", "4", "--iterations", "100000",
-            "--checkpoint-every", "100000", "--log-every", "1", "--quiet"]
-    proc = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            "--checkpoint-every", "100000", "--log-every", "1", "--quiet", "--workers", "2" if group else "0"]
+    proc = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -283,7 +290,10 @@ def test_a_signal_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path, sig
                 break
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

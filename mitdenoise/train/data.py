@@ -133,9 +133,13 @@ class PatchBatches(Dataset):
         return noisy, clean
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: the main process saves and stops, workers carry on until then.
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Ctrl-C, and SIGTERM from `timeout` or a job scheduler, reach the whole process group: the main
+    # process saves and stops, and workers must carry on until then (a killed worker crashed the run
+    # mid-step, without a checkpoint, on the first GPU run). Orphaned workers still exit: the
+    # DataLoader's watchdog ends them when the main process is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: PatchBatches, start: int, workers: int, pin_memory: bool) -> DataLoader:
@@ -147,5 +151,5 @@ def make_loader(dataset: PatchBatches, start: int, workers: int, pin_memory: boo
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
-        worker_init_fn=_ignore_sigint if workers else None,
+        worker_init_fn=_ignore_stop_signals if workers else None,
     )
