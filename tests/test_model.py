@@ -242,6 +242,83 @@ def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monk
         assert (model(x) - model(x, shortcut=False)).abs().max() < 1e-5
 
 
+def force_fused_attention(monkeypatch, force: dict) -> None:
+    """While ``force["on"]``, every forward takes the CUDA route's fused attention, on any device."""
+    import mitdenoise.model as model_module
+
+    original = model_module.ForwardContext.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if force["on"]:
+            self.masked_shortcut, self.fused_attention = False, True
+
+    monkeypatch.setattr(model_module.ForwardContext, "__init__", init)
+
+
+@pytest.mark.parametrize("chunk,fused_windows", [(None, 32768), (4, 32768), (12, 32768), (None, 7)])
+@pytest.mark.parametrize("ratio", [(75, 75), (0, 0)])
+def test_fused_attention_equals_the_plain_route_in_values_and_gradients(
+    fixtures_dir, monkeypatch, chunk, fused_windows, ratio
+):
+    """The CUDA route (``scaled_dot_product_attention``, masked edge windows redone) gives the
+    plain route's outputs and parameter gradients to 1e-5, over every window kind of the shifted
+    blocks (40x48: 5x6 windows), several images, chunks of rows (CPU chunking) and fused
+    calls split into several."""
+    import mitdenoise.model as model_module
+
+    monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(model_module, "FUSED_WINDOWS", fused_windows)
+    force = {"on": False}
+    force_fused_attention(monkeypatch, force)
+    model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=ratio)
+    with torch.no_grad():  # a position bias with some spread, so a misplaced bias shows
+        for block in (b for layer in model.layers for b in layer.residual_group.blocks):
+            block.attn.relative_position_bias_table.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    target = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for on in (False, True):
+        force["on"] = on
+        model.zero_grad()
+        out = model(x, generator=torch.Generator().manual_seed(3))
+        (out - target).abs().mean().backward()
+        results[on] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (plain, plain_grads), (fused, fused_grads) = results[False], results[True]
+    assert (fused - plain).abs().max() < 1e-5
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        assert (fused_grads[name] - grad).abs().max() / scale < 1e-4, name
+    force["on"] = True
+    with torch.inference_mode():
+        assert (model(x, generator=torch.Generator().manual_seed(3)) - plain).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_attention_on_cuda_equals_the_plain_route(fixtures_dir):
+    """On CUDA the fused route is the default: fp32 outputs within 1e-4 of the plain route."""
+    model = load_model(fixtures_dir / "official_tiny_random.pth").cuda()
+    x = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.inference_mode():
+        fused = model(x, generator=torch.Generator("cuda").manual_seed(3))
+        plain = model(x, generator=torch.Generator("cuda").manual_seed(3), shortcut=False)
+    assert (fused - plain).abs().max() < 1e-4
+
+
+def test_edge_windows_of_a_shifted_block_are_those_the_shift_mask_touches():
+    from mitdenoise.model import EdgeShiftMask, shift_mask
+
+    full = shift_mask(40, 48, 8, 4).view(30, 64, 64)  # 5x6 windows
+    touched = (full != 0).flatten(1).any(1).nonzero().flatten()
+    edges = EdgeShiftMask(40, 48, 8, 4)
+    index, masks = edges.edges((0, 5))
+    assert index.tolist() == touched.tolist() == [5, 11, 17, 23, 24, 25, 26, 27, 28, 29]
+    assert torch.equal(masks[:, 0], full[index])
+    index, masks = edges.edges((1, 3))  # rows 1-2 of windows: their last column only, counted from row 1
+    assert index.tolist() == [5, 11]
+    assert torch.equal(masks[:, 0], full[[11, 17]])
+
+
 def test_inverse_permutation():
     from mitdenoise.model import inverse_permutation
 
@@ -320,3 +397,20 @@ def test_short_row_softmax_equals_softmax(width):
     got = short_row_softmax(scores.clone())
     assert (got.double() - expected).abs().max() < 1e-6
     assert torch.allclose(got.sum(-1), torch.ones(3, 7))
+
+
+def test_token_layer_norm_equals_torch_layer_norm_in_values_and_gradients():
+    from mitdenoise.model import token_layer_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(500, 60, generator=g) * 3 + 1).requires_grad_()
+    weight = torch.randn(60, generator=g).requires_grad_()
+    bias = torch.randn(60, generator=g).requires_grad_()
+    ours = token_layer_norm(x, weight, bias, 1e-5)
+    theirs = torch.nn.functional.layer_norm(x, (60,), weight, bias, 1e-5)
+    assert (ours - theirs).abs().max() < 1e-5
+    grads = torch.autograd.grad(ours.square().sum(), (x, weight, bias))
+    expected = torch.autograd.grad(theirs.square().sum(), (x, weight, bias))
+    for a, b in zip(grads, expected):
+        assert (a - b).abs().max() / b.abs().max() < 1e-5
+    assert token_layer_norm(x.detach().bfloat16(), weight, bias, 1e-5).dtype == torch.float32  # as autocast's layer_norm
