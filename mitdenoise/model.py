@@ -247,7 +247,8 @@ class TokenNorm(nn.LayerNorm):
     torch's CUDA LayerNorm took 1.6 ms per call on a 1024x1024 tile's 60-channel tokens,
     a third of the forward (H200, torch 2.11); the reduction and two passes made the
     whole forward 12 % faster in bf16 (4.33 -> 4.84 MP/s). Training keeps torch's: its
-    backward was faster (4.80 against 4.35 steps/s).
+    backward was faster (4.80 against 4.35 steps/s). The CUDA speed reference gets this
+    norm too (norms see no forward context), which can only make the reference faster.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
