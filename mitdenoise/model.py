@@ -34,8 +34,8 @@ CPU_ATTENTION_CHUNK = 128
 MLP_ROWS = 2048
 """Tokens per MLP call on the shortcut route: a chunk's 8192 in slices of 2048 run ~4 % faster (cache)."""
 FUSED_WINDOWS = 32768
-"""Windows per fused attention call: kept under CUDA's 65535-block grid limit (y and z), along which
-attention kernels may lay out their batch."""
+"""Windows per chunk on the fused (CUDA) route: each fused attention call stays under CUDA's
+65535-block grid limit (y and z), along which attention kernels may lay out their batch."""
 LAYOUT_CACHE_ENTRIES = 32
 """Shift masks and window orders kept per network (two per image size seen)."""
 
@@ -475,26 +475,19 @@ class WindowAttention(nn.Module):
         heads, hd = self.num_heads, c // self.num_heads
         q, k, v = self._padded_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)  # (bn, heads, N, padded hd)
         bias = self.position_bias().to(q.dtype).contiguous()  # kernels want the mask's rows contiguous
-        out = self._attend(q, k, v, bias)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(bn, -1, -1, -1), scale=self.scale)
         if mask is not None:
             index, masks = mask.edges(rows)
             per_image = (rows[1] - rows[0]) * mask.grid[1]
             images = bn // per_image
             index = (torch.arange(images, device=index.device).unsqueeze(1) * per_image + index).flatten()
             edge_bias = (bias + masks.to(bias.dtype)).repeat(images, 1, 1, 1)
-            edge = self._attend(q.index_select(0, index), k.index_select(0, index), v.index_select(0, index), edge_bias)
+            edge = F.scaled_dot_product_attention(
+                q.index_select(0, index), k.index_select(0, index), v.index_select(0, index),
+                attn_mask=edge_bias, scale=self.scale,
+            )
             out = out.index_copy(0, index, edge)
         return self.proj(out[..., :hd].transpose(1, 2).reshape(bn, n, c))
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Fused attention of (windows, heads, N, hd) with ``bias`` (heads, N, N) or one per window,
-        in calls of at most :data:`FUSED_WINDOWS` windows."""
-        parts = []
-        for i in range(0, q.shape[0], FUSED_WINDOWS):
-            j = min(i + FUSED_WINDOWS, q.shape[0])
-            mask = bias.expand(j - i, -1, -1, -1) if bias.dim() == 3 else bias[i:j]
-            parts.append(F.scaled_dot_product_attention(q[i:j], k[i:j], v[i:j], attn_mask=mask, scale=self.scale))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _padded_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """``qkv(x)`` as (bn, N, 3, heads, hd') with each head zero-padded to hd' = a multiple of 8.
@@ -626,7 +619,7 @@ class SwinTransformerBlock(nn.Module):
         keep: torch.Tensor | None,
         mask: EdgeShiftMask | None,
         rows: tuple[int, int],
-        fused: bool = False,
+        fused: bool,
     ) -> torch.Tensor:
         """The block on a chunk of windows (window rows ``rows``), the authors' way; ``fused``
         takes :meth:`WindowAttention.forward_fused`."""
@@ -774,6 +767,14 @@ def chunk_workers():
     return pool
 
 
+def attention_chunk(device_type: str, fused: bool) -> int | None:
+    """Windows a block takes at a time (:func:`window_chunks`): CPU chunks fit the cache; the
+    fused route's respect :data:`FUSED_WINDOWS`; the plain CUDA route takes all at once."""
+    if device_type == "cpu":
+        return CPU_ATTENTION_CHUNK
+    return FUSED_WINDOWS if fused else None
+
+
 class ForwardContext:
     """Per-forward state shared by all layers: the mask generator and cached shift masks."""
 
@@ -871,8 +872,8 @@ class SwinIR(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
         x = x - self.mean
         ratio = self.config.attn_mask_ratio
-        chunk = CPU_ATTENTION_CHUNK if x.device.type == "cpu" else None
         fused = shortcut and x.device.type == "cuda" and not torch.is_grad_enabled()
+        chunk = attention_chunk(x.device.type, fused)
         shortcut = shortcut and x.device.type == "cpu" and not torch.is_grad_enabled()
         ctx = ForwardContext(ratio, generator, self._layout_cache, chunk, shortcut, fused)
         if shortcut:  # channels-last features are the tokens' own layout: no transposes around the convs

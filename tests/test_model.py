@@ -256,19 +256,16 @@ def force_fused_attention(monkeypatch, force: dict) -> None:
     monkeypatch.setattr(model_module.ForwardContext, "__init__", init)
 
 
-@pytest.mark.parametrize("chunk,fused_windows", [(None, 32768), (4, 32768), (12, 32768), (None, 7)])
+@pytest.mark.parametrize("chunk", [None, 4, 12, 30])
 @pytest.mark.parametrize("ratio", [(75, 75), (0, 0)])
-def test_fused_attention_equals_the_plain_route_in_values_and_gradients(
-    fixtures_dir, monkeypatch, chunk, fused_windows, ratio
-):
+def test_fused_attention_equals_the_plain_route_in_values_and_gradients(fixtures_dir, monkeypatch, chunk, ratio):
     """The CUDA route (``scaled_dot_product_attention``, masked edge windows redone) gives the
     plain route's outputs and parameter gradients to 1e-5, over every window kind of the shifted
-    blocks (40x48: 5x6 windows), several images, chunks of rows (CPU chunking) and fused
-    calls split into several."""
+    blocks (40x48: 5x6 windows), several images, and chunks of window rows or of whole images
+    (the chunking the fused route takes above FUSED_WINDOWS)."""
     import mitdenoise.model as model_module
 
     monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
-    monkeypatch.setattr(model_module, "FUSED_WINDOWS", fused_windows)
     force = {"on": False}
     force_fused_attention(monkeypatch, force)
     model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=ratio)
@@ -303,6 +300,17 @@ def test_fused_attention_on_cuda_equals_the_plain_route(fixtures_dir):
         fused = model(x, generator=torch.Generator("cuda").manual_seed(3))
         plain = model(x, generator=torch.Generator("cuda").manual_seed(3), shortcut=False)
     assert (fused - plain).abs().max() < 1e-4
+
+
+def test_fused_route_chunks_windows_under_the_cuda_grid_limit():
+    from mitdenoise.model import CPU_ATTENTION_CHUNK, FUSED_WINDOWS, attention_chunk, window_chunks
+
+    assert attention_chunk("cuda", fused=True) == FUSED_WINDOWS < 65536
+    assert attention_chunk("cuda", fused=False) is None and attention_chunk("cpu", False) == CPU_ATTENTION_CHUNK
+    # A batch of four 1024x1024 tiles (65,536 windows) goes through in calls of 32,768 at most.
+    chunks = window_chunks(4, 128, 128, FUSED_WINDOWS)
+    sizes = [(stop - first) * (row_stop - row_first) * 128 for first, stop, row_first, row_stop in chunks]
+    assert sum(sizes) == 65536 and max(sizes) <= FUSED_WINDOWS
 
 
 def test_edge_windows_of_a_shifted_block_are_those_the_shift_mask_touches():
