@@ -1,7 +1,9 @@
 """Turn the user's inputs (files, folders, globs) and output into a list of jobs, and run them.
 
 Rules (also in the README):
-- one input file and an output with an image extension: that exact file;
+- one input file and an output with an image extension: that exact file; with any other
+  extension (``out.gif``, ``out.jpg2``) an error, unless the output is an existing folder or
+  ends with a slash, rather than a folder named like a file;
 - otherwise the output is a folder (created if missing) and each input ``name.ext``
   becomes ``<out>/<name><suffix>.<ext or --format>``; folders are read one level deep;
 - two inputs that would land on the same output file are an error before anything runs;
@@ -75,6 +77,17 @@ def plan_jobs(inputs: list[str], output: str, *, suffix: str = "", fmt: str | No
         single_file = False
     if single_file:
         return [Job(sources[0], out)]
+    if (
+        len(inputs) == 1
+        and Path(inputs[0]).is_file()
+        and out.suffix
+        and not out.exists()
+        and not output.endswith(("/", os.sep))
+    ):
+        raise JobPlanError(
+            f"cannot write {out}: unknown image format {out.suffix}; use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}"
+            f" (for a new folder of that name, end it with /)"
+        )
     if out.exists() and not out.is_dir():
         raise JobPlanError(f"output {out} is a file, but {len(sources)} inputs need an output folder")
     if out.suffix.lower() in SUPPORTED_SUFFIXES and not out.exists():

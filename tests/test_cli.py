@@ -221,3 +221,16 @@ def test_warns_when_the_checkpoints_own_validation_shows_it_makes_images_worse(t
         capture_output=True, text=True,
     )
     assert result.returncode == 0 and "warning" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["out.gif", "out.jpg2"])
+def test_one_file_to_an_unknown_extension_is_an_error_not_a_new_folder(tmp_path, tiny_model, name):
+    src = make_image(tmp_path / "in.png")
+    result = denoise(str(src), str(tmp_path / name), "-m", tiny_model)
+    assert result.exit_code == 1
+    assert f"unknown image format {Path(name).suffix}" in result.output and "end it with /" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+    result = denoise(str(src), str(tmp_path / name) + "/", "-m", tiny_model)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / name / "in.png").is_file()
