@@ -206,7 +206,8 @@ def validation_warning(record: dict | None) -> str | None:
         return None
     return (
         f"this model made its validation images worse ({', '.join(worse)}; iteration {record['iteration']}): "
-        "it is undertrained. The authors' released checkpoint: --model masked-denoising"
+        "it is undertrained. Better: --model mitdenoise-baseline (shipped, trained without masks) "
+        "or --model masked-denoising (the authors' released checkpoint)"
     )
 
 
@@ -335,6 +336,13 @@ REGISTRY: dict[str, ModelEntry] = {
             path="mitdenoise-masked.safetensors",
         ),
         ModelEntry(
+            name="mitdenoise-baseline",
+            description="our baseline: the same network and budget trained without masks (works offline)",
+            license="MIT (mitdenoise)",
+            citation=PAPER_CITATION + "; weights trained by the mitdenoise authors",
+            path="mitdenoise-baseline.safetensors",
+        ),
+        ModelEntry(
             name="masked-denoising",
             description="the authors' released model: input mask 80-90 %, attention mask 75 %",
             license=AUTHORS_LICENSE,
@@ -412,20 +420,21 @@ SHIPPED_DIRS = (Path(__file__).resolve().parent / "_shipped", Path(__file__).res
 """Where the shipped checkpoint is: inside an installed wheel, or weights/ of a source tree."""
 
 
-def shipped_checkpoint() -> Path:
-    candidates = [d / REGISTRY[DEFAULT_MODEL].path for d in SHIPPED_DIRS]
+def shipped_checkpoint(name: str = DEFAULT_MODEL) -> Path:
+    """The file of a shipped registry entry (the default model unless ``name`` says otherwise)."""
+    candidates = [d / REGISTRY[name].path for d in SHIPPED_DIRS]
     return next((p for p in candidates if p.is_file()), candidates[-1])
 
 
 def resolve_model(spec: str | os.PathLike | None) -> Path:
     """A local file for a model spec, fetching it on first use.
 
-    ``spec``: None or 'mitdenoise' (the shipped checkpoint), a registry name
-    (downloaded, verified and converted once, then read from the cache),
+    ``spec``: None (the default model), a registry name (a shipped file from ``weights/``,
+    or the authors' file, downloaded, verified and converted once, then read from the cache),
     ``hf://owner/repo/path/file.safetensors[@revision]``, or a path.
     """
-    if spec is None or str(spec) == DEFAULT_MODEL:
-        return _shipped()
+    if spec is None:
+        return _shipped(DEFAULT_MODEL)
     if isinstance(spec, os.PathLike):
         return _local(Path(spec))
     spec = str(spec)
@@ -446,8 +455,6 @@ def download(spec: str, *, force: bool = False, progress: bool = True) -> Path:
     """``mitdenoise download``: fetch a registry model or an hf:// file into the cache, return its path."""
     if spec.startswith(HF_SCHEME):
         return download_hf(spec, force=force)
-    if spec == DEFAULT_MODEL:
-        return _shipped()
     if spec not in REGISTRY:
         raise ModelLoadError(
             f"unknown model {spec!r}: not one of: {', '.join(REGISTRY)} (or {HF_SCHEME}owner/repo/file.safetensors)"
@@ -455,8 +462,8 @@ def download(spec: str, *, force: bool = False, progress: bool = True) -> Path:
     return fetch(spec, force=force, progress=progress)
 
 
-def _shipped() -> Path:
-    path = shipped_checkpoint()
+def _shipped(name: str) -> Path:
+    path = shipped_checkpoint(name)
     if not path.is_file():
         raise ModelLoadError(f"the shipped checkpoint {path} is missing: reinstall mitdenoise or pass --model PATH")
     return path
@@ -519,7 +526,7 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
     if entry is None:
         raise ModelLoadError(f"unknown model {name!r}: not one of: {', '.join(REGISTRY)}")
     if entry.shipped:
-        return _shipped()
+        return _shipped(name)
     target = cached_path(entry)
     if not force and (metadata := _cached_metadata(entry)) is not None:
         _restamp_if_stale(entry, metadata)
@@ -816,7 +823,7 @@ def download_hf(spec: str, *, force: bool = False) -> Path:
 def model_status(entry: ModelEntry) -> dict:
     """What ``mitdenoise models`` shows of an entry (its --json rows)."""
     if entry.shipped:
-        path = shipped_checkpoint()
+        path = shipped_checkpoint(entry.name)
         source = f"shipped: weights/{entry.path}"
         present = path.is_file()
     else:

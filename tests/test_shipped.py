@@ -1,5 +1,6 @@
 """The checkpoint we ship: the network and numbers its card states, the README's first command."""
 
+import dataclasses
 import itertools
 import re
 import subprocess
@@ -15,7 +16,7 @@ from mitdenoise.bench import run_quality
 from mitdenoise.metrics import psnr
 from mitdenoise.model import ModelConfig
 from mitdenoise.train.config import resolve_config
-from mitdenoise.weights import DEFAULT_MODEL, read_validation, shipped_checkpoint
+from mitdenoise.weights import DEFAULT_MODEL, read_validation, resolve_model, shipped_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = ROOT / "weights" / "README.md"
@@ -49,6 +50,25 @@ def test_the_default_model_is_the_shipped_file_with_the_network_and_mask_the_car
     assert record is not None and record["iteration"] == settings.iterations == card_number(r"\*\*Iterations:\*\* (\d+)")
 
 
+def test_the_shipped_baseline_is_the_default_network_without_masks_trained_as_its_settings_say():
+    path = resolve_model("mitdenoise-baseline")
+    assert path == shipped_checkpoint("mitdenoise-baseline") and path.parent == shipped_checkpoint().parent
+    assert path.stat().st_size < 10 * 2**20
+    baseline, default = Denoiser("mitdenoise-baseline", device="cpu"), Denoiser(device="cpu")
+    assert baseline.config == dataclasses.replace(default.config, attn_mask_ratio=(0, 0))
+    # No attention mask, so no randomness: any seed gives the same output.
+    noisy = np.random.default_rng(0).random((48, 40, 3), dtype=np.float32)
+    assert np.array_equal(Denoiser(path, seed=0)(noisy), Denoiser(path, seed=1)(noisy))
+    # Its settings are the default model's recipe with both masks off, stopped at the comparison's iteration.
+    settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-baseline.toml")
+    masked = resolve_config("cpu", ROOT / "weights" / "mitdenoise-masked.toml")
+    assert settings.is_baseline and settings.model == baseline.config
+    assert settings.replace(iterations=masked.iterations, milestones=masked.milestones).baseline_variant() == masked.baseline_variant()
+    record = read_validation(path)
+    stated = card_number(r"\*\*Baseline iterations:\*\* (\d+)")
+    assert record is not None and record["iteration"] == settings.iterations == stated
+
+
 def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_states(tmp_path):
     out = tmp_path / "denoised.png"
     done = subprocess.run(
@@ -75,11 +95,12 @@ def table_cell(document: Path, noise: str, column: str) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_model_measures(data_dir, two_threads):
+def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_models_measure(data_dir, two_threads):
     results = run_quality(
         data_dir / "test" / "mcmaster",
         noisy_dir=data_dir / "test" / "mcmaster_poisson_alpha2",
         noise_spec="gaussian:15",
+        models=(DEFAULT_MODEL, "mitdenoise-baseline"),
         baselines=("noisy",),
         crop=256,
         seed=0,
@@ -87,7 +108,7 @@ def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_model_
     )
     assert [row["noise"] for row in results["rows"]] == ["gaussian:15", "given:mcmaster_poisson_alpha2"]
     for row in results["rows"]:
-        for document, column in itertools.product((CARD, ROOT / "README.md"), ("noisy", DEFAULT_MODEL)):
+        for document, column in itertools.product((CARD, ROOT / "README.md"), ("noisy", DEFAULT_MODEL, "mitdenoise-baseline")):
             measured = row["results"][column]
             stated_psnr, stated_ssim = table_cell(document, row["noise"], column)
             where = (document.name, row["noise"], column, measured, (stated_psnr, stated_ssim))

@@ -204,7 +204,7 @@ def test_git_blob_id_is_what_git_computes(tmp_path):
 def test_unknown_name_lists_the_known_ones(hf_home):
     with pytest.raises(ModelLoadError) as info:
         resolve_model("nope")
-    assert str(info.value).startswith("unknown model 'nope': not a file and not one of: mitdenoise, masked-denoising,")
+    assert str(info.value).startswith("unknown model 'nope': not a file and not one of: mitdenoise, mitdenoise-baseline, masked-denoising,")
 
 
 def test_missing_path_says_file_not_found(tmp_path):
@@ -559,6 +559,8 @@ def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir,
     rows = {row["name"]: row for row in json.loads(cli("models", "--json").stdout)}
     assert {"mitdenoise", "masked-denoising", "masked-denoising-baseline", "fixture-tiny"} <= set(rows)
     assert rows["mitdenoise"]["default"] and not rows["fixture-tiny"]["cached"]
+    assert rows["mitdenoise-baseline"]["cached"] and not rows["mitdenoise-baseline"]["default"]
+    assert rows["mitdenoise-baseline"]["source"] == "shipped: weights/mitdenoise-baseline.safetensors"
     assert rows["masked-denoising"]["git_blob"] == "deafdf08ce4e6f69170f6f31bb3a32da9dee8cf5"
     assert origin.requests == []  # listing never goes online
 
@@ -573,6 +575,7 @@ def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir,
     for text in ("name", "source", "size", "cached", "licence", "masked-denoising-baseline", "fixture-tiny",
                  "mitdenoise (default)", "hf://owner/repo"):
         assert text in table
+    assert [line.split("│")[4].strip() for line in table.splitlines() if line.startswith("│ mitdenoise")] == ["shipped"] * 2
 
 
 def test_download_command_errors_are_one_line(cli, hf_home, monkeypatch):
