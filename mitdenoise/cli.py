@@ -84,7 +84,7 @@ def denoise(
     ],
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: the shipped one."),
+        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: mitdenoise (shipped)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = 544,
@@ -102,6 +102,9 @@ def denoise(
     max_pixels: Annotated[
         Optional[int], typer.Option(help="Refuse images with more pixels than this (default: Pillow's bomb limit, 89 MP).")
     ] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="CPU threads (default: every core; 1 when several processes share the cores).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only errors.")] = False,
 ) -> None:
     """Denoise images: files, folders or globs in, a file or a folder out."""
@@ -112,6 +115,12 @@ def denoise(
 
     if len(paths) < 2:
         fail("give at least one input and an output, e.g. mitdenoise denoise in.png out.png", 2)
+    if threads is not None:
+        if threads < 1:
+            fail("--threads must be >= 1", 2)
+        import torch
+
+        torch.set_num_threads(threads)
     if max_pixels is not None:
         set_max_pixels(max_pixels)
     try:

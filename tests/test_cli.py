@@ -235,3 +235,20 @@ def test_one_file_to_an_unknown_extension_is_an_error_not_a_new_folder(tmp_path,
     result = denoise(str(src), str(tmp_path / name) + "/", "-m", tiny_model)
     assert result.exit_code == 0, result.output
     assert (tmp_path / name / "in.png").is_file()
+
+
+def test_threads_sets_torchs_thread_count_and_refuses_zero(tmp_path, tiny_model):
+    import torch
+
+    src = make_image(tmp_path / "in.png")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = denoise(str(src), str(tmp_path / "one.png"), "-m", tiny_model, "--threads", "1")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1 and (tmp_path / "one.png").is_file()
+        result = denoise(str(src), str(tmp_path / "zero.png"), "-m", tiny_model, "--threads", "0")
+        assert result.exit_code == 2 and "--threads must be >= 1" in result.output
+        assert not (tmp_path / "zero.png").exists()
+    finally:
+        torch.set_num_threads(before)
