@@ -115,7 +115,9 @@ def bench_quality_command(
         _fail("--crop must be >= 16 (SSIM needs 11x11 windows)", 2)
     if passes < 1:
         _fail("--passes must be >= 1", 2)
-    _set_threads(threads)
+    from .cli import set_threads  # here, not at the top: cli imports this module
+
+    set_threads(threads)
     try:
         names = bench.parse_baselines(baselines)
         with _Bar(quiet, "quality") as bar:
@@ -179,16 +181,6 @@ def _num(value, digits: int) -> str:
 
 def _models(specs: Optional[list[str]]) -> list[Optional[str]]:
     return list(specs) if specs else [None]
-
-
-def _set_threads(threads: Optional[int]) -> None:
-    if threads is None:
-        return
-    if threads < 1:
-        _fail("--threads must be >= 1", 2)
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 # --- bench speed --------------------------------------------------------------------------------
@@ -322,8 +314,9 @@ def bench_default_command(
     if ctx.invoked_subcommand is not None:
         return
     from . import bench
+    from .cli import set_threads  # here, not at the top: cli imports this module
 
-    _set_threads(threads)
+    set_threads(threads)
     try:
         name, image = bench.default_clean_image()
         with _Bar(quiet, "quality") as bar:

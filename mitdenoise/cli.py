@@ -33,6 +33,17 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """``--threads`` of denoise and bench: torch's CPU thread count, unless None."""
+    if threads is None:
+        return
+    if threads < 1:
+        fail("--threads must be >= 1", 2)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"mitdenoise {__version__}")
@@ -115,12 +126,7 @@ def denoise(
 
     if len(paths) < 2:
         fail("give at least one input and an output, e.g. mitdenoise denoise in.png out.png", 2)
-    if threads is not None:
-        if threads < 1:
-            fail("--threads must be >= 1", 2)
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     if max_pixels is not None:
         set_max_pixels(max_pixels)
     try:

@@ -833,6 +833,7 @@ def model_status(entry: ModelEntry) -> dict:
     return {
         "name": entry.name,
         "default": entry.name == DEFAULT_MODEL,
+        "shipped": entry.shipped,
         "description": entry.description,
         "source": source,
         "git_blob": entry.git_blob,

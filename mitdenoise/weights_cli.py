@@ -49,7 +49,7 @@ def models_command(
         table.add_column(column, overflow="fold")
     for row in rows:
         name = row["name"] + (" (default)" if row["default"] else "")
-        if row["source"].startswith("shipped"):
+        if row["shipped"]:
             cached = "shipped" if row["cached"] else "missing"
         else:
             cached = "yes" if row["cached"] else "no"

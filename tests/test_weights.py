@@ -560,6 +560,7 @@ def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir,
     assert {"mitdenoise", "masked-denoising", "masked-denoising-baseline", "fixture-tiny"} <= set(rows)
     assert rows["mitdenoise"]["default"] and not rows["fixture-tiny"]["cached"]
     assert rows["mitdenoise-baseline"]["cached"] and not rows["mitdenoise-baseline"]["default"]
+    assert [name for name, row in rows.items() if row["shipped"]] == ["mitdenoise", "mitdenoise-baseline"]
     assert rows["mitdenoise-baseline"]["source"] == "shipped: weights/mitdenoise-baseline.safetensors"
     assert rows["masked-denoising"]["git_blob"] == "deafdf08ce4e6f69170f6f31bb3a32da9dee8cf5"
     assert origin.requests == []  # listing never goes online
