@@ -190,7 +190,8 @@ class Method:
 def model_methods(
     specs: Sequence[str | None], passes: int = 1, taken: set[str] | None = None, **denoiser_options
 ) -> list[Method]:
-    """One column per model spec, plus ``"<name> xN"`` with N averaged mask draws when passes > 1."""
+    """One column per model spec, plus ``"<name> xN"`` with N averaged mask draws when passes > 1
+    (masked models only: a model without the attention mask gives the same output every draw)."""
     from .denoiser import Denoiser
     from .weights import load_model, resolve_model
 
@@ -199,7 +200,7 @@ def model_methods(
     for spec in specs:
         net = load_model(resolve_model(spec))
         name = _unique(model_label(spec), taken)
-        for n in (1, passes) if passes > 1 else (1,):
+        for n in (1, passes) if passes > 1 and net.config.mask_enabled else (1,):
             den = Denoiser(net, passes=n, **denoiser_options)
             label = name if n == 1 else _unique(f"{name} x{n}", taken)
             info = {"model": str(spec) if spec is not None else None, "passes": n, "device": str(den.device),

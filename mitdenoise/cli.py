@@ -85,7 +85,8 @@ class StopFlag:
         "  mitdenoise denoise noisy.png clean.png\n\n"
         "  mitdenoise denoise photos/ denoised/ --suffix _dn\n\n"
         "  mitdenoise denoise 'scans/*.tif' out/ --model masked-denoising --passes 4\n\n"
-        "The default model is our own checkpoint shipped in weights/ (works offline). "
+        "The default model is our own baseline checkpoint shipped in weights/ (works offline; trained "
+        "without masks: our masked one, --model mitdenoise, is undertrained). "
         "--model masked-denoising uses the authors' released checkpoint (downloaded once)."
     )
 )
@@ -95,7 +96,7 @@ def denoise(
     ],
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: mitdenoise (shipped)."),
+        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: mitdenoise-baseline (shipped)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = 544,
@@ -149,6 +150,12 @@ def denoise(
     warning = validation_warning(denoiser.validation)
     if warning and not quiet:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if passes > denoiser.passes and not quiet:
+        err.print(
+            f"[yellow]note:[/] --passes {passes} runs one pass: this model has no attention mask, so every draw is the same",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     stop = StopFlag()
     stop.install()

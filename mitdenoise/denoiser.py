@@ -71,13 +71,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 class Denoiser:
-    """Denoise images with a masked-training SwinIR checkpoint, tile by tile.
+    """Denoise images with a SwinIR checkpoint (masked-training or baseline), tile by tile.
 
     >>> d = Denoiser("weights/mitdenoise-masked.safetensors")   # or a registry name, or a SwinIR
     >>> clean = d(noisy)      # NumPy (H, W[, C]) uint8/uint16/float32, or a PIL image
 
-    The attention mask stays on (the method needs it at inference); ``seed`` makes
-    its draws reproducible, ``passes`` averages that many independent draws.
+    A masked model keeps its attention mask on (the method needs it at inference); ``seed``
+    makes its draws reproducible, ``passes`` averages that many independent draws. A model
+    without the mask is deterministic, so it runs one pass whatever ``passes`` says.
     ``attn_mask_ratio`` overrides the checkpoint's ratio (percent; 0 switches it off).
     ``validation`` is what training recorded about the checkpoint's quality, if anything
     (see :func:`mitdenoise.weights.read_validation`).
@@ -123,7 +124,7 @@ class Denoiser:
         self.tile = tile
         self.tile_overlap = tile_overlap
         self.batch_size = batch_size
-        self.passes = passes
+        self.passes = passes if net.config.mask_enabled else 1
         self.seed = seed
         self._generator = torch.Generator(device=self.device)
 

@@ -44,6 +44,17 @@ def cli() -> typer.Typer:
     return app
 
 
+def test_averaged_draws_get_a_column_only_for_models_with_the_attention_mask(tmp_path, tiny_model):
+    from mitdenoise.weights import convert_checkpoint
+
+    plain = tmp_path / "plain.safetensors"
+    convert_checkpoint(tiny_model, plain, attn_mask_ratio=(0, 0))
+    methods = bench.model_methods([tiny_model, str(plain)], passes=3, device="cpu")
+    assert [(m.name, m.info["passes"]) for m in methods] == [
+        ("official_tiny_random", 1), ("official_tiny_random x3", 3), ("plain", 1)
+    ]
+
+
 def test_quality_writes_json_markdown_and_grids_with_every_row_and_method(tmp_path, clean_dir, tiny_model):
     results = bench.run_quality(
         clean_dir, noise_spec="gaussian:15,saltpepper:0.02", models=[tiny_model], passes=2,

@@ -61,6 +61,15 @@ def test_passes_average_several_mask_draws(tmp_path, tiny_model):
     assert one.shape == four.shape and np.abs(one - four).mean() > 0.5
 
 
+def test_passes_on_a_model_without_the_mask_says_one_pass_is_exact(tmp_path, tiny_model):
+    src = make_image(tmp_path / "in.png")
+    result = denoise(str(src), str(tmp_path / "out.png"), "-m", tiny_model, "--attn-mask-ratio", "0", "--passes", "4")
+    assert result.exit_code == 0 and (tmp_path / "out.png").is_file()
+    assert "note: --passes 4 runs one pass: this model has no attention mask, so every draw is the same" in result.stderr
+    masked = denoise(str(src), str(tmp_path / "masked.png"), "-m", tiny_model, "--passes", "4")
+    assert masked.exit_code == 0 and "note:" not in masked.stderr
+
+
 def test_grayscale_stays_grayscale_and_alpha_is_kept(tmp_path, tiny_model):
     gray = make_image(tmp_path / "g.png", mode="L")
     rgba = make_image(tmp_path / "a.png", mode="RGBA")
@@ -212,7 +221,7 @@ def test_warns_when_the_checkpoints_own_validation_shows_it_makes_images_worse(t
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warning == [
         "warning: this model made its validation images worse (gaussian15 10.30 dB out vs 25.15 dB in; "
-        "iteration 240): it is undertrained. Better: --model mitdenoise-baseline (shipped, trained without masks) "
+        "iteration 240): it is undertrained. Better: the default model (mitdenoise-baseline, shipped, trained without masks) "
         "or --model masked-denoising (the authors' released checkpoint)"
     ]
 

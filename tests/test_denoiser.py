@@ -68,6 +68,16 @@ def test_seed_repeats_and_passes_reduce_the_variance_of_the_mask(tiny):
     assert spread_avg < 0.7 * spread_single  # ideal: 1/sqrt(4) = 0.5
 
 
+def test_a_model_without_the_attention_mask_runs_one_pass_whatever_passes_says(tiny):
+    pixels = np.random.default_rng(5).random((40, 40, 3)).astype(np.float32)
+    masked, plain = Denoiser(tiny, passes=3), Denoiser(tiny, passes=3, attn_mask_ratio=0)
+    assert (masked.passes, plain.passes) == (3, 1)
+    calls = []
+    plain.model.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    out = plain(pixels)
+    assert len(calls) == 1 and np.array_equal(out, Denoiser(tiny, attn_mask_ratio=0)(pixels))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_on_cuda_stays_close_to_fp32(tiny, precision):

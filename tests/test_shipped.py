@@ -30,9 +30,10 @@ def card_number(pattern: str) -> float:
     return float(found.group(1))
 
 
-def test_the_default_model_is_the_shipped_file_with_the_network_and_mask_the_card_states():
-    assert shipped_checkpoint().is_file() and shipped_checkpoint().stat().st_size < 10 * 2**20
-    denoiser = Denoiser(device="cpu")
+def test_the_masked_checkpoint_is_the_shipped_file_with_the_network_and_mask_the_card_states():
+    path = resolve_model("mitdenoise")
+    assert path == shipped_checkpoint("mitdenoise") and path.stat().st_size < 10 * 2**20
+    denoiser = Denoiser("mitdenoise", device="cpu")
     network = r"\*\*Network:\*\* .*?embed_dim (\d+), depths \[([\d, ]+)\], heads \[([\d, ]+)\]"
     found = re.search(network, CARD.read_text(), re.DOTALL)
     assert found, "weights/README.md states no **Network:** line"
@@ -45,41 +46,54 @@ def test_the_default_model_is_the_shipped_file_with_the_network_and_mask_the_car
     assert denoiser.config == stated and stated.attn_mask_ratio == (75, 75) and not stated.global_residual
     # The settings file the card's command trains from builds this very network, for as long as the card says.
     settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-masked.toml")
-    record = read_validation(shipped_checkpoint())
+    record = read_validation(path)
     assert settings.model == denoiser.config
     assert record is not None and record["iteration"] == settings.iterations == card_number(r"\*\*Iterations:\*\* (\d+)")
 
 
-def test_the_shipped_baseline_is_the_default_network_without_masks_trained_as_its_settings_say():
-    path = resolve_model("mitdenoise-baseline")
-    assert path == shipped_checkpoint("mitdenoise-baseline") and path.parent == shipped_checkpoint().parent
-    assert path.stat().st_size < 10 * 2**20
-    baseline, default = Denoiser("mitdenoise-baseline", device="cpu"), Denoiser(device="cpu")
-    assert baseline.config == dataclasses.replace(default.config, attn_mask_ratio=(0, 0))
+def test_the_default_is_the_shipped_baseline_the_masked_network_without_masks_trained_as_its_settings_say():
+    assert DEFAULT_MODEL == "mitdenoise-baseline"
+    path = resolve_model(None)
+    assert path == resolve_model("mitdenoise-baseline") == shipped_checkpoint() == shipped_checkpoint("mitdenoise-baseline")
+    assert path.parent == shipped_checkpoint("mitdenoise").parent and path.stat().st_size < 10 * 2**20
+    default, masked = Denoiser(device="cpu"), Denoiser("mitdenoise", device="cpu")
+    assert default.config == dataclasses.replace(masked.config, attn_mask_ratio=(0, 0))
     # No attention mask, so no randomness: any seed gives the same output.
     noisy = np.random.default_rng(0).random((48, 40, 3), dtype=np.float32)
     assert np.array_equal(Denoiser(path, seed=0)(noisy), Denoiser(path, seed=1)(noisy))
-    # Its settings are the default model's recipe with both masks off, stopped at the comparison's iteration.
+    # Its settings are the masked checkpoint's recipe with both masks off, stopped at the comparison's iteration.
     settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-baseline.toml")
-    masked = resolve_config("cpu", ROOT / "weights" / "mitdenoise-masked.toml")
-    assert settings.is_baseline and settings.model == baseline.config
-    assert settings.replace(iterations=masked.iterations, milestones=masked.milestones).baseline_variant() == masked.baseline_variant()
+    masked_settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-masked.toml")
+    assert settings.is_baseline and settings.model == default.config
+    assert (
+        settings.replace(iterations=masked_settings.iterations, milestones=masked_settings.milestones).baseline_variant()
+        == masked_settings.baseline_variant()
+    )
     record = read_validation(path)
     stated = card_number(r"\*\*Baseline iterations:\*\* (\d+)")
     assert record is not None and record["iteration"] == settings.iterations == stated
 
 
-def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_states(tmp_path):
+@pytest.mark.parametrize(
+    "options, stated_as",
+    [([], "denoised with the defaults"), (["--model", "mitdenoise"], "with `--model mitdenoise`")],
+    ids=["default", "masked"],
+)
+def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_states(tmp_path, options, stated_as):
     out = tmp_path / "denoised.png"
     done = subprocess.run(
-        [sys.executable, "-m", "mitdenoise", "denoise", str(EXAMPLE_NOISY), str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "mitdenoise", "denoise", str(EXAMPLE_NOISY), str(out), *options],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     result = np.asarray(Image.open(out))
     clean = np.asarray(Image.open(EXAMPLE_CLEAN))
     assert result.shape == clean.shape == (256, 256, 3) and result.dtype == np.uint8
-    stated = card_number(r"`examples/kodim23-noisy-poisson2.png`, denoised with the defaults: ([\d.]+) dB")
+    stated = card_number(rf"(?s)`examples/kodim23-noisy-poisson2.png` [^`]*?{re.escape(stated_as)}: ([\d.]+) dB")
     assert abs(psnr(result, clean) - stated) < 0.01
+    # Only the undertrained masked checkpoint warns; the default does not.
+    assert ("warning: this model made its validation images worse" in done.stderr) == bool(options)
 
 
 def table_cell(document: Path, noise: str, column: str) -> tuple[float, float]:
@@ -100,7 +114,7 @@ def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_models
         data_dir / "test" / "mcmaster",
         noisy_dir=data_dir / "test" / "mcmaster_poisson_alpha2",
         noise_spec="gaussian:15",
-        models=(DEFAULT_MODEL, "mitdenoise-baseline"),
+        models=("mitdenoise", "mitdenoise-baseline"),
         baselines=("noisy",),
         crop=256,
         seed=0,
@@ -108,7 +122,7 @@ def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_models
     )
     assert [row["noise"] for row in results["rows"]] == ["gaussian:15", "given:mcmaster_poisson_alpha2"]
     for row in results["rows"]:
-        for document, column in itertools.product((CARD, ROOT / "README.md"), ("noisy", DEFAULT_MODEL, "mitdenoise-baseline")):
+        for document, column in itertools.product((CARD, ROOT / "README.md"), ("noisy", "mitdenoise", "mitdenoise-baseline")):
             measured = row["results"][column]
             stated_psnr, stated_ssim = table_cell(document, row["noise"], column)
             where = (document.name, row["noise"], column, measured, (stated_psnr, stated_ssim))
