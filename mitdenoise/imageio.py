@@ -470,7 +470,35 @@ def _refuse_alpha(path: Path, image: Image, format_name: str) -> None:
 
 
 def _pil_save(f: BinaryIO, frame: PILImage.Image, format_name: str, **options) -> None:
-    frame.save(f, format_name, **{k: v for k, v in options.items() if v is not None})
+    frame.save(_CheckedWrites(f), format_name, **{k: v for k, v in options.items() if v is not None})
+
+
+class _CheckedWrites:
+    """A file that hides its descriptor from Pillow.
+
+    Given a descriptor, Pillow's JPEG encoder writes to it from C and misses a short
+    write: on a full disk it left a truncated JPEG and reported success (measured,
+    RLIMIT_FSIZE of 4 KiB). Without one, every byte goes through Python's writes,
+    which raise on a full disk.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def write(self, data) -> int:
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
 
 
 def _encode_png(path: Path, image: Image, f: BinaryIO) -> None:

@@ -134,3 +134,23 @@ def test_max_pixels_flag_refuses_or_lets_through(tmp_path, tiny_model):
     assert not (tmp_path / "o.png").exists()
     result = runner.invoke(app, ["denoise", str(src), str(tmp_path / "o.png"), "-m", tiny_model, "--max-pixels", "20000"])
     assert result.exit_code == 0 and pixels(tmp_path / "o.png").shape == (100, 100, 3)
+
+
+@pytest.mark.parametrize("name", ["out.jpg", "out.bmp", "out.png", "out.tif", "out.webp"])
+def test_a_full_disk_is_an_error_and_leaves_no_file_in_every_format(tmp_path, tiny_model, name):
+    import resource
+
+    (src,) = make_images(tmp_path, ["in.png"], size=(256, 256))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def disk_of_4_kib():  # writes past 4 KiB fail with EFBIG, as on a full disk (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mitdenoise", "denoise", str(src), str(out / name), "-m", tiny_model, "--threads", "1"],
+        capture_output=True, text=True, preexec_fn=disk_of_4_kib,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"error: cannot write {out / name}: file too large" in done.stderr
+    assert list(out.iterdir()) == []  # no truncated output, no temp file
