@@ -156,6 +156,11 @@ def run_jobs(
             summary.failed.append((job, f"cannot write {job.target}: {e.strerror or e}"))
             _notify(on_end, job, "failed")
             continue
+        except Exception as e:  # a decoder or the network failing on one odd file must not stop the others
+            reason = str(e).splitlines()[0] if str(e) else ""
+            summary.failed.append((job, f"failed on {job.source}: {type(e).__name__}: {reason}"[:300]))
+            _notify(on_end, job, "failed")
+            continue
         summary.done.append(job)
         summary.megapixels += h * w / 1e6
         _notify(on_end, job, "done")

@@ -57,6 +57,8 @@ JPEG_SUBSAMPLING = 2
 
 _ORIENTATION_TAG = 0x0112
 _ICC_TAG = 34675
+_TIFFFILE_CODECS = ("NONE", "ADOBE_DEFLATE", "DEFLATE", "PACKBITS")
+"""TIFF compressions tifffile decodes without imagecodecs; Pillow (libtiff) reads the rest."""
 
 # mkstemp makes 0600 files; outputs should get the permissions any new file would get
 _UMASK = os.umask(0)
@@ -121,16 +123,30 @@ def read_image(path: str | os.PathLike) -> Image:
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             # Pillow checks the pixel limit in open(), from the header, before any decoding
             with PILImage.open(path, formats=_READABLE_FORMATS) as im:
-                return _read_opened(path, im)
+                image = _read_tiff_with_tifffile(path, fallback=True) if im.format == "TIFF" else None
+                image = image or _read_opened(path, im)
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as e:
         found = re.search(r"(\d+) pixels", str(e))
         raise ImageReadError(_too_many_pixels(path, int(found.group(1)) if found else None)) from None
     except PILImage.UnidentifiedImageError:
         if _starts_like_tiff(path):
-            return _read_tiff_with_tifffile(path)
+            return _checked(path, _read_tiff_with_tifffile(path))
         raise ImageReadError(f"cannot read {path}: not a {_READABLE_NAMES} image") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
         raise ImageReadError(f"cannot read {path}: {_decode_failure(e)}") from None
+    return _checked(path, image)
+
+
+def _checked(path: Path, image: Image) -> Image:
+    """Refuse what would crash the network or poison every output pixel (one NaN spreads through attention)."""
+    height, width = image.pixels.shape[:2]
+    if height == 0 or width == 0:
+        raise ImageReadError(f"cannot read {path}: the image has no pixels ({width}x{height})")
+    if image.pixels.dtype == np.float32:
+        bad = int(np.count_nonzero(~np.isfinite(image.pixels)))
+        if bad:
+            raise ImageReadError(f"cannot read {path}: {bad} sample(s) are NaN or infinite")
+    return image
 
 
 def _check_is_readable_file(path: Path) -> None:
@@ -173,7 +189,8 @@ def _read_opened(path: Path, im: PILImage.Image) -> Image:
         pixels, alpha = _decode_16bit_colour_with_cv2(path, im)
     else:
         im.load()
-    orientation = _orientation(im)
+    # OpenCV has already turned a TIFF upright (tifffile reads TIFFs first; this is one whose codec it lacks)
+    orientation = 1 if deep_colour and im.format == "TIFF" else _orientation(im)
     icc = im.info.get("icc_profile") or None
     exif = _exif_upright(im.info.get("exif"))
     if not deep_colour:
@@ -200,7 +217,10 @@ def _decode_16bit_colour_with_cv2(path: Path, im: PILImage.Image) -> tuple[np.nd
     import cv2
 
     gray = _rawmode(im).startswith("LA")
-    decoded = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        decoded = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # e.g. a header over OpenCV's size limits
+        decoded = None
     width, height = im.size
     if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 3 or decoded.shape[:2] != (height, width):
         raise ImageReadError(f"cannot read {path}: truncated or corrupt 16-bit image data")
@@ -343,8 +363,14 @@ def _apply_orientation(pixels: np.ndarray, alpha: np.ndarray | None, orientation
     return upright(pixels), None if alpha is None else upright(alpha)
 
 
-def _read_tiff_with_tifffile(path: Path) -> Image:
-    """TIFF layouts Pillow cannot open: 16-bit gray + alpha, float colour, and the like."""
+def _read_tiff_with_tifffile(path: Path, fallback: bool = False) -> Image | None:
+    """Gray or RGB TIFFs of 8, 16 or float32 samples, any + alpha, chunky or planar.
+
+    Pillow can't open some of these (16-bit gray + alpha, float colour) and misreads
+    others (planar 16-bit colour, 8- and 16-bit gray with a rotating orientation), and
+    OpenCV applies a TIFF's orientation itself. With ``fallback``, None for what this
+    doesn't read (other colour models, codecs tifffile lacks) so that Pillow gets it.
+    """
     import tifffile
 
     try:
@@ -355,10 +381,14 @@ def _read_tiff_with_tifffile(path: Path) -> Image:
             samples = page.samplesperpixel
             colour = {tifffile.PHOTOMETRIC.MINISBLACK: 1, tifffile.PHOTOMETRIC.RGB: 3}.get(page.photometric)
             if colour is None or samples not in (colour, colour + 1) or page.dtype not in (np.uint8, np.uint16, np.float32):
+                if fallback:
+                    return None
                 raise ImageReadError(
                     f"cannot read {path}: unsupported TIFF layout ({page.photometric.name}, "
                     f"{samples} samples of {page.dtype})"
                 )
+            if fallback and page.compression.name not in _TIFFFILE_CODECS:
+                return None
             array = page.asarray()
             if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3:
                 array = np.moveaxis(array, 0, -1)

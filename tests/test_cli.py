@@ -92,6 +92,30 @@ def test_folder_run_goes_on_past_a_corrupt_file_and_lists_it(tmp_path, tiny_mode
     assert "b.png" in result.output and "denoised 2 file(s)" in result.output and "1 failed" in result.output
 
 
+def test_an_unexpected_error_on_one_file_is_recorded_and_the_run_goes_on(tmp_path):
+    from mitdenoise.batch import plan_jobs, run_jobs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        make_image(src / name)
+
+    def denoise_or_fail(image):
+        if denoise_or_fail.calls == 1:
+            denoise_or_fail.calls += 1
+            raise RuntimeError("Calculated padded input size per channel: (16 x 0)\nmore")
+        denoise_or_fail.calls += 1
+        return image
+
+    denoise_or_fail.calls = 0
+    summary = run_jobs(plan_jobs([str(src)], str(tmp_path / "out")), denoise_or_fail)
+    assert [job.source.name for job in summary.done] == ["a.png", "c.png"]
+    assert [reason for _, reason in summary.failed] == [
+        f"failed on {src / 'b.png'}: RuntimeError: Calculated padded input size per channel: (16 x 0)"
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+
+
 def test_rerun_skips_existing_outputs_and_overwrite_replaces_them(tmp_path, tiny_model):
     src = tmp_path / "in"
     src.mkdir()

@@ -207,6 +207,79 @@ def test_orientation_is_applied_to_16bit_colour_decoded_by_opencv(tmp_path):
     assert np.array_equal(back.alpha, np.rot90(image.alpha, -1))
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tiff_orientation_is_applied_once_for_every_depth_and_layout(tmp_path, orientation, dtype, channels):
+    import tifffile
+
+    stored = noise(6, 10, channels, dtype)
+    tifffile.imwrite(
+        tmp_path / "o.tif", stored[..., 0] if channels == 1 else stored,
+        photometric="minisblack" if channels == 1 else "rgb", extratags=[(274, 3, 1, orientation, True)],
+    )
+    turn = {3: lambda a: a[::-1, ::-1], 6: lambda a: np.rot90(a, -1), 8: lambda a: np.rot90(a, 1)}[orientation]
+    back = read_image(tmp_path / "o.tif")
+    assert back.pixels.dtype == dtype and np.array_equal(back.pixels, turn(stored))
+
+
+@pytest.mark.parametrize("samples", [3, 4])
+def test_a_planar_16bit_colour_tiff_reads_as_16bit_with_its_own_pixels(tmp_path, samples):
+    import tifffile
+
+    stored = noise(12, 9, samples, np.uint16)
+    tifffile.imwrite(
+        tmp_path / "p.tif", np.moveaxis(stored, -1, 0), photometric="rgb", planarconfig="separate",
+        extrasamples=["unassalpha"] if samples == 4 else None,
+    )
+    back = read_image(tmp_path / "p.tif")
+    assert back.pixels.dtype == np.uint16 and np.array_equal(back.pixels, stored[..., :3])
+    assert (back.alpha is None) if samples == 3 else np.array_equal(back.alpha, stored[..., 3])
+
+
+def test_a_16bit_colour_tiff_taller_than_opencv_allows_is_read(tmp_path):
+    import tifffile
+
+    stored = noise(1_100_000, 2, 3, np.uint16)
+    tifffile.imwrite(tmp_path / "tall.tif", stored, photometric="rgb")
+    assert np.array_equal(read_image(tmp_path / "tall.tif").pixels, stored)
+
+
+def test_an_lzw_16bit_colour_tiff_still_reads_through_pillow_and_opencv_upright(tmp_path):
+    stored = noise(6, 10, 3, np.uint16)
+    ok, encoded = cv2.imencode(".tif", stored[..., ::-1], [cv2.IMWRITE_TIFF_COMPRESSION, 5])
+    assert ok
+    (tmp_path / "lzw.tif").write_bytes(encoded.tobytes())
+    back = read_image(tmp_path / "lzw.tif")
+    assert back.pixels.dtype == np.uint16 and np.array_equal(back.pixels, stored)
+
+
+def test_nan_or_infinite_float_samples_are_refused_naming_the_count(tmp_path):
+    import tifffile
+
+    stored = noise(8, 8, 3, np.float32)
+    stored[3, 3, 0], stored[4, 5, 2] = np.nan, np.inf
+    tifffile.imwrite(tmp_path / "nan.tif", stored, photometric="rgb")
+    with pytest.raises(ImageReadError, match=r"^cannot read .*nan.tif: 2 sample\(s\) are NaN or infinite$"):
+        read_image(tmp_path / "nan.tif")
+
+
+@pytest.mark.parametrize("tag", ["ImageWidth", "ImageLength"])
+def test_a_tiff_of_zero_width_or_height_is_refused(tmp_path, tag):
+    import struct
+
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "z.tif", noise(16, 16, 3, np.uint8), photometric="rgb")
+    with tifffile.TiffFile(tmp_path / "z.tif") as tif:
+        offset = tif.pages[0].tags[tag].valueoffset
+    data = bytearray((tmp_path / "z.tif").read_bytes())
+    data[offset : offset + 4] = struct.pack("<I", 0)
+    (tmp_path / "z.tif").write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"^cannot read .*z.tif: "):
+        read_image(tmp_path / "z.tif")
+
+
 @pytest.mark.parametrize("orientation", [0, 9])
 def test_an_invalid_orientation_is_read_as_upright(tmp_path, orientation):
     pixels = noise(4, 7, 3, np.uint8)
