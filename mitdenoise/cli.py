@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -29,7 +30,7 @@ app = typer.Typer(
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -149,7 +150,7 @@ def denoise(
         fail(str(e), 2)
     warning = validation_warning(denoiser.validation)
     if warning and not quiet:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if passes > denoiser.passes and not quiet:
         err.print(
             f"[yellow]note:[/] --passes {passes} runs one pass: this model has no attention mask, so every draw is the same",
@@ -172,7 +173,7 @@ def denoise(
     tiles_task = progress.add_task("tiles", total=1)
 
     def on_start(job, pixels):
-        progress.update(tiles_task, description=f"{job.source.name}", completed=0, total=None)
+        progress.update(tiles_task, description=escape(job.source.name), completed=0, total=None)
 
     def on_end(job, status):
         progress.advance(files_task)
@@ -186,7 +187,7 @@ def denoise(
         summary = run_jobs(jobs, run_one, overwrite=overwrite, on_start=on_start, on_end=on_end, should_stop=stop)
 
     for job, reason in summary.failed:
-        err.print(f"[bold red]error:[/] {reason}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(reason)}", highlight=False, soft_wrap=True)
     if not quiet:
         rate = summary.seconds / summary.megapixels if summary.megapixels else 0.0
         parts = [f"denoised {len(summary.done)} file(s), {summary.megapixels:.2f} MP in {summary.seconds:.1f} s"]
@@ -208,7 +209,7 @@ def run() -> None:
     try:
         app()
     except MitdenoiseError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

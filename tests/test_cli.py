@@ -285,3 +285,15 @@ def test_threads_sets_torchs_thread_count_and_refuses_zero(tmp_path, tiny_model)
         assert not (tmp_path / "zero.png").exists()
     finally:
         torch.set_num_threads(before)
+
+
+def test_names_that_look_like_rich_markup_are_printed_as_they_are(tmp_path, tiny_model):
+    missing = tmp_path / "missing[/b].png"
+    result = denoise(str(missing), str(tmp_path / "out.png"), "-m", tiny_model)
+    assert result.exit_code == 1 and result.stderr == f"error: no files match {missing}\n"
+    bad = tmp_path / "[bold]bad.png"
+    bad.write_bytes(b"junk")
+    result = denoise(str(bad), str(tmp_path / "out.png"), "-m", tiny_model)
+    assert result.exit_code == 1 and f"error: cannot read {bad}: " in result.stderr
+    result = denoise(str(bad), str(tmp_path / "out.png"), "-m", str(tmp_path / "x[/red]"))
+    assert result.exit_code == 1 and "x[/red]" in result.stderr

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True)
 out = Console()
@@ -96,7 +97,7 @@ def train_command(
                 base = TrainConfig.from_dict(json.loads(saved.read_text()))
                 resolved = resolve_config(None, config, overrides, base=base, baseline=baseline)
     except ValueError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
     from .loop import train
@@ -104,10 +105,10 @@ def train_command(
     try:
         result = train(resolved, resume=resume, quiet=quiet)
     except MitdenoiseError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     except ValueError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     if main_rank:
         if result.signal is not None:
@@ -115,13 +116,16 @@ def train_command(
 
             name = signal.Signals(result.signal).name
             err.print(
-                f"[yellow]stopped by {name} at iteration {result.iteration}[/]: checkpoint {result.checkpoint}; "
-                f"continue with: mitdenoise train --out {result.run_dir} --resume",
+                f"[yellow]stopped by {name} at iteration {result.iteration}[/]: checkpoint {escape(str(result.checkpoint))}; "
+                f"continue with: mitdenoise train --out {escape(str(result.run_dir))} --resume",
                 highlight=False,
                 soft_wrap=True,
             )
         else:
-            out.print(f"{result.iteration} iterations: weights {result.export}, checkpoint {result.checkpoint}", highlight=False, soft_wrap=True)
+            out.print(
+                f"{result.iteration} iterations: weights {result.export}, checkpoint {result.checkpoint}",
+                markup=False, highlight=False, soft_wrap=True,
+            )
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 

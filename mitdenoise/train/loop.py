@@ -298,7 +298,7 @@ class Reporter:
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            self.console.print(text, highlight=False, soft_wrap=True)
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def step(self, iteration: int) -> None:
         if self.progress is not None:
@@ -324,7 +324,7 @@ class Reporter:
                 parts.append(f"eta {_duration(remaining)}")
             if psnrs:
                 parts.append(self.psnr)
-            self.console.print("  ".join(parts), highlight=False, soft_wrap=True)
+            self.console.print("  ".join(parts), markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -460,7 +460,7 @@ def train(
             }
         )
         if too_small:
-            reporter.message(f"[yellow]skipped {too_small} images smaller than {config.patch_size}x{config.patch_size}[/]")
+            reporter.message(f"note: skipped {too_small} images smaller than {config.patch_size}x{config.patch_size}")
         validation: dict[str, float] = {}
         validated_at = start
         if val_sets and not resume:
