@@ -8,7 +8,8 @@ Rules (also in the README):
   becomes ``<out>/<name><suffix>.<ext or --format>``; folders are read one level deep;
 - two inputs that would land on the same output file are an error before anything runs;
 - an existing output is skipped (so an interrupted run resumes), unless ``overwrite``;
-- an output that is the input itself is refused unless ``overwrite``.
+- an output that is the input itself is refused unless ``overwrite``;
+- an input that is another input's output (a folder into itself with a suffix, run again) is left out.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def plan_jobs(inputs: list[str], output: str, *, suffix: str = "", fmt: str | None = None) -> list[Job]:
+    if "/" in suffix or os.sep in suffix or (os.altsep and os.altsep in suffix) or "\0" in suffix:
+        # '/../x' would write outside the output folder (and with --overwrite, over any file)
+        raise JobPlanError(f"--suffix {suffix!r} must be part of a file name: no path separators")
     sources = expand_inputs(inputs)
     out = Path(output)
     if fmt is not None:
@@ -95,13 +99,19 @@ def plan_jobs(inputs: list[str], output: str, *, suffix: str = "", fmt: str | No
     jobs = [Job(s, out / f"{s.stem}{suffix}{fmt or s.suffix}") for s in sources]
     by_target: dict[Path, Path] = {}
     for job in jobs:
-        key = Path(os.path.normcase(os.path.abspath(job.target)))
+        key = _key(job.target)
         if key in by_target:
             raise JobPlanError(
                 f"{by_target[key]} and {job.source} would both be written to {job.target}: use --suffix or --format, or separate runs"
             )
         by_target[key] = job.source
-    return jobs
+    # A folder denoised into itself with a suffix: a.png -> a_dn.png. On a re-run a_dn.png is an
+    # input too; it is another job's output, not a new image, so it is left out (no a_dn_dn.png).
+    return [job for job in jobs if by_target.get(_key(job.source), job.source) == job.source]
+
+
+def _key(path: Path) -> Path:
+    return Path(os.path.normcase(os.path.abspath(path)))
 
 
 def same_file(a: Path, b: Path) -> bool:

@@ -297,3 +297,24 @@ def test_names_that_look_like_rich_markup_are_printed_as_they_are(tmp_path, tiny
     assert result.exit_code == 1 and f"error: cannot read {bad}: " in result.stderr
     result = denoise(str(bad), str(tmp_path / "out.png"), "-m", str(tmp_path / "x[/red]"))
     assert result.exit_code == 1 and "x[/red]" in result.stderr
+
+
+@pytest.mark.parametrize("suffix", ["/../../escaped", "/sub", "a/b"])
+def test_a_suffix_with_a_path_separator_is_refused_before_anything_is_written(tmp_path, tiny_model, suffix):
+    src = make_image(tmp_path / "a.png")
+    result = denoise(str(src), str(tmp_path / "outs") + "/", "-m", tiny_model, "--suffix", suffix)
+    assert result.exit_code == 1
+    assert result.stderr == f"error: --suffix {suffix!r} must be part of a file name: no path separators\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_a_folder_denoised_into_itself_with_a_suffix_twice_does_not_denoise_its_outputs(tmp_path, tiny_model):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    make_image(folder / "a.png")
+    assert denoise(str(folder), str(folder), "-m", tiny_model, "--suffix", "_dn", "-q").exit_code == 0
+    first = (folder / "a_dn.png").read_bytes()
+    result = denoise(str(folder), str(folder), "-m", tiny_model, "--suffix", "_dn")
+    assert result.exit_code == 0 and "1 skipped" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_dn.png"]
+    assert (folder / "a_dn.png").read_bytes() == first
