@@ -68,7 +68,7 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the result
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the synthetic noise and of the attention-mask draws.")]
+SeedOpt = Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the synthetic noise and of the attention-mask draws.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")]
 
 
@@ -200,7 +200,7 @@ def bench_speed_command(
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
     tile_overlap: Annotated[int, typer.Option(help="Tile overlap.")] = 32,
     reference: Annotated[bool, typer.Option(help="Also time the whole-image, host-NumPy-mask reference.")] = True,
-    sgemm_size: Annotated[int, typer.Option(help="Size of the sgemm that measures the FLOP ceiling.")] = 2048,
+    sgemm_size: Annotated[int, typer.Option(min=1, help="Size of the sgemm that measures the FLOP ceiling.")] = 2048,
     seed: SeedOpt = 0,
     out_dir: OutOpt = DEFAULT_OUT,
     as_json: JsonOpt = False,
@@ -363,7 +363,7 @@ def noise_command(
     target: Annotated[str, typer.Argument(metavar="OUT", help="Output file (for one input) or folder.")],
     kind: Annotated[str, typer.Option("--kind", "-k", help="gaussian, correlated, poisson, speckle, saltpepper or mixture.")] = "gaussian",
     level: Annotated[float, typer.Option("--level", "-l", help="gaussian/correlated/mixture: sigma on 0..255; poisson: scale; speckle: variance; saltpepper: density.")] = 15.0,
-    seed: Annotated[int, typer.Option(help="Seed. One file: numpy default_rng(seed); a folder: a stream per file name.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed. One file: numpy default_rng(seed); a folder: a stream per file name.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
     quiet: QuietOpt = False,
 ) -> None:

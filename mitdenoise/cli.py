@@ -104,7 +104,7 @@ def denoise(
     tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
     precision: Annotated[str, typer.Option(help="fp32, or bf16/fp16 on CUDA (fp16 tiles that overflow are redone in fp32).")] = "fp32",
-    seed: Annotated[int, typer.Option(help="Seed of the attention-mask draws (same seed, same output).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the attention-mask draws (same seed, same output).")] = 0,
     passes: Annotated[int, typer.Option(help="Average this many independent attention-mask draws.")] = 1,
     attn_mask_ratio: Annotated[
         Optional[int], typer.Option(help="Attention-mask ratio in percent for checkpoints that don't carry it; 0 = off.")
@@ -113,7 +113,7 @@ def denoise(
     format: Annotated[Optional[str], typer.Option("--format", help="Output format for folder runs (png, tif, ...); default: the input's.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
     max_pixels: Annotated[
-        Optional[int], typer.Option(help="Refuse images with more pixels than this (default: Pillow's bomb limit, 89 MP).")
+        Optional[int], typer.Option(min=1, help="Refuse images with more pixels than this (default: Pillow's bomb limit, 89 MP).")
     ] = None,
     threads: Annotated[
         Optional[int], typer.Option(help="CPU threads (default: every core; 1 when several processes share the cores).")

@@ -318,3 +318,19 @@ def test_a_folder_denoised_into_itself_with_a_suffix_twice_does_not_denoise_its_
     assert result.exit_code == 0 and "1 skipped" in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_dn.png"]
     assert (folder / "a_dn.png").read_bytes() == first
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["denoise", "a.png", "b.png", "--max-pixels", "0"], "--max-pixels"),
+        (["denoise", "a.png", "b.png", "--seed", "99999999999999999999"], "--seed"),
+        (["noise", "a.png", "b.png", "--seed", "-1"], "--seed"),
+        (["bench", "speed", "--sgemm-size", "0"], "--sgemm-size"),
+        (["bench", "quality", "x/", "--seed", "-1"], "--seed"),
+        (["train", "--seed", "-1"], "--seed"),
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors_naming_the_option(args, option):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output

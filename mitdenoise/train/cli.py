@@ -43,7 +43,7 @@ def train_command(
     patch_size: Annotated[Optional[int], Opt("--patch-size", help="Crop size (a multiple of the window, 8).")] = None,
     lr: Annotated[Optional[float], Opt("--lr", help="Adam learning rate.")] = None,
     milestones: Annotated[Optional[str], Opt("--milestones", help="Iterations where lr halves, e.g. 1000,2000 ('' for none).")] = None,
-    seed: Annotated[Optional[int], Opt("--seed", help="Seed of initialisation, crops, noise and masks.")] = None,
+    seed: Annotated[Optional[int], Opt("--seed", min=0, max=2**63 - 1, help="Seed of initialisation, crops, noise and masks.")] = None,
     baseline: Annotated[bool, Opt("--baseline", help="Train without masks (input mask and attention mask off).")] = False,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its last.pt.")] = False,
     checkpoint_every: Annotated[Optional[int], Opt("--checkpoint-every", help="Write last.pt every N iterations.")] = None,
