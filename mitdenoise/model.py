@@ -63,9 +63,23 @@ class ModelConfig:
     attn_mask_ratio: tuple[int, int] = (75, 75)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
-        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
-        object.__setattr__(self, "attn_mask_ratio", tuple(int(r) for r in self.attn_mask_ratio))
+        # settings come from TOML, JSON metadata and flags: wrong types are a message, not a crash later
+        for name in ("in_chans", "embed_dim", "window_size", "conv_first_kernel"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
+        for name, length in (("depths", None), ("num_heads", None), ("attn_mask_ratio", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value) or not value:
+                raise ValueError(f"{name} must be a list of integers, not {value!r}")
+            if length is not None and len(value) != length:
+                raise ValueError(f"{name} must be [low, high], not {value!r}")
+            object.__setattr__(self, name, tuple(int(v) for v in value))
+        if any(v < 1 for v in self.depths + self.num_heads):
+            raise ValueError("depths and num_heads must be positive")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a positive number, not {self.mlp_ratio!r}")
+        if not isinstance(self.global_residual, bool):
+            raise ValueError(f"global_residual must be true or false, not {self.global_residual!r}")
         if len(self.depths) != len(self.num_heads):
             raise ValueError("depths and num_heads must have the same length")
         if self.resi_connection not in ("1conv", "3conv"):
@@ -91,6 +105,10 @@ class ModelConfig:
     @property
     def mask_enabled(self) -> bool:
         return self.attn_mask_ratio[1] > 0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:

@@ -167,6 +167,38 @@ def test_config_layers_preset_toml_and_flags_and_baseline_turns_both_masks_off(t
         resolve_config("fast")
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('batch_size = "eight"', "batch_size must be an integer, not 'eight'"),
+        ("batch_size = true", "batch_size must be an integer, not True"),
+        ('lr = "fast"', "lr must be a finite number, not 'fast'"),
+        ("lr = nan", "lr must be a finite number, not nan"),
+        ("input_mask = 5", "input_mask must be [low, high] in percent, not 5"),
+        ("milestones = [1.5]", "milestones must be a list of integers, not [1.5]"),
+        ("val_pairs = 5", "val_pairs must be a path (a string), not 5"),
+        ("[model]\ndepths = 3", "depths must be a list of integers, not 3"),
+        ('[model]\nembed_dim = "x"', "embed_dim must be a positive integer, not 'x'"),
+        ("[model]\nwindow_size = 0", "window_size must be a positive integer, not 0"),
+        ("[model]\nattn_mask_ratio = [75]", "attn_mask_ratio must be [low, high], not [75]"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_one_message_naming_it(tmp_path, text, message):
+    toml = tmp_path / "bad.toml"
+    toml.write_text(text + "\n")
+    with pytest.raises(ValueError) as info:
+        resolve_config("quick", toml)
+    assert str(info.value) == message
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_one_message(tmp_path):
+    with pytest.raises(ValueError, match=rf"^cannot read config file {tmp_path}: is a directory$"):
+        resolve_config("quick", tmp_path)
+    (tmp_path / "latin1.toml").write_bytes("preset = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.toml: not valid TOML"):
+        resolve_config("quick", tmp_path / "latin1.toml")
+
+
 # ----------------------------------------------------------------------------- training runs
 
 

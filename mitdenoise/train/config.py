@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", ModelConfig(**self.model))
+        _check_types(self)
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         object.__setattr__(self, "input_mask", tuple(int(r) for r in self.input_mask))
         problems = []
@@ -137,6 +139,44 @@ class TrainConfig:
         return base.replace(**data)
 
 
+_INTS = ("patch_size", "batch_size", "iterations", "seed", "checkpoint_every", "log_every", "val_every",
+         "val_images", "val_crop", "val_seed")
+_NUMBERS = ("lr", "gamma", "ema_decay", "noise_sigma")
+_TEXTS = ("out", "preset", "device", "precision")
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Settings come from TOML and flags: a wrong type is one message naming the setting, not a crash later."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def fail(name: str, kind: str) -> None:
+        raise ValueError(f"{name} must be {kind}, not {getattr(config, name)!r}")
+
+    for name in _INTS:
+        if not is_int(getattr(config, name)):
+            fail(name, "an integer")
+    for name in ("workers", "threads"):
+        if getattr(config, name) is not None and not is_int(getattr(config, name)):
+            fail(name, "an integer")
+    for name in _NUMBERS:
+        value = getattr(config, name)
+        if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+            fail(name, "a finite number")
+    for name in _TEXTS:
+        if not isinstance(getattr(config, name), str):
+            fail(name, "a string")
+    for name in ("data", "val_clean", "val_pairs", "export"):
+        if getattr(config, name) is not None and not isinstance(getattr(config, name), str):
+            fail(name, "a path (a string)")
+    if not isinstance(config.milestones, (list, tuple)) or not all(is_int(m) for m in config.milestones):
+        fail("milestones", "a list of integers")
+    mask = config.input_mask
+    if not isinstance(mask, (list, tuple)) or len(mask) != 2 or not all(is_int(r) for r in mask):
+        fail("input_mask", "[low, high] in percent")
+
+
 def _lists(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _lists(v) for k, v in value.items()}
@@ -195,8 +235,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ValueError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"cannot read config file {path}: {(e.strerror or str(e)).lower()}") from None
 
 
 def resolve_config(
