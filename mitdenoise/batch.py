@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MitdenoiseError
-from .imageio import SUPPORTED_SUFFIXES, read_image, write_image
+from .imageio import SUPPORTED_SUFFIXES, check_writable, read_image, write_image
 
 
 class JobPlanError(MitdenoiseError):
@@ -150,13 +150,15 @@ def run_jobs(
             continue
         try:
             image = read_image(job.source)
+            # what would fail at writing fails now, before minutes of denoising
+            check_writable(job.target, image)
+            if job.target.parent != Path("") and not job.target.parent.exists():
+                job.target.parent.mkdir(parents=True, exist_ok=True)
             h, w = image.pixels.shape[:2]
             if on_start:
                 on_start(job, h * w)
             result = denoise(image)
             del image  # the input pixels aren't needed to write: free them before the encoder's buffers
-            if job.target.parent != Path("") and not job.target.parent.exists():
-                job.target.parent.mkdir(parents=True, exist_ok=True)
             write_image(job.target, result, overwrite=True)
         except MitdenoiseError as e:
             summary.failed.append((job, str(e)))

@@ -420,17 +420,27 @@ def write_image(path: str | os.PathLike, image: Image, *, overwrite: bool = True
     keeps no ICC profile, TIFF no EXIF.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    encode = _ENCODERS.get(suffix)
-    if encode is None:
-        raise ImageWriteError(
-            f"cannot write {path}: unknown image format {suffix or '(no extension)'}; "
-            f"use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}"
-        )
+    check_writable(path, image)
+    encode = _ENCODERS[path.suffix.lower()]
     _check_layout(image)
     if not overwrite and path.exists():
         raise ImageWriteError(f"cannot write {path}: it already exists")
     _write_atomically(path, lambda f: encode(path, image, f))
+
+
+def check_writable(path: str | os.PathLike, image: Image) -> None:
+    """What :func:`write_image` would refuse for this path and image, found before any work on it."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _ENCODERS:
+        raise ImageWriteError(
+            f"cannot write {path}: unknown image format {suffix or '(no extension)'}; "
+            f"use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}"
+        )
+    if image.alpha is not None and suffix in _NO_ALPHA:
+        raise ImageWriteError(
+            f"cannot write {path}: {_NO_ALPHA[suffix]} cannot store the alpha channel; write .png or .tif"
+        )
 
 
 def _check_layout(image: Image) -> None:
@@ -494,11 +504,6 @@ def _to_8bit(image: Image) -> tuple[np.ndarray, np.ndarray | None]:
     return convert(image.pixels), None if image.alpha is None else convert(image.alpha)
 
 
-def _refuse_alpha(path: Path, image: Image, format_name: str) -> None:
-    if image.alpha is not None:
-        raise ImageWriteError(f"cannot write {path}: {format_name} cannot store the alpha channel; write .png or .tif")
-
-
 def _pil_save(f: BinaryIO, frame: PILImage.Image, format_name: str, **options) -> None:
     frame.save(_CheckedWrites(f), format_name, **{k: v for k, v in options.items() if v is not None})
 
@@ -544,7 +549,6 @@ def _encode_png(path: Path, image: Image, f: BinaryIO) -> None:
 
 
 def _encode_jpeg(path: Path, image: Image, f: BinaryIO) -> None:
-    _refuse_alpha(path, image, "JPEG")
     pixels, _ = _to_8bit(image)
     _pil_save(
         f, _pil_frame(pixels, None), "JPEG",
@@ -566,7 +570,6 @@ def _encode_webp(path: Path, image: Image, f: BinaryIO) -> None:
 
 
 def _encode_bmp(path: Path, image: Image, f: BinaryIO) -> None:
-    _refuse_alpha(path, image, "BMP")
     pixels, _ = _to_8bit(image)
     _pil_save(f, _pil_frame(pixels, None), "BMP")
 
@@ -590,6 +593,8 @@ def _encode_tiff(path: Path, image: Image, f: BinaryIO) -> None:
         metadata=None,
     )
 
+
+_NO_ALPHA = {".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
 
 _ENCODERS = {
     ".png": _encode_png,

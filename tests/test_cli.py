@@ -334,3 +334,27 @@ def test_a_folder_denoised_into_itself_with_a_suffix_twice_does_not_denoise_its_
 def test_out_of_range_numbers_are_usage_errors_naming_the_option(args, option):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+
+
+def test_what_would_fail_at_writing_fails_before_the_image_is_denoised(tmp_path):
+    from mitdenoise.batch import plan_jobs, run_jobs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    make_image(src / "rgba.png", mode="RGBA")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "anim.gif")
+    calls = []
+
+    def denoise_image(image):
+        calls.append(image)
+        return image
+
+    jpg = run_jobs(plan_jobs([str(src / "rgba.png")], str(tmp_path / "out-jpg"), fmt="jpg"), denoise_image)
+    gif = run_jobs(plan_jobs([str(src / "anim.gif")], str(tmp_path / "out-gif") + "/"), denoise_image)
+    assert calls == []
+    assert [reason for _, reason in jpg.failed] == [
+        f"cannot write {tmp_path / 'out-jpg' / 'rgba.jpg'}: JPEG cannot store the alpha channel; write .png or .tif"
+    ]
+    assert [reason.split(";")[0] for _, reason in gif.failed] == [
+        f"cannot write {tmp_path / 'out-gif' / 'anim.gif'}: unknown image format .gif"
+    ]
