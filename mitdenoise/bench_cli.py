@@ -13,6 +13,7 @@ or JSON with ``--json``), progress and notes to stderr; errors are one
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
@@ -29,6 +30,15 @@ err = Console(stderr=True)
 out = Console()
 
 DEFAULT_OUT = Path("bench-results")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out that can't take the result files before the benchmark runs, not after."""
+    if out_dir.exists() and not out_dir.is_dir():
+        _fail(f"--out {out_dir} is a file, not a folder")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        _fail(f"--out {out_dir}: cannot write into {existing}")
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -115,6 +125,7 @@ def bench_quality_command(
         _fail("--crop must be >= 16 (SSIM needs 11x11 windows)", 2)
     if passes < 1:
         _fail("--passes must be >= 1", 2)
+    _check_out_dir(out_dir)
     from .cli import set_threads  # here, not at the top: cli imports this module
 
     set_threads(threads)
@@ -151,7 +162,7 @@ def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) ->
         return
     names = [m["name"] for m in results["methods"]]
     table = Table(title=f"PSNR dB / SSIM, 8-bit RGB, mean of {len(results['images'])} image(s)",
-                  caption=f"best in bold; Y-channel PSNR and per-image values in {out_dir / 'results.json'}",
+                  caption=f"best in bold; Y-channel PSNR and per-image values in {escape(str(out_dir / 'results.json'))}",
                   caption_justify="left")
     table.add_column("noise")
     for name in names:
@@ -216,6 +227,7 @@ def bench_speed_command(
 
     if runs < 1 or warmup < 0:
         _fail("--runs must be >= 1 and --warmup >= 0", 2)
+    _check_out_dir(out_dir)
     try:
         size_list = bench.parse_sizes(sizes)
         tile_list = bench.parse_ints(tiles, "tile", 8)
@@ -247,7 +259,7 @@ def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> N
         caption=(f"{c['macs_per_pixel']:,} multiply-adds per pixel = {c['tflop_per_megapixel']:.2f} TFLOP/MP; "
                  f"GFLOP/s counts image pixels only. Reference: {c['reference']}. "
                  f"Peak RSS {'reset before each row' if c['peak_rss_per_row'] else 'is the process peak so far'}. "
-                 f"Also in {out_dir / 'speed.json'}"),
+                 f"Also in {escape(str(out_dir / 'speed.json'))}"),
         caption_justify="left",
     )
     cuda = any(r["cuda_peak_mb"] is not None for r in results["rows"])
@@ -312,7 +324,14 @@ def bench_default_command(
     Example:  mitdenoise bench --out bench-results
     """
     if ctx.invoked_subcommand is not None:
+        given = [name for name, value, default in (
+            ("--model", model, None), ("--threads", threads, None), ("--out", out_dir, DEFAULT_OUT),
+            ("--json", as_json, False), ("--quiet", quiet, False)) if value != default]
+        if given:
+            _fail(f"{', '.join(given)} before '{ctx.invoked_subcommand}' would be ignored: "
+                  f"put options after it (mitdenoise bench {ctx.invoked_subcommand} ... {given[0]} ...)", 2)
         return
+    _check_out_dir(out_dir)
     from . import bench
     from .cli import set_threads  # here, not at the top: cli imports this module
 

@@ -262,3 +262,18 @@ def test_speed_markdown_without_a_reference_says_so_instead_of_nan(tiny_model):
                           reference=False)
     row = bench.speed_markdown(res).splitlines()[2]
     assert row.endswith("| - |") and "nan" not in row
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_benchmark_runs(tmp_path, clean_dir):
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(cli(), ["bench", "quality", str(clean_dir), "--baselines", "noisy", "-o", str(tmp_path / "afile")])
+    assert result.exit_code == 1 and result.stderr == f"error: --out {tmp_path / 'afile'} is a file, not a folder\n"
+    result = runner.invoke(cli(), ["bench", "speed", "--sizes", "32", "-o", str(tmp_path / "afile" / "sub")])
+    assert result.exit_code == 1 and "cannot write into" in result.stderr
+
+
+def test_group_options_before_a_subcommand_are_refused_not_ignored(tmp_path, clean_dir):
+    result = runner.invoke(cli(), ["bench", "-o", str(tmp_path / "r"), "--json", "quality", str(clean_dir)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --out, --json before 'quality' would be ignored: put options after it")
+    assert not (tmp_path / "r").exists()

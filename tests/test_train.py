@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mitdenoise.errors import MitdenoiseError
 from mitdenoise.masking import MASKED_VALUE, input_mask
 from mitdenoise.model import ModelConfig
 from mitdenoise.train import PRESETS, TrainConfig, resolve_config, train
@@ -197,6 +198,29 @@ def test_a_config_that_is_a_folder_or_not_utf8_is_one_message(tmp_path):
     (tmp_path / "latin1.toml").write_bytes("preset = 'caf\xe9'\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.toml: not valid TOML"):
         resolve_config("quick", tmp_path / "latin1.toml")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_training_and_leave_nothing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "data").mkdir()
+
+    def setup_error(**changes):
+        config = PRESETS["quick"].replace(**{"data": str(tmp_path / "data"), "out": str(tmp_path / "run"), **changes})
+        with pytest.raises(MitdenoiseError) as info:
+            train(config, quiet=True)
+        return str(info.value)
+
+    assert setup_error(out=str(tmp_path / "afile")) == f"--out {tmp_path / 'afile'} is a file, not a folder"
+    assert setup_error(export=str(tmp_path / "e.pth")) == f"--export {tmp_path / 'e.pth'} must end in .safetensors"
+    (tmp_path / "d.safetensors").mkdir()
+    assert setup_error(export=str(tmp_path / "d.safetensors")) == (
+        f"--export {tmp_path / 'd.safetensors'} is a folder, not a file name"
+    )
+    assert setup_error(export=str(tmp_path / "afile" / "e.safetensors")) == (
+        f"cannot write into {tmp_path / 'afile'}: {tmp_path / 'afile'} is not a folder we may write to"
+    )
+    assert setup_error().startswith("no images (")  # the empty data folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d.safetensors", "data"]  # no run folder left
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -339,6 +339,30 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _check_outputs(run_dir: Path, export: str | None) -> None:
+    """What would fail at the first checkpoint or at the end, found before any training."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainSetupError(f"--out {run_dir} is a file, not a folder")
+    if export is None:
+        return
+    export_path = Path(export)
+    if export_path.suffix.lower() != ".safetensors":
+        raise TrainSetupError(f"--export {export_path} must end in .safetensors")
+    if export_path.is_dir():
+        raise TrainSetupError(f"--export {export_path} is a folder, not a file name")
+    for path in (run_dir, export_path.parent):
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            raise TrainSetupError(f"cannot write into {path}: {existing} is not a folder we may write to")
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainSetupError(f"cannot create {path}: {(e.strerror or str(e)).lower()}") from None
+
+
 def train(
     config: TrainConfig,
     *,
@@ -366,6 +390,7 @@ def train(
         raise TrainSetupError(f"nothing to resume: {checkpoint_path} does not exist")
     if not resume and checkpoint_path.exists():
         raise TrainSetupError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    _check_outputs(run_dir, config.export)
 
     threads = config.threads or max(1, (os.cpu_count() or 1) // d.local_world_size)
     threads_before = torch.get_num_threads()
@@ -379,9 +404,9 @@ def train(
         stop.install()
     reporter = None
     try:
-        if d.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
         images, too_small = load_images(find_images(config.data), min_size=config.patch_size)
+        if d.main:  # after the data is found good, so that a failed start leaves no empty run folder
+            _make_folder(run_dir)
 
         torch.manual_seed(config.seed)
         model = SwinIR(config.model).to(device)
@@ -506,7 +531,7 @@ def train(
             quality = quality_metadata(validation, validated_at, val_sets)
             save_safetensors(ema, run_dir / EXPORT_NAME, extra_metadata=quality)
             if config.export:
-                Path(config.export).parent.mkdir(parents=True, exist_ok=True)
+                _make_folder(Path(config.export).parent)
                 save_safetensors(ema, config.export, extra_metadata=quality)
             saved_at = iteration
 
