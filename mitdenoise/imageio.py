@@ -154,6 +154,8 @@ def _check_is_readable_file(path: Path) -> None:
         raise ImageReadError(f"cannot read {path}: no such file")
     if path.is_dir():
         raise ImageReadError(f"cannot read {path}: it is a folder, not an image file")
+    if not path.is_file():
+        raise ImageReadError(f"cannot read {path}: not a regular file")
     if path.stat().st_size == 0:
         raise ImageReadError(f"cannot read {path}: the file is empty")
 
@@ -462,7 +464,8 @@ def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """
     folder = path.parent
     try:
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        # ".NAME.XXXXXXXX.tmp" must fit the 255-byte name limit that NAME itself meets
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{_shortened(path.name, 240)}.", suffix=".tmp")
     except FileNotFoundError:
         raise ImageWriteError(f"cannot write {path}: folder {folder} does not exist") from None
     except OSError as e:
@@ -485,6 +488,11 @@ def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
         if isinstance(e, (OSError, ValueError)):  # the encoder's complaint
             raise ImageWriteError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         raise
+
+
+def _shortened(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes of UTF-8 (on a character boundary)."""
+    return name.encode()[:limit].decode(errors="ignore")
 
 
 def _os_reason(e: OSError) -> str:

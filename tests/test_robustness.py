@@ -154,3 +154,17 @@ def test_a_full_disk_is_an_error_and_leaves_no_file_in_every_format(tmp_path, ti
     assert done.returncode == 1, done.stderr
     assert f"error: cannot write {out / name}: file too large" in done.stderr
     assert list(out.iterdir()) == []  # no truncated output, no temp file
+
+
+def test_a_file_name_at_the_255_byte_limit_is_written(tmp_path, tiny_model):
+    name = "n" * 251 + ".png"
+    (src,) = make_images(tmp_path / "in", [name], size=(16, 16))
+    result = runner.invoke(app, ["denoise", str(src), str(tmp_path / "out") + "/", "-m", tiny_model, "-q"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [name]
+
+
+def test_a_fifo_as_input_is_not_a_regular_file(tmp_path, tiny_model):
+    os.mkfifo(tmp_path / "pipe.png")
+    result = runner.invoke(app, ["denoise", str(tmp_path / "pipe.png"), str(tmp_path / "o.png"), "-m", tiny_model])
+    assert result.exit_code == 1 and f"error: cannot read {tmp_path / 'pipe.png'}: not a regular file" in result.stderr
