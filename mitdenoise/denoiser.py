@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import imageio
-from .errors import DeviceError
+from .errors import DeviceError, ModelLoadError
 from .model import SwinIR
 from .tiling import count_tiles, denoise_tiled
 from .weights import load_model, read_validation, resolve_model
@@ -150,6 +150,8 @@ class Denoiser:
             raise ValueError(f"expected an (H, W, 1|3) array, got shape {pixels.shape}")
         if pixels.dtype not in (np.uint8, np.uint16, np.float32):
             raise ValueError(f"expected uint8, uint16 or float32 pixels, got {pixels.dtype}")
+        if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+            raise ValueError(f"the image has no pixels (shape {pixels.shape})")
         self._generator.manual_seed(self.seed)
         return denoise_tiled(
             pixels,
@@ -170,13 +172,23 @@ class Denoiser:
         return dataclasses.replace(image, pixels=self.denoise_array(image.pixels, on_tiles))
 
     def _denoise_pil(self, image):
+        """PIL in, PIL out: deep gray (I;16, I, F) keeps its depth; palette and CMYK become RGB(A)."""
         from PIL import Image as PILImage
 
-        has_alpha = image.mode in ("RGBA", "LA")
-        base = image.convert("RGB" if image.mode in ("RGB", "RGBA", "P", "CMYK") else "L")
-        array = np.asarray(base)
-        out = self(array)
-        result = PILImage.fromarray(out, base.mode)
+        mode = image.mode
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            array = np.asarray(image)
+            if mode == "F":
+                return PILImage.fromarray(self(array.astype(np.float32)), "F")
+            if array.size and (array.min() < 0 or array.max() > 65535):
+                raise ValueError(f"{mode} pixels outside 0..65535 are not supported")
+            out = self(array.astype(np.uint16))
+            return PILImage.fromarray(out) if mode.startswith("I;16") else PILImage.fromarray(out.astype(np.int32), "I")
+        if mode in ("P", "PA"):
+            image = image.convert("RGBA" if mode == "PA" or "transparency" in image.info else "RGB")
+        has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La")
+        base = image.convert("L" if image.mode in ("L", "LA", "La", "1") else "RGB")
+        result = PILImage.fromarray(self(np.asarray(base)), base.mode)
         if has_alpha:
             result.putalpha(image.getchannel("A"))
         return result
@@ -196,6 +208,8 @@ class Denoiser:
             y = self._forward(x)
             total = y if total is None else total + y
         y = total / self.passes
+        if not torch.isfinite(y).all():
+            raise ModelLoadError("the model's output is NaN or infinite: the checkpoint's weights are broken")
         if c == 1 and model_c == 3:
             y = y.mean(dim=1, keepdim=True)
         elif c == 3 and model_c == 1:

@@ -185,12 +185,15 @@ def read_validation(path: str | os.PathLike) -> dict | None:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(VALIDATION_KEY)
         record = json.loads(raw) if raw else None
-        for scores in record["sets"].values():
-            float(scores["psnr"]), float(scores["noisy_psnr"])
-        int(record["iteration"])
+        return {
+            "iteration": int(record["iteration"]),
+            "sets": {
+                str(name): {"psnr": float(scores["psnr"]), "noisy_psnr": float(scores["noisy_psnr"])}
+                for name, scores in record["sets"].items()
+            },
+        }
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return record
 
 
 def validation_warning(record: dict | None) -> str | None:

@@ -56,6 +56,37 @@ def test_pil_images_in_and_out_keep_mode_and_alpha(tiny):
     assert Denoiser(tiny)(gray).mode == "L"
 
 
+@pytest.mark.parametrize("mode, dtype", [("I;16", np.uint16), ("I", np.int32), ("F", np.float32)])
+def test_deep_gray_pil_images_keep_their_mode_and_depth(tiny, mode, dtype):
+    rng = np.random.default_rng(6)
+    values = rng.random((20, 24)) * (1.0 if mode == "F" else 65535)
+    image = Image.fromarray(values.astype(np.uint16)) if mode == "I;16" else Image.fromarray(values.astype(dtype), mode)
+    out = Denoiser(tiny, attn_mask_ratio=0)(image)
+    assert out.mode == mode and out.size == (24, 20)
+    expected = Denoiser(tiny, attn_mask_ratio=0)(np.asarray(image).astype(np.float32 if mode == "F" else np.uint16))
+    assert np.array_equal(np.asarray(out).astype(expected.dtype), expected)
+
+
+def test_palette_with_alpha_keeps_colour_and_alpha_and_empty_arrays_are_refused(tiny):
+    rgba = Image.fromarray(np.random.default_rng(7).integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA")
+    pa = rgba.convert("PA")
+    out = Denoiser(tiny)(pa)
+    assert out.mode == "RGBA" and np.array_equal(np.asarray(out)[..., 3], np.asarray(pa.convert("RGBA"))[..., 3])
+    with pytest.raises(ValueError, match=r"^the image has no pixels"):
+        Denoiser(tiny)(np.zeros((0, 5, 3), np.uint8))
+
+
+def test_a_checkpoint_with_nan_weights_is_an_error_not_a_garbage_image(tiny):
+    from mitdenoise.errors import ModelLoadError
+    from mitdenoise.weights import load_model
+
+    net = load_model(tiny)
+    with torch.no_grad():
+        net.conv_last.weight.fill_(float("nan"))
+    with pytest.raises(ModelLoadError, match="output is NaN or infinite: the checkpoint's weights are broken"):
+        Denoiser(net)(np.zeros((16, 16, 3), np.uint8))
+
+
 def test_seed_repeats_and_passes_reduce_the_variance_of_the_mask(tiny):
     rng = np.random.default_rng(3)
     pixels = rng.random((48, 48, 3)).astype(np.float32)

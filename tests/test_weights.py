@@ -607,6 +607,12 @@ def test_validation_record_is_read_back_and_a_malformed_one_is_ignored(tmp_path)
         assert weights.read_validation(tmp_path / "bad.safetensors") is None, bad
     weights.save_safetensors(net, tmp_path / "none.safetensors")
     assert weights.read_validation(tmp_path / "none.safetensors") is None
+    # numbers written as strings are read as numbers, so the warning can format them
+    texts = {"iteration": "3", "sets": {"a": {"psnr": "1", "noisy_psnr": "2"}}}
+    weights.save_safetensors(net, tmp_path / "texts.safetensors", extra_metadata={weights.VALIDATION_KEY: json.dumps(texts)})
+    read = weights.read_validation(tmp_path / "texts.safetensors")
+    assert read == {"iteration": 3, "sets": {"a": {"psnr": 1.0, "noisy_psnr": 2.0}}}
+    assert weights.validation_warning(read).startswith("this model made its validation images worse (a 1.00 dB out vs 2.00 dB in")
 
 
 def _tiny_state(fixtures_dir) -> dict[str, torch.Tensor]:
