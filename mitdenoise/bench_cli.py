@@ -248,6 +248,8 @@ def bench_speed_command(
     except MitdenoiseError as e:
         _fail(str(e))
     _report_speed(results, out_dir, as_json, quiet)
+    if not results["rows"]:
+        _fail("nothing was measured: every combination was skipped (see the notes above)")
 
 
 def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:

@@ -277,3 +277,12 @@ def test_group_options_before_a_subcommand_are_refused_not_ignored(tmp_path, cle
     assert result.exit_code == 2
     assert result.stderr.startswith("error: --out, --json before 'quality' would be ignored: put options after it")
     assert not (tmp_path / "r").exists()
+
+
+def test_speed_with_every_row_skipped_is_an_error(tmp_path):
+    result = runner.invoke(cli(), ["bench", "speed", "--sizes", "32", "--tiles", "16", "--precisions", "fp64",
+                                   "--no-reference", "--sgemm-size", "64", "--runs", "1", "--warmup", "0",
+                                   "-o", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert "note: cpu fp64 tile 16 batch 1 skipped: unknown precision 'fp64'" in result.stderr
+    assert result.stderr.strip().endswith("error: nothing was measured: every combination was skipped (see the notes above)")
