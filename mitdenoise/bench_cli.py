@@ -13,7 +13,6 @@ or JSON with ``--json``), progress and notes to stderr; errors are one
 from __future__ import annotations
 
 import json
-import os
 import math
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
@@ -34,11 +33,13 @@ DEFAULT_OUT = Path("bench-results")
 
 def _check_out_dir(out_dir: Path) -> None:
     """Refuse an --out that can't take the result files before the benchmark runs, not after."""
+    from .imageio import blocked_folder
+
     if out_dir.exists() and not out_dir.is_dir():
         _fail(f"--out {out_dir} is a file, not a folder")
-    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        _fail(f"--out {out_dir}: cannot write into {existing}")
+    blocked = blocked_folder(out_dir)
+    if blocked is not None:
+        _fail(f"--out {out_dir}: cannot write into {blocked}")
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

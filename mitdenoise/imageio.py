@@ -490,6 +490,14 @@ def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def blocked_folder(folder: str | os.PathLike) -> Path | None:
+    """Where making or writing into ``folder`` would fail: its nearest existing ancestor (or itself)
+    when that is not a folder we may write to; None when the way is clear."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+
+
 def _shortened(name: str, limit: int) -> str:
     """``name`` cut to at most ``limit`` bytes of UTF-8 (on a character boundary)."""
     return name.encode()[:limit].decode(errors="ignore")

@@ -284,6 +284,8 @@ PAPER_CITATION = (
     "Denoising. CVPR 2023, pp. 1692-1703 (arXiv 2303.13132)"
 )
 AUTHORS_LICENSE = "not stated (no licence file found in haoyuc/MaskedDenoising; ask the authors before redistributing)"
+OUR_LICENSE = "MIT (mitdenoise)"
+OUR_CITATION = PAPER_CITATION + "; weights trained by the mitdenoise authors"
 
 
 @dataclass(frozen=True)
@@ -340,15 +342,15 @@ REGISTRY: dict[str, ModelEntry] = {
         ModelEntry(
             name="mitdenoise",
             description="our masked-training checkpoint, shipped with mitdenoise (works offline; undertrained)",
-            license="MIT (mitdenoise)",
-            citation=PAPER_CITATION + "; weights trained by the mitdenoise authors",
+            license=OUR_LICENSE,
+            citation=OUR_CITATION,
             path="mitdenoise-masked.safetensors",
         ),
         ModelEntry(
             name="mitdenoise-baseline",
             description="our baseline: the same network and budget trained without masks (works offline)",
-            license="MIT (mitdenoise)",
-            citation=PAPER_CITATION + "; weights trained by the mitdenoise authors",
+            license=OUR_LICENSE,
+            citation=OUR_CITATION,
             path="mitdenoise-baseline.safetensors",
         ),
         ModelEntry(

@@ -72,6 +72,8 @@ def test_palette_with_alpha_keeps_colour_and_alpha_and_empty_arrays_are_refused(
     pa = rgba.convert("PA")
     out = Denoiser(tiny)(pa)
     assert out.mode == "RGBA" and np.array_equal(np.asarray(out)[..., 3], np.asarray(pa.convert("RGBA"))[..., 3])
+    colour = np.asarray(out)[..., :3].astype(int)
+    assert np.abs(colour[..., 0] - colour[..., 1]).mean() > 5  # still colour, not gray
     with pytest.raises(ValueError, match=r"^the image has no pixels"):
         Denoiser(tiny)(np.zeros((0, 5, 3), np.uint8))
 

@@ -219,6 +219,9 @@ def test_outputs_that_cannot_be_written_are_refused_before_training_and_leave_no
     assert setup_error(export=str(tmp_path / "afile" / "e.safetensors")) == (
         f"cannot write into {tmp_path / 'afile'}: {tmp_path / 'afile'} is not a folder we may write to"
     )
+    assert setup_error(out=str(tmp_path / "afile" / "run")) == (
+        f"cannot write into {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is not a folder we may write to"
+    )
     assert setup_error().startswith("no images (")  # the empty data folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d.safetensors", "data"]  # no run folder left
 

@@ -60,6 +60,7 @@ def train_command(
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar or log lines.")] = False,
 ) -> None:
     """Train the masked-training denoiser on a folder of clean images."""
+    from ..cli import fail  # here, not at the top: cli imports this module
     from ..errors import MitdenoiseError
     from .config import TrainConfig, resolve_config
 
@@ -97,19 +98,16 @@ def train_command(
                 base = TrainConfig.from_dict(json.loads(saved.read_text()))
                 resolved = resolve_config(None, config, overrides, base=base, baseline=baseline)
     except ValueError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        fail(str(e), 2)
 
     from .loop import train
 
     try:
         result = train(resolved, resume=resume, quiet=quiet)
     except MitdenoiseError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        fail(str(e), 1)
     except ValueError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        fail(str(e), 2)
     if main_rank:
         if result.signal is not None:
             import signal

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import DeviceError, MitdenoiseError
+from ..imageio import blocked_folder
 from ..model import SwinIR
 from ..weights import VALIDATION_KEY, save_safetensors
 from .config import TrainConfig
@@ -343,17 +344,18 @@ def _check_outputs(run_dir: Path, export: str | None) -> None:
     """What would fail at the first checkpoint or at the end, found before any training."""
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainSetupError(f"--out {run_dir} is a file, not a folder")
-    if export is None:
-        return
-    export_path = Path(export)
-    if export_path.suffix.lower() != ".safetensors":
-        raise TrainSetupError(f"--export {export_path} must end in .safetensors")
-    if export_path.is_dir():
-        raise TrainSetupError(f"--export {export_path} is a folder, not a file name")
-    for path in (run_dir, export_path.parent):
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-            raise TrainSetupError(f"cannot write into {path}: {existing} is not a folder we may write to")
+    folders = [run_dir]
+    if export is not None:
+        export_path = Path(export)
+        if export_path.suffix.lower() != ".safetensors":
+            raise TrainSetupError(f"--export {export_path} must end in .safetensors")
+        if export_path.is_dir():
+            raise TrainSetupError(f"--export {export_path} is a folder, not a file name")
+        folders.append(export_path.parent)
+    for folder in folders:
+        blocked = blocked_folder(folder)
+        if blocked is not None:
+            raise TrainSetupError(f"cannot write into {folder}: {blocked} is not a folder we may write to")
 
 
 def _make_folder(path: Path) -> None:
