@@ -524,6 +524,34 @@ class WindowAttention(nn.Module):
             bias = F.pad(bias, (0, padded - hd))
         return F.linear(x, weight.reshape(-1, c), bias.reshape(-1)).view(bn, n, 3, heads, padded)
 
+    def forward_unmasked(self, x: torch.Tensor, bias: torch.Tensor, kinds: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``x += forward(norm(x))``, in place, for windows without a keep-mask (inference only).
+
+        ``kinds`` must be sorted (:meth:`SwinTransformerBlock.forward_gathered` sorts the
+        windows by kind), so each kind is one run of windows and takes its bias in
+        ``F.scaled_dot_product_attention`` as a broadcast mask: no per-window copy of the
+        bias, and the (windows, heads, N, N) scores stay inside torch's CPU flash kernel.
+        Measured here (one thread, a chunk of 128 windows of the default model's block):
+        9.4-9.9 ms a chunk against 12.7-13.7 through :meth:`forward_by_kind` (products,
+        softmax and a gathered copy of the bias per window); the whole default model at
+        1024x1024 went from 10.3 to 5.9 s/MP on 2 threads.
+        """
+        bw, n, c = x.shape
+        heads, hd = self.num_heads, c // self.num_heads
+        qkv = cpu_linear(norm(x).view(bw * n, c), self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.view(bw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (bw, heads, N, hd) each
+        out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
+        start = 0
+        for kind, count in enumerate(torch.bincount(kinds, minlength=len(bias)).tolist()):
+            if count:
+                part = slice(start, start + count)
+                attended = F.scaled_dot_product_attention(
+                    q[part], k[part], v[part], attn_mask=bias[kind].unsqueeze(0), scale=self.scale
+                )
+                out[part] = attended.transpose(1, 2)
+                start += count
+        return x.view(bw * n, c).add_(cpu_linear(out.view(bw * n, c), self.proj.weight, self.proj.bias)).view(bw, n, c)
+
     def forward_by_kind(self, x: torch.Tensor, keep: torch.Tensor | None, bias: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for windows in any order: window ``i`` takes ``bias[kinds[i]]``, its
         position bias plus shift mask (see :meth:`kind_biases`)."""
@@ -616,6 +644,9 @@ class SwinTransformerBlock(nn.Module):
         if keep is not None:  # windows with about as many kept tokens together: little padding in forward_masked
             by_count = torch.argsort(keep.view(len(order), -1).sum(1), stable=True)
             order, kinds, keep = order[by_count], kinds[by_count], keep[by_count]
+        else:  # each window kind one run of windows, for forward_unmasked
+            by_kind = torch.argsort(kinds, stable=True)
+            order, kinds = order[by_kind], kinds[by_kind]
         out_rows = order.flatten()
         source = out_rows if rows is None else inverse_permutation(rows).index_select(0, out_rows)
         out = torch.empty_like(flat)
@@ -653,10 +684,13 @@ class SwinTransformerBlock(nn.Module):
         exp_biases: tuple[torch.Tensor, torch.Tensor] | None,
         kinds: torch.Tensor,
     ) -> None:
-        """The block on windows in any order, in place, through
-        :meth:`WindowAttention.forward_masked` where ``exp_biases`` allow and its weights do
-        not underflow."""
-        if exp_biases is None or self.attn.forward_masked(windows, keep, bias, exp_biases, kinds, self.norm1) is None:
+        """The block on windows in any order (sorted by kind where there is no ``keep``), in
+        place: without a keep-mask through :meth:`WindowAttention.forward_unmasked`, with one
+        through :meth:`WindowAttention.forward_masked` where ``exp_biases`` allow and its
+        weights do not underflow."""
+        if keep is None:
+            self.attn.forward_unmasked(windows, bias, kinds, self.norm1)
+        elif exp_biases is None or self.attn.forward_masked(windows, keep, bias, exp_biases, kinds, self.norm1) is None:
             windows += self.attn.forward_by_kind(self.norm1(windows), keep, bias, kinds)
         for rows in windows.view(-1, windows.shape[-1]).split(MLP_ROWS):
             self.mlp.add_to(rows, self.norm2(rows))

@@ -231,15 +231,35 @@ def test_the_shortcut_follows_weights_changed_between_calls(fixtures_dir):
     assert (fast - plain).abs().max() < 1e-5
 
 
-def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monkeypatch):
-    """Mask ratio 0: no keep-mask, so the gathered route attends plainly by window kind."""
+@pytest.mark.parametrize("chunk", [None, 7])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monkeypatch, chunk, onednn):
+    """Mask ratio 0 (the baseline): no keep-mask, so every block takes forward_unmasked, whose
+    windows come sorted by kind; chunks of 7 windows of the 2 x 5 x 6 mix kinds within a chunk."""
     import mitdenoise.model as model_module
 
-    monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", 7)
+    monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(model_module, "ONEDNN_LINEAR", onednn and model_module.ONEDNN_LINEAR)
+    kinds_seen = []
+    original = model_module.WindowAttention.forward_unmasked
+
+    def spy(self, x, bias, kinds, norm):
+        kinds_seen.append(kinds.tolist())
+        return original(self, x, bias, kinds, norm)
+
+    monkeypatch.setattr(model_module.WindowAttention, "forward_unmasked", spy)
     model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=(0, 0))
     x = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        assert (model(x) - model(x, shortcut=False)).abs().max() < 1e-5
+        fast = model(x)
+        calls = len(kinds_seen)
+        plain = model(x, shortcut=False)
+    blocks = sum(len(layer.residual_group.blocks) for layer in model.layers)
+    assert calls == blocks * (1 if chunk is None else -(-60 // chunk))
+    assert len(kinds_seen) == calls  # the plain route does not take it
+    assert all(k == sorted(k) for k in kinds_seen) and any(len(set(k)) > 1 for k in kinds_seen)
+    assert {0, 1, 2, 3} <= {kind for k in kinds_seen for kind in k}
+    assert (fast - plain).abs().max() < 1e-5
 
 
 def force_fused_attention(monkeypatch, force: dict) -> None:
