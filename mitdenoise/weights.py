@@ -226,7 +226,10 @@ def convert_checkpoint(
 
     The config comes from ``config``, else the file's metadata, else the shapes;
     ``known`` (``global_residual``, ``attn_mask_ratio``: what shapes can't tell)
-    replaces those fields. Returns the config written into the metadata.
+    replaces those fields. Without ``extra_metadata``, a safetensors source's own metadata
+    (its validation record, its source) is kept where the config stays the same: the
+    record describes that model, not one with, say, another attention mask.
+    Returns the config written into the metadata.
     """
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
@@ -242,6 +245,9 @@ def convert_checkpoint(
         model = _build(state, config, origin)
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"cannot convert {src}: {_first_line(e)}") from None
+    if extra_metadata is None and stored is not None and config == stored:
+        with safe_open(str(src), framework="pt") as f:
+            extra_metadata = {k: v for k, v in (f.metadata() or {}).items() if k.startswith("mitdenoise.")}
     try:
         save_safetensors(model, dst, extra_metadata=extra_metadata)
     except (OSError, SafetensorError) as e:

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from mitdenoise import weights
 from mitdenoise.errors import ModelLoadError
 from mitdenoise.model import ModelConfig
-from mitdenoise.weights import REGISTRY, git_blob_id, load_model, resolve_model
+from mitdenoise.weights import REGISTRY, git_blob_id, load_model, read_validation, resolve_model, shipped_checkpoint
 from mitdenoise.weights_cli import convert_command, download_command, models_command
 
 COMMIT = weights.AUTHORS_COMMIT
@@ -520,6 +520,24 @@ def test_convert_options_set_what_shapes_cannot_tell(cli, fixtures_dir, tmp_path
         config = load_model(dst).config
         for key, value in expected.items():
             assert getattr(config, key) == value, (args, key)
+
+
+def test_convert_keeps_a_checkpoints_validation_record_unless_the_config_changes(cli, tmp_path):
+    """The record is what `denoise` warns from: a copy (or an in-place rewrite) of the same
+    model keeps it; a file with another attention mask is another model and drops it."""
+    import shutil
+
+    src = tmp_path / "masked.safetensors"
+    shutil.copy(shipped_checkpoint("mitdenoise"), src)
+    record = read_validation(src)
+    assert record is not None and record["iteration"] > 0
+    assert cli("convert", str(src), str(tmp_path / "copy.safetensors")).exit_code == 0
+    assert read_validation(tmp_path / "copy.safetensors") == record
+    assert cli("convert", str(src), str(src), "--force").exit_code == 0
+    assert read_validation(src) == record
+    assert cli("convert", str(src), str(tmp_path / "off.safetensors"), "--attn-mask-ratio", "0").exit_code == 0
+    assert read_validation(tmp_path / "off.safetensors") is None
+    assert load_model(tmp_path / "off.safetensors").config.attn_mask_ratio == (0, 0)
 
 
 @pytest.mark.parametrize(
