@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .errors import MitdenoiseError
+from .errors import Aborted, MitdenoiseError
 
 err = Console(stderr=True)
 out = Console()
@@ -74,8 +74,8 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # second signal: stop now (temp files are cleaned by their writers)
-            raise KeyboardInterrupt
+        if self.signal is not None:  # second signal: stop now
+            raise Aborted(signum)
         self.signal = signum
         err.print("[yellow]stopping after the current image (signal again to abort it)[/]")
 
@@ -204,13 +204,21 @@ def denoise(
         raise typer.Exit(1)
 
 
-def run() -> None:
-    """Entry point that turns any user-facing error into one line and a non-zero exit."""
+def run(program: typer.Typer | None = None, **kwargs) -> None:
+    """Entry point that turns any user-facing error into one line and a non-zero exit, and a
+    second stop signal into 128 + its number (typer makes every KeyboardInterrupt 130)."""
     try:
-        app()
+        (program or app)(**kwargs)
     except MitdenoiseError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except SystemExit as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, Aborted):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            sys.exit(128 + cause.signum)
+        raise
 
 
 def _register_commands() -> None:

@@ -19,3 +19,15 @@ class ModelLoadError(MitdenoiseError):
 
 class DeviceError(MitdenoiseError):
     """The requested device or precision is not available here."""
+
+
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once (writers remove their temp files on the way out).
+
+    A KeyboardInterrupt, so that no ``except Exception`` holds it up; the CLI exits with
+    128 + ``signum``, as the shell reports a process the signal killed (130, 143).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

@@ -75,6 +75,31 @@ def test_a_signal_mid_folder_keeps_finished_outputs_whole_and_a_rerun_does_only_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_aborts_the_current_image_leaving_no_partial_file(tmp_path, tiny_model, sig):
+    make_images(tmp_path / "in", ["a.png"], size=(64, 64))
+    make_images(tmp_path / "in", ["b.png"], size=(768, 768))  # several seconds through the tiny model
+    out = tmp_path / "out"
+    proc = cli(str(tmp_path / "in"), str(out), "-m", tiny_model)
+    deadline = time.monotonic() + 120
+    while not (out / "a.png").exists():  # a.png written: the handlers are in, b.png is under way
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no output appeared"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    lines = []
+    while not any("stopping after the current image" in line for line in lines):
+        line = proc.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    proc.send_signal(sig)
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, "".join(lines) + rest  # the shell's code for that signal, not always 130
+    assert "Traceback" not in rest
+    assert sorted(os.listdir(out)) == ["a.png"]  # b.png neither written nor left half-written as a temp file
+
+
+@pytest.mark.slow
 def test_two_processes_on_one_folder_both_finish_and_every_output_is_whole_and_right(tmp_path, tiny_model):
     names = [f"{i}.png" for i in range(6)]
     make_images(tmp_path / "in", names)

@@ -136,4 +136,6 @@ def main() -> None:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     app.command(epilog=EPILOG)(train_command)
-    app(prog_name="python -m mitdenoise.train")
+    from ..cli import run
+
+    run(app, prog_name="python -m mitdenoise.train")

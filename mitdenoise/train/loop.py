@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import DeviceError, MitdenoiseError
+from ..errors import Aborted, DeviceError, MitdenoiseError
 from ..imageio import blocked_folder
 from ..model import SwinIR
 from ..weights import VALIDATION_KEY, save_safetensors
@@ -86,7 +86,7 @@ class StopFlag:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signal is not None:
-            raise KeyboardInterrupt  # second signal: stop now; temp files are removed by their writers
+            raise Aborted(signum)  # second signal: stop now
         self.signal = signum
 
 
