@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Annotated, Optional
@@ -206,7 +207,13 @@ def denoise(
 
 def run(program: typer.Typer | None = None, **kwargs) -> None:
     """Entry point that turns any user-facing error into one line and a non-zero exit, and a
-    second stop signal into 128 + its number (typer makes every KeyboardInterrupt 130)."""
+    second stop signal into 128 + its number (typer makes every KeyboardInterrupt 130).
+
+    After an abort the process ends at once (``os._exit``, once the writers have removed
+    their temp files on the way up): the chunk workers may still hold abandoned work, and
+    waiting for them at interpreter exit could hang. Signals during that exit take their
+    default action for the same reason.
+    """
     try:
         (program or app)(**kwargs)
     except MitdenoiseError as e:
@@ -217,8 +224,13 @@ def run(program: typer.Typer | None = None, **kwargs) -> None:
         while cause is not None and not isinstance(cause, Aborted):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            sys.exit(128 + cause.signum)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + cause.signum)
         raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _register_commands() -> None:

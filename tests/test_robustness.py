@@ -94,7 +94,9 @@ def test_a_second_signal_aborts_the_current_image_leaving_no_partial_file(tmp_pa
         lines.append(line)
     proc.send_signal(sig)
     _, rest = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, "".join(lines) + rest  # the shell's code for that signal, not always 130
+    # 128 + signal, the shell's code for it (not typer's 130 for all); -signal where b.png was just
+    # done and the second signal met the exit itself, which then takes the signal's default action
+    assert proc.returncode in (128 + sig, -sig), "".join(lines) + rest
     assert "Traceback" not in rest
     assert sorted(os.listdir(out)) == ["a.png"]  # b.png neither written nor left half-written as a temp file
 
