@@ -288,8 +288,9 @@ def _as_uint16(path: Path, array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # I;16 in either byte order
         return array.astype(np.uint16)
     if array.size and (array.min() < 0 or array.max() > 65535):
-        raise ImageReadError(
-            f"cannot read {path}: 32-bit integer pixels (range {array.min()}..{array.max()}) do not fit 16 bits"
+        raise ImageReadError(  # Pillow widens 16-bit signed and 32-bit samples alike to int32
+            f"cannot read {path}: integer pixels (range {array.min()}..{array.max()}) do not fit unsigned "
+            "16 bits (0..65535); convert them to unsigned 16-bit or float32 first"
         )
     return array.astype(np.uint16)
 
@@ -382,6 +383,11 @@ def _read_tiff_with_tifffile(path: Path, fallback: bool = False) -> Image | None
             _check_pixel_limit(path, width, height)
             samples = page.samplesperpixel
             colour = {tifffile.PHOTOMETRIC.MINISBLACK: 1, tifffile.PHOTOMETRIC.RGB: 3}.get(page.photometric)
+            if colour is not None and samples > colour + 1:  # Pillow would drop the extra samples unsaid
+                raise ImageReadError(
+                    f"cannot read {path}: {samples} samples per pixel ({page.photometric.name} and "
+                    f"{samples - colour} extra); gray or RGB with at most one alpha are supported"
+                )
             if colour is None or samples not in (colour, colour + 1) or page.dtype not in (np.uint8, np.uint16, np.float32):
                 if fallback:
                     return None

@@ -353,8 +353,28 @@ def test_32bit_integer_tiff_is_read_as_16bit_only_when_it_fits(tmp_path):
     back = read_image(tmp_path / "fits.tif")
     assert back.pixels.dtype == np.uint16 and np.array_equal(back.pixels[..., 0], fits)
     PILImage.fromarray(fits * 2, "I").save(tmp_path / "big.tif")
-    with pytest.raises(ImageReadError, match=r"big\.tif: 32-bit integer pixels \(range 0\.\.131070\) do not fit 16 bits"):
+    with pytest.raises(ImageReadError, match=r"big\.tif: integer pixels \(range 0\.\.131070\) do not fit unsigned 16 bits"):
         read_image(tmp_path / "big.tif")
+
+
+def test_signed_16bit_tiff_below_zero_is_refused_with_its_range(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "s.tif", np.array([[-5, 1000], [7, 0]], np.int16))
+    with pytest.raises(ImageReadError, match=r"s\.tif: integer pixels \(range -5\.\.1000\) do not fit unsigned 16 bits"):
+        read_image(tmp_path / "s.tif")
+
+
+@pytest.mark.parametrize("photometric, samples", [("rgb", 5), ("minisblack", 3)])
+def test_a_tiff_with_more_than_one_extra_sample_is_refused_not_cut_down(tmp_path, photometric, samples):
+    """Read as RGBA (or gray + alpha) the rest would vanish from the output without a word."""
+    import tifffile
+
+    data = noise(8, 8, samples, np.uint8)
+    extras = samples - (3 if photometric == "rgb" else 1)
+    tifffile.imwrite(tmp_path / "x.tif", data, photometric=photometric, extrasamples=["unassalpha"] + ["unspecified"] * (extras - 1))
+    with pytest.raises(ImageReadError, match=rf"x\.tif: {samples} samples per pixel \({photometric.upper()} and {extras} extra\)"):
+        read_image(tmp_path / "x.tif")
 
 
 # ---------------------------------------------------------------- read errors
