@@ -637,16 +637,13 @@ class SwinTransformerBlock(nn.Module):
         ws, shift = self.window_size, self.shift_size
         n_rows, n_cols, n = h // ws, w // ws, ws * ws
         keep = ctx.keep_mask((b * n_rows * n_cols, n, 1), flat.device)
-        order = ctx.window_order(b, h, w, ws, shift, flat.device).view(-1, n)
-        kinds = window_kinds(n_rows, n_cols, b, shift > 0).to(flat.device)
+        # without a keep-mask, each window kind one run of windows, for forward_unmasked
+        order, kinds = ctx.window_layout(b, h, w, ws, shift, flat.device, by_kind=keep is None)
         bias = self.attn.kind_biases(shift)
         exp_biases = None if keep is None else self.attn.exp_biases(bias)
         if keep is not None:  # windows with about as many kept tokens together: little padding in forward_masked
             by_count = torch.argsort(keep.view(len(order), -1).sum(1), stable=True)
             order, kinds, keep = order[by_count], kinds[by_count], keep[by_count]
-        else:  # each window kind one run of windows, for forward_unmasked
-            by_kind = torch.argsort(kinds, stable=True)
-            order, kinds = order[by_kind], kinds[by_kind]
         out_rows = order.flatten()
         source = out_rows if rows is None else inverse_permutation(rows).index_select(0, out_rows)
         out = torch.empty_like(flat)
@@ -869,9 +866,21 @@ class ForwardContext:
     def shift_mask(self, h: int, w: int, ws: int, shift: int, device: torch.device) -> EdgeShiftMask:
         return self._cached(("shift_mask", h, w, ws, shift, str(device)), lambda: EdgeShiftMask(h, w, ws, shift, device))
 
-    def window_order(self, images: int, h: int, w: int, ws: int, shift: int, device: torch.device) -> torch.Tensor:
-        key = ("window_order", images, h, w, ws, shift, str(device))
-        return self._cached(key, lambda: window_order(images, h, w, ws, shift).to(device))
+    def window_layout(
+        self, images: int, h: int, w: int, ws: int, shift: int, device: torch.device, by_kind: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's windows: the token index of each (windows, N) (:func:`window_order`) and
+        each one's kind (:func:`window_kinds`), in partition order or sorted by kind."""
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            order = window_order(images, h, w, ws, shift).view(-1, ws * ws)
+            kinds = window_kinds(h // ws, w // ws, images, shift > 0)
+            if by_kind:
+                sort = torch.argsort(kinds, stable=True)
+                order, kinds = order[sort], kinds[sort]
+            return order.to(device), kinds.to(device)
+
+        return self._cached(("window_layout", images, h, w, ws, shift, str(device), by_kind), make)
 
     def _cached(self, key: tuple, make):
         value = self.cache.get(key)
