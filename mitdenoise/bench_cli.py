@@ -43,8 +43,9 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+    from .cli import fail  # here, not at the top: cli imports this module
+
+    fail(message, code)
 
 
 class _Bar:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .errors import Aborted, MitdenoiseError
+from .stopping import StopFlag
 
 err = Console(stderr=True)
 out = Console()
@@ -30,7 +31,7 @@ app = typer.Typer(
 )
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -59,26 +60,6 @@ def main(
     ] = None,
 ) -> None:
     """Denoise images whose noise you don't know."""
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM: the current image is finished and written, then the run stops."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # second signal: stop now
-            raise Aborted(signum)
-        self.signal = signum
-        err.print("[yellow]stopping after the current image (signal again to abort it)[/]")
 
 
 @app.command(
@@ -159,7 +140,7 @@ def denoise(
             soft_wrap=True,
         )
 
-    stop = StopFlag()
+    stop = StopFlag(on_first=lambda: err.print("[yellow]stopping after the current image (signal again to abort it)[/]"))
     stop.install()
     progress = Progress(
         TextColumn("{task.description}"),
@@ -185,7 +166,7 @@ def denoise(
         return denoiser.denoise_image(image, on_tiles=lambda n: progress.advance(tiles_task, n))
 
     with progress:
-        summary = run_jobs(jobs, run_one, overwrite=overwrite, on_start=on_start, on_end=on_end, should_stop=stop)
+        summary = run_jobs(jobs, run_one, overwrite=overwrite, on_start=on_start, on_end=on_end, should_stop=lambda: bool(stop))
 
     for job, reason in summary.failed:
         err.print(f"[bold red]error:[/] {escape(reason)}", highlight=False, soft_wrap=True)

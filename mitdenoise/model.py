@@ -65,11 +65,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # settings come from TOML, JSON metadata and flags: wrong types are a message, not a crash later
         for name in ("in_chans", "embed_dim", "window_size", "conv_first_kernel"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, not {getattr(self, name)!r}")
         for name, length in (("depths", None), ("num_heads", None), ("attn_mask_ratio", 2)):
             value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value) or not value:
+            if not isinstance(value, (list, tuple)) or not all(is_int(v) for v in value) or not value:
                 raise ValueError(f"{name} must be a list of integers, not {value!r}")
             if length is not None and len(value) != length:
                 raise ValueError(f"{name} must be [low, high], not {value!r}")
@@ -107,7 +107,8 @@ class ModelConfig:
         return self.attn_mask_ratio[1] > 0
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int that is not a bool (TOML and JSON settings)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..model import ModelConfig
+from ..model import ModelConfig, is_int
 
 PAPER_MILESTONES = (150_000, 200_000, 300_000, 350_000, 400_000)
 
@@ -147,9 +147,6 @@ _TEXTS = ("out", "preset", "device", "precision")
 
 def _check_types(config: TrainConfig) -> None:
     """Settings come from TOML and flags: a wrong type is one message naming the setting, not a crash later."""
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
 
     def fail(name: str, kind: str) -> None:
         raise ValueError(f"{name} must be {kind}, not {getattr(config, name)!r}")

@@ -29,9 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import Aborted, DeviceError, MitdenoiseError
+from ..errors import DeviceError, MitdenoiseError
 from ..imageio import blocked_folder
 from ..model import SwinIR
+from ..stopping import StopFlag
 from ..weights import VALIDATION_KEY, save_safetensors
 from .config import TrainConfig
 from .data import PatchBatches, derive_seed, find_images, load_images, make_loader
@@ -63,31 +64,6 @@ class TrainResult:
     def exit_code(self) -> int:
         """0 when finished; 130 after SIGINT, 143 after SIGTERM (the shell's 128 + signal number)."""
         return 0 if self.signal is None else EXIT_CODES.get(self.signal, 128 + int(self.signal))
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes the step, writes a checkpoint and stops. A second signal aborts."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signal is not None:
-            raise Aborted(signum)  # second signal: stop now
-        self.signal = signum
 
 
 @dataclass
