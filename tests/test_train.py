@@ -302,6 +302,36 @@ def test_refuses_to_overwrite_a_run_or_resume_a_missing_one_or_a_different_netwo
         train(config.replace(iterations=2, model={"embed_dim": 24}), resume=True, quiet=True)
 
 
+def test_init_starts_from_given_weights_with_its_own_attention_mask(images, tmp_path):
+    source = tiny_config(images, tmp_path / "baseline", iterations=3).baseline_variant()
+    train(source, quiet=True)
+    weights = tmp_path / "baseline" / EXPORT_NAME
+    start = load_model(weights).state_dict()
+    # lr so small that one step moves no weight: the exported EMA is the initial state up to float rounding
+    tuned = tiny_config(images, tmp_path / "tuned", iterations=1, lr=1e-12, init=str(weights))
+    train(tuned, quiet=True)
+    model = load_model(tmp_path / "tuned" / EXPORT_NAME)
+    assert model.config.attn_mask_ratio == (75, 75)  # the run's mask, not the source's (0, 0)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, start[name], rtol=0, atol=1e-6, msg=name)
+    fresh = tiny_config(images, tmp_path / "fresh", iterations=1, lr=1e-12)
+    train(fresh, quiet=True)
+    assert not torch.allclose(load_model(tmp_path / "fresh" / EXPORT_NAME).state_dict()["conv_last.weight"],
+                              start["conv_last.weight"])
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["init"] == str(weights)
+
+
+def test_init_with_another_network_or_a_missing_file_is_refused_before_the_run_folder(images, tmp_path):
+    source = tiny_config(images, tmp_path / "source", iterations=1)
+    train(source, quiet=True)
+    wider = tiny_config(images, tmp_path / "wider", init=str(tmp_path / "source" / EXPORT_NAME), model={"embed_dim": 24})
+    with pytest.raises(TrainSetupError, match=r"is a different network: embed_dim 12 there, 24 here$"):
+        train(wider, quiet=True)
+    with pytest.raises(TrainSetupError, match=r"^--init: model file not found: .*nope.safetensors"):
+        train(tiny_config(images, tmp_path / "missing", init=str(tmp_path / "nope.safetensors")), quiet=True)
+    assert not (tmp_path / "wider").exists() and not (tmp_path / "missing").exists()
+
+
 def test_exported_ema_weights_load_and_denoise_with_the_right_attention_mask(images, tmp_path):
     masked = tiny_config(images, tmp_path / "masked", iterations=2, export=str(tmp_path / "out" / "m.safetensors"))
     train(masked, quiet=True)

@@ -24,6 +24,7 @@ EPILOG = (
     "  mitdenoise train --data photos/ --out runs/masked --config my.toml\n\n"
     "  mitdenoise train --out runs/masked --resume\n\n"
     "  mitdenoise train --data photos/ --baseline --out runs/baseline\n\n"
+    "  mitdenoise train --data photos/ --init mitdenoise-baseline --out runs/finetune\n\n"
     "  torchrun --nproc_per_node 4 -m mitdenoise.train --data photos/ --out runs/ddp\n\n"
     "Presets: paper (the authors' recipe: full network, batch 64, 400k iterations), "
     "quick (tiny network, minutes on a CPU), cpu (full network, batch 8, fp32, for long CPU runs). "
@@ -57,6 +58,7 @@ def train_command(
     precision: Annotated[Optional[str], Opt("--precision", help="auto | fp32 | bf16 (autocast; auto = bf16 on CUDA).")] = None,
     threads: Annotated[Optional[int], Opt("--threads", help="CPU threads \\[default: all cores; quick preset: 1].")] = None,
     export: Annotated[Optional[Path], Opt("--export", help="Also write the EMA weights here (.safetensors).")] = None,
+    init: Annotated[Optional[str], Opt("--init", help="Start from these weights (a model name or file) instead of random ones.")] = None,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar or log lines.")] = False,
 ) -> None:
     """Train the masked-training denoiser on a folder of clean images."""
@@ -84,6 +86,7 @@ def train_command(
         "precision": precision,
         "threads": threads,
         "export": None if export is None else str(export),
+        "init": init,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:

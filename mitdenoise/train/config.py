@@ -62,6 +62,10 @@ class TrainConfig:
     val_seed: int = 0
     export: str | None = None
     """Extra path for the EMA safetensors; ``RUN_DIR/ema.safetensors`` is always written."""
+    init: str | None = None
+    """Start from these weights (a model name or file, as ``denoise --model`` takes) instead of a
+    random initialisation: fine-tuning, e.g. the masked recipe from a baseline. The network must
+    be the same but for the attention mask, a run-time setting. Ignored on resume."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -164,7 +168,7 @@ def _check_types(config: TrainConfig) -> None:
     for name in _TEXTS:
         if not isinstance(getattr(config, name), str):
             fail(name, "a string")
-    for name in ("data", "val_clean", "val_pairs", "export"):
+    for name in ("data", "val_clean", "val_pairs", "export", "init"):
         if getattr(config, name) is not None and not isinstance(getattr(config, name), str):
             fail(name, "a path (a string)")
     if not isinstance(config.milestones, (list, tuple)) or not all(is_int(m) for m in config.milestones):

@@ -33,7 +33,7 @@ from ..errors import DeviceError, MitdenoiseError
 from ..imageio import blocked_folder
 from ..model import SwinIR
 from ..stopping import StopFlag
-from ..weights import VALIDATION_KEY, save_safetensors
+from ..weights import VALIDATION_KEY, load_model, resolve_model, save_safetensors
 from .config import TrainConfig
 from .data import PatchBatches, derive_seed, find_images, load_images, make_loader
 from .validation import ValSet, evaluate, pair_set, synthetic_sets
@@ -214,6 +214,22 @@ def params_digest(*models: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
+def initial_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The state dict of ``config.init`` for ``config.model``: the same network, any attention mask."""
+    try:
+        source = load_model(resolve_model(config.init), attn_mask_ratio=config.model.attn_mask_ratio)
+    except MitdenoiseError as e:  # not found, not a checkpoint, download failed
+        raise TrainSetupError(f"--init: {e}") from None
+    if source.config != config.model:
+        differ = [
+            f"{name} {getattr(source.config, name)!r} there, {getattr(config.model, name)!r} here"
+            for name in config.model.__dataclass_fields__
+            if getattr(source.config, name) != getattr(config.model, name)
+        ]
+        raise TrainSetupError(f"--init {config.init} is a different network: {'; '.join(differ)}")
+    return source.state_dict()
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model, parameter by parameter (KAIR's update_E)."""
     ema_params = list(ema.parameters())
@@ -383,11 +399,15 @@ def train(
     reporter = None
     try:
         images, too_small = load_images(find_images(config.data), min_size=config.patch_size)
+        init_state = None if resume or config.init is None else initial_weights(config)
         if d.main:  # after the data is found good, so that a failed start leaves no empty run folder
             _make_folder(run_dir)
 
         torch.manual_seed(config.seed)
         model = SwinIR(config.model).to(device)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+            del init_state
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=0)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
