@@ -600,6 +600,10 @@ class SwinTransformerBlock(nn.Module):
         ws, shift = self.window_size, self.shift_size
         n_rows, n_cols = h // ws, w // ws
         keep = ctx.keep_mask((b * n_rows * n_cols, ws * ws, 1), x.device)
+        if ctx.kernel_dtype is not None:
+            from . import triton_block
+
+            return triton_block.block_forward(self, x, size, keep, ctx.kernel_dtype)
         mask = ctx.shift_mask(h, w, ws, shift, x.device) if shift else None
         chunks = list(window_chunks(b, n_rows, n_cols, ctx.chunk_windows))
         image = x.view(b, h, w, c)
@@ -781,7 +785,7 @@ class RSTB(nn.Module):
         self.conv = make_body_conv(dim, resi)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
-        y = self.conv(tokens_as_image(self.residual_group(x, size, ctx), size, ctx.masked_shortcut))
+        y = self.conv(tokens_as_image(self.residual_group(x, size, ctx), size, ctx.channels_last))
         return x + y.flatten(2).transpose(1, 2)
 
 
@@ -836,10 +840,15 @@ class ForwardContext:
         chunk_windows: int | None,
         masked_shortcut: bool,
         fused_attention: bool = False,
+        kernel_dtype: torch.dtype | None = None,
     ) -> None:
         self.ratio = ratio
         self.masked_shortcut = masked_shortcut
         self.fused_attention = fused_attention
+        self.kernel_dtype = kernel_dtype
+        """Set: every Swin block is one Triton kernel (triton_block.py) with products in this type."""
+        self.channels_last = masked_shortcut or kernel_dtype is not None
+        """Features between convs in channels-last memory: the tokens' own layout, so no transposes."""
         self.generator = generator
         self.cache = cache
         self.chunk_windows = chunk_windows
@@ -924,7 +933,8 @@ class SwinIR(nn.Module):
 
         On CPU without autograd, attention takes the masked-token shortcut
         (:meth:`WindowAttention.forward_masked`); on CUDA without autograd, a fused
-        kernel (:meth:`WindowAttention.forward_fused`). ``shortcut=False`` forces the
+        kernel (:meth:`WindowAttention.forward_fused`), or under bf16/fp16 autocast one
+        Triton kernel per Swin block (:meth:`block_kernel_dtype`). ``shortcut=False`` forces the
         plain computation (the speed reference and the tests that pin them together).
         """
         h, w = x.shape[-2:]
@@ -937,20 +947,45 @@ class SwinIR(nn.Module):
         fused = shortcut and x.device.type == "cuda" and not torch.is_grad_enabled()
         chunk = attention_chunk(x.device.type, fused)
         shortcut = shortcut and x.device.type == "cpu" and not torch.is_grad_enabled()
-        ctx = ForwardContext(ratio, generator, self._layout_cache, chunk, shortcut, fused)
-        if shortcut:  # channels-last features are the tokens' own layout: no transposes around the convs
+        kernel_dtype = self.block_kernel_dtype(x.device) if fused else None
+        ctx = ForwardContext(ratio, generator, self._layout_cache, chunk, shortcut, fused, kernel_dtype)
+        if ctx.channels_last:  # the tokens' own layout: no transposes around the convs
             x = x.contiguous(memory_format=torch.channels_last)
         first = self.conv_first(x)
         size = first.shape[-2:]
         tokens = self.patch_embed(first)
         for layer in self.layers:
             tokens = layer(tokens, size, ctx)
-        body = self.conv_after_body(tokens_as_image(self.norm(tokens), size, shortcut))
+        body = self.conv_after_body(tokens_as_image(self.norm(tokens), size, ctx.channels_last))
         if self.config.global_residual:
             y = x + self.conv_last(body + first)
         else:
             y = self.conv_last(body)
         return (y + self.mean)[..., :h, :w].contiguous()
+
+
+    def block_kernel_dtype(self, device: torch.device) -> torch.dtype | None:
+        """Under CUDA autocast to bf16 or fp16, with Triton there and a GPU from Ampere on: the
+        one-kernel Swin block (:mod:`mitdenoise.triton_block`) with products in that type. Else
+        None: the fused route.
+
+        Measured on an H100 (see README, "On a GPU"). fp32 keeps the fused route: Triton's fp32
+        products would be TF32, and fp32 is the precision that must match the authors' outputs.
+        """
+        if not torch.is_autocast_enabled("cuda") or torch.cuda.get_device_capability(device) < (8, 0):
+            return None
+        dtype = torch.get_autocast_dtype("cuda")
+        if dtype not in (torch.bfloat16, torch.float16):
+            return None
+        from . import triton_block
+
+        c = self.config
+        hidden = int(c.embed_dim * c.mlp_ratio)
+        if not triton_block.available() or not all(
+            triton_block.supports(c.embed_dim, heads, hidden, c.window_size) for heads in c.num_heads
+        ):
+            return None
+        return dtype
 
 
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.")
