@@ -347,7 +347,7 @@ def run_quality(
     crop: int | None = None,
     oracle_sigma: bool = False,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     tile: int = 256,
     tile_overlap: int = 32,
     batch_size: int = 1,

@@ -104,7 +104,7 @@ def bench_quality_command(
     crop: Annotated[Optional[int], typer.Option(help="Center-crop every image to S x S pixels (for speed).")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="auto (as denoise: bf16 on CUDA, else fp32), fp32, bf16 or fp16.")] = "auto",
     tile: Annotated[int, typer.Option(help="Tile size of the model runs (denoise's default).")] = 544,
     tile_overlap: Annotated[int, typer.Option(help="Tile overlap of the model runs.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,

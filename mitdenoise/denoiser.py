@@ -11,10 +11,10 @@ import torch
 from . import imageio
 from .errors import DeviceError, ModelLoadError
 from .model import SwinIR
-from .tiling import count_tiles, denoise_tiled
+from .tiling import count_tiles, denoise_tiled, denoise_tiled_on_device
 from .weights import load_model, read_validation, resolve_model
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_TILE = 544
 """Big tiles overlap less: with the 32-pixel overlap, 544 runs a 1024x1024 image as 2x2 tiles of
 528 (6 % extra pixels; 384 needs 3x3 tiles of 368, 16 %). With freed buffers reused a pixel costs
@@ -89,7 +89,7 @@ class Denoiser:
         model: str | os.PathLike | SwinIR | None = None,
         *,
         device: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         tile: int = DEFAULT_TILE,
         tile_overlap: int = DEFAULT_OVERLAP,
         batch_size: int = 1,
@@ -104,6 +104,10 @@ class Denoiser:
         self.device = pick_device(device)
         if self.device.type == "cpu":
             keep_freed_buffers_for_reuse()
+        if precision == "auto":
+            # bf16 on a GPU: 3.7x the fp32 speed on an H100 for 0.02 dB on McMaster (README, "On a GPU")
+            cuda = self.device.type == "cuda"
+            precision = "bf16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
         if precision != "fp32" and self.device.type == "cpu":
             # Measured here (torch 2.13, AVX-512 BF16 CPU): eager bf16 autocast ran 15x slower than fp32.
             raise DeviceError(f"--precision {precision} is for CUDA; on the CPU use fp32 (half precision is slower there)")
@@ -153,6 +157,17 @@ class Denoiser:
         if pixels.shape[0] == 0 or pixels.shape[1] == 0:
             raise ValueError(f"the image has no pixels (shape {pixels.shape})")
         self._generator.manual_seed(self.seed)
+        if self.device.type == "cuda":
+            return denoise_tiled_on_device(
+                pixels,
+                self._run_tensor,
+                device=self.device,
+                tile=self.tile,
+                overlap=self.tile_overlap,
+                window=self.config.window_size,
+                batch_size=self.batch_size,
+                on_tiles=on_tiles,
+            )
         return denoise_tiled(
             pixels,
             self._run_tiles,
@@ -193,10 +208,13 @@ class Denoiser:
             result.putalpha(image.getchannel("A"))
         return result
 
-    @torch.inference_mode()
     def _run_tiles(self, batch: np.ndarray) -> np.ndarray:
         """(B, C, h, w) float32 in [0, 1] -> denoised, averaged over ``passes`` mask draws."""
-        x = torch.from_numpy(batch).to(self.device)
+        return self._run_tensor(torch.from_numpy(batch).to(self.device)).cpu().numpy()
+
+    @torch.inference_mode()
+    def _run_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_run_tiles` for a float32 tensor on the device; the result stays there."""
         b, c = x.shape[:2]
         model_c = self.config.in_chans
         if c == 1 and model_c == 3:
@@ -214,7 +232,7 @@ class Denoiser:
             y = y.mean(dim=1, keepdim=True)
         elif c == 3 and model_c == 1:
             y = y.reshape(b, 3, *y.shape[2:])
-        return y.float().cpu().numpy()
+        return y.float()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision == "fp32":

@@ -158,6 +158,75 @@ def denoise_tiled(
     return out
 
 
+def denoise_tiled_on_device(
+    pixels: np.ndarray,
+    run: "Callable[[torch.Tensor], torch.Tensor]",  # noqa: F821
+    *,
+    device: "torch.device",  # noqa: F821
+    tile: int,
+    overlap: int,
+    window: int,
+    batch_size: int,
+    on_tiles: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """:func:`denoise_tiled` with the tiles cut, blended and converted on ``device`` (a GPU).
+
+    The same tiles, weights and order, so the same sums; but only each tile row's input
+    rows go to the device (in the image's own integers) and only finished rows come back.
+    On an H100 the host's NumPy work per tile (converting, stacking, blending) took three
+    times as long as the network's forward once the Swin blocks were one kernel each.
+    ``run`` takes and returns (B, C, h, w) float32 tensors on ``device``.
+    """
+    import torch
+
+    height, width, channels = pixels.shape
+    rows = TileGrid.plan(height, tile, overlap, window)
+    cols = TileGrid.plan(width, tile, overlap, window)
+    row_src = reflect_indices(height, rows.length)
+    on_device = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    col_src = on_device(reflect_indices(width, cols.length))
+    col_weight = [on_device(cols.weights(j)) for j in range(len(cols.starts))]
+    norm_rows = on_device(1.0 / rows.coverage())
+    norm_cols = on_device(1.0 / cols.coverage())[:width]
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.float32): None}[pixels.dtype]
+
+    out = np.empty_like(pixels)
+    band = torch.zeros((rows.tile, cols.length, channels), dtype=torch.float32, device=device)
+    band_top = 0
+
+    def flush(upto: int) -> None:
+        """As in :func:`denoise_tiled`: normalise, clip, round to the output type, copy to the host."""
+        nonlocal band
+        n, stop = upto - band_top, min(upto, height)
+        if stop > band_top:
+            done = band[: stop - band_top, :width] * norm_rows[band_top:stop, None, None]
+            done = (done * norm_cols[None, :, None]).clamp_(0.0, 1.0)
+            if scale is not None:  # floor(x * max + 0.5) in float32, as imageio.from_float
+                done = torch.floor(done * scale + 0.5).to(torch.int32)
+            out[band_top:stop] = done.cpu().numpy().astype(pixels.dtype, copy=False)
+        band = torch.cat([band[n:], band.new_zeros((min(n, rows.tile), *band.shape[1:]))])
+
+    for i, top in enumerate(rows.starts):
+        if top > band_top:
+            flush(top)
+            band_top = top
+        row_weight = on_device(rows.weights(i))
+        strip = pixels[row_src[top : top + rows.tile]]
+        strip = on_device(strip.astype(np.int32) if strip.dtype == np.uint16 else strip)
+        strip = strip.float() if scale is None else strip.float() / scale
+        for batch in _batches(range(len(cols.starts)), batch_size):
+            tiles = torch.stack([strip.index_select(1, col_src[cols.starts[j] : cols.starts[j] + cols.tile]) for j in batch])
+            result = run(tiles.permute(0, 3, 1, 2).contiguous())
+            for j, res in zip(batch, result):
+                left = cols.starts[j]
+                weight = row_weight[:, None, None] * col_weight[j][None, :, None]
+                band[:, left : left + cols.tile] += res.permute(1, 2, 0) * weight
+            if on_tiles:
+                on_tiles(len(batch))
+    flush(rows.length)
+    return out
+
+
 def _batches(items: range, size: int) -> Iterator[list[int]]:
     items = list(items)
     for i in range(0, len(items), max(1, size)):

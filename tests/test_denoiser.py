@@ -121,6 +121,29 @@ def test_half_precision_on_cuda_stays_close_to_fp32(tiny, precision):
     assert np.abs(fp32 - half).mean() < 0.02
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tiles_on_the_gpu_and_matches_the_cpu(tiny):
+    """8-bit and 16-bit images through the GPU's tiling: the CPU's pixels up to the GPU's
+    fp32 arithmetic (cuDNN convolutions in TF32); a misplaced or unblended tile is off by 10 %."""
+    rng = np.random.default_rng(6)
+    for dtype in (np.uint8, np.uint16):
+        pixels = rng.integers(0, np.iinfo(dtype).max + 1, (150, 230, 3)).astype(dtype)
+        kwargs = dict(attn_mask_ratio=0, tile=64, tile_overlap=32, batch_size=3)
+        gpu = Denoiser(tiny, device="cuda", **kwargs)(pixels)
+        cpu = Denoiser(tiny, device="cpu", **kwargs)(pixels)
+        diff = np.abs(gpu.astype(np.int64) - cpu) / np.iinfo(dtype).max
+        assert gpu.dtype == dtype and gpu.shape == pixels.shape and diff.max() < 5e-3 and diff.mean() < 5e-4
+
+
+def test_auto_precision_is_fp32_on_the_cpu_and_bf16_on_a_gpu(tiny):
+    pixels = np.random.default_rng(7).random((40, 48, 3)).astype(np.float32)
+    auto = Denoiser(tiny, device="cpu")
+    assert auto.precision == "fp32"
+    assert np.array_equal(auto(pixels), Denoiser(tiny, device="cpu", precision="fp32")(pixels))
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        assert Denoiser(tiny, device="cuda").precision == "bf16"
+
+
 def test_half_precision_on_cpu_is_refused_with_the_reason(tiny):
     with pytest.raises(DeviceError, match="on the CPU use fp32"):
         Denoiser(tiny, device="cpu", precision="bf16")
