@@ -157,28 +157,11 @@ class Denoiser:
         if pixels.shape[0] == 0 or pixels.shape[1] == 0:
             raise ValueError(f"the image has no pixels (shape {pixels.shape})")
         self._generator.manual_seed(self.seed)
+        grid = dict(tile=self.tile, overlap=self.tile_overlap, window=self.config.window_size,
+                    batch_size=self.batch_size, on_tiles=on_tiles)
         if self.device.type == "cuda":
-            return denoise_tiled_on_device(
-                pixels,
-                self._run_tensor,
-                device=self.device,
-                tile=self.tile,
-                overlap=self.tile_overlap,
-                window=self.config.window_size,
-                batch_size=self.batch_size,
-                on_tiles=on_tiles,
-            )
-        return denoise_tiled(
-            pixels,
-            self._run_tiles,
-            to_float=imageio.to_float,
-            from_float=imageio.from_float,
-            tile=self.tile,
-            overlap=self.tile_overlap,
-            window=self.config.window_size,
-            batch_size=self.batch_size,
-            on_tiles=on_tiles,
-        )
+            return denoise_tiled_on_device(pixels, self._run_tensor, device=self.device, **grid)
+        return denoise_tiled(pixels, self._run_tiles, to_float=imageio.to_float, from_float=imageio.from_float, **grid)
 
     def denoise_image(self, image: imageio.Image, on_tiles: Callable[[int], None] | None = None) -> imageio.Image:
         """Denoise the colour channels; alpha and colour profile pass through untouched."""

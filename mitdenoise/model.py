@@ -491,7 +491,7 @@ class WindowAttention(nn.Module):
         if keep is not None:
             x = x * keep
         bn, n, c = x.shape
-        heads, hd = self.num_heads, c // self.num_heads
+        hd = c // self.num_heads
         q, k, v = self._padded_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)  # (bn, heads, N, padded hd)
         bias = self.position_bias().to(q.dtype).contiguous()  # kernels want the mask's rows contiguous
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(bn, -1, -1, -1), scale=self.scale)
