@@ -1,7 +1,10 @@
 """Benchmarks: quality tables and their files, the speed table with its reference and ceiling, `noise`."""
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +289,39 @@ def test_speed_with_every_row_skipped_is_an_error(tmp_path):
     assert result.exit_code == 1
     assert "note: cpu fp64 tile 16 batch 1 skipped: unknown precision 'fp64'" in result.stderr
     assert result.stderr.strip().endswith("error: nothing was measured: every combination was skipped (see the notes above)")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_reference_child_ends_when_the_bench_is_killed(tmp_path):
+    """A bench killed with SIGKILL (no chance to clean up) leaves no reference process running."""
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, sys, time; from mitdenoise.bench import die_with_parent; "
+        f"die_with_parent(int(sys.argv[1])); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    parent = (
+        "import os, subprocess, sys; "
+        f"subprocess.run([sys.executable, '-c', {child!r}, str(os.getpid())])"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    bench = subprocess.Popen([sys.executable, "-c", parent], env=env)
+    deadline = time.time() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and bench.poll() is None, "the child never started"
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    os.kill(child_pid, 0)  # alive
+    bench.kill()
+    bench.wait()
+    deadline = time.time() + 10
+    while _running(child_pid):
+        assert time.time() < deadline, "the reference child outlived the killed bench"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
