@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from typing import Annotated, NoReturn, Optional
 
 import typer
@@ -195,6 +196,7 @@ def run(program: typer.Typer | None = None, **kwargs) -> None:
     waiting for them at interpreter exit could hang. Signals during that exit take their
     default action for the same reason.
     """
+    warnings.showwarning = _show_warning
     try:
         (program or app)(**kwargs)
     except MitdenoiseError as e:
@@ -212,6 +214,11 @@ def run(program: typer.Typer | None = None, **kwargs) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line on stderr, like our errors, not Python's file:line and source."""
+    err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _register_commands() -> None:

@@ -603,7 +603,10 @@ class SwinTransformerBlock(nn.Module):
         if ctx.kernel_dtype is not None:
             from . import triton_block
 
-            return triton_block.block_forward(self, x, size, keep, ctx.kernel_dtype)
+            out = triton_block.block_forward(self, x, size, keep, ctx.kernel_dtype)
+            if out is not None:
+                return out
+            ctx.kernel_dtype = None  # the kernel cannot run here: this block and the rest take the fused route
         mask = ctx.shift_mask(h, w, ws, shift, x.device) if shift else None
         chunks = list(window_chunks(b, n_rows, n_cols, ctx.chunk_windows))
         image = x.view(b, h, w, c)

@@ -19,6 +19,8 @@ products, which is how the tests pin it to the plain block.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 try:
@@ -33,8 +35,12 @@ NUM_WARPS = 4
 """Warps per window program: 128 threads hold a window's 64 x 64 scores in 32 registers each."""
 
 
+_failed: str | None = None
+"""Why the kernel could not run in this process (then every block takes the fused route)."""
+
+
 def available() -> bool:
-    return triton is not None
+    return triton is not None and _failed is None
 
 
 def supports(dim: int, num_heads: int, hidden: int, window_size: int) -> bool:
@@ -160,8 +166,9 @@ def _packed(block, dtype: torch.dtype, device: torch.device) -> dict[str, torch.
 
 def block_forward(
     block, x: torch.Tensor, size: tuple[int, int], keep: torch.Tensor | None, dot_dtype: torch.dtype = torch.bfloat16
-) -> torch.Tensor:
-    """``block(x)`` for (B, H*W, C) tokens (H, W multiples of the window) as one kernel launch.
+) -> torch.Tensor | None:
+    """``block(x)`` for (B, H*W, C) tokens (H, W multiples of the window) as one kernel launch;
+    None, with a warning once, where the kernel cannot run (the caller then takes another route).
 
     ``keep``: the (B * windows, N, 1) attention keep-mask in window-partition order of the
     shifted image, as the plain route draws it, or None. ``dot_dtype``: the products'
@@ -179,13 +186,19 @@ def block_forward(
     windows = b * (h // ws) * n_cols
     keep_arg = p["bias"] if keep is None else keep.reshape(-1).float().contiguous()
     dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dot_dtype]
-    _swin_block_kernel[(windows,)](
-        x, out, keep_arg, p["bias"],
-        p["norm1_w"], p["norm1_b"], p["qkv_w"], p["qkv_b"], p["proj_w"], p["proj_b"],
-        p["norm2_w"], p["norm2_b"], p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"],
-        h, w, n_cols, (h // ws) * n_cols, block.norm1.eps, block.attn.scale,
-        C=c, CP=_pow2(c), HEADS=block.attn.num_heads, HDP=_pow2(c // block.attn.num_heads),
-        HIDP=_pow2(block.mlp.fc1.out_features), WS=ws, SHIFT=shift, HAS_KEEP=keep is not None, DOT=dot,
-        num_warps=NUM_WARPS,
-    )
+    try:
+        _swin_block_kernel[(windows,)](
+            x, out, keep_arg, p["bias"],
+            p["norm1_w"], p["norm1_b"], p["qkv_w"], p["qkv_b"], p["proj_w"], p["proj_b"],
+            p["norm2_w"], p["norm2_b"], p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"],
+            h, w, n_cols, (h // ws) * n_cols, block.norm1.eps, block.attn.scale,
+            C=c, CP=_pow2(c), HEADS=block.attn.num_heads, HDP=_pow2(c // block.attn.num_heads),
+            HIDP=_pow2(block.mlp.fc1.out_features), WS=ws, SHIFT=shift, HAS_KEEP=keep is not None, DOT=dot,
+            num_warps=NUM_WARPS,
+        )
+    except Exception as e:  # noqa: BLE001 - Triton's compile and resource errors, a GPU it doesn't support
+        global _failed
+        _failed = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        warnings.warn(f"the one-kernel Swin block cannot run here ({_failed}); using the slower fused route", RuntimeWarning)
+        return None
     return out

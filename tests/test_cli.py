@@ -358,3 +358,32 @@ def test_what_would_fail_at_writing_fails_before_the_image_is_denoised(tmp_path)
     assert [reason.split(";")[0] for _, reason in gif.failed] == [
         f"cannot write {tmp_path / 'out-gif' / 'anim.gif'}: unknown image format .gif"
     ]
+
+
+def test_a_warning_is_one_line_on_stderr(capsys, monkeypatch):
+    """Python's warning format (file:line, then the source line) becomes 'warning: ...'."""
+    import signal
+    import warnings
+
+    import typer
+
+    from mitdenoise.cli import run
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # run() replaces it: put it back after
+    program = typer.Typer()
+
+    @program.command()
+    def main() -> None:
+        warnings.warn("the kernel cannot run here; using the slower route", RuntimeWarning)
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with pytest.raises(SystemExit) as done:
+                run(program, args=[])
+    finally:  # run() leaves the default signal actions, as a program's last act
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert done.value.code == 0
+    assert capsys.readouterr().err.strip().splitlines() == ["warning: the kernel cannot run here; using the slower route"]

@@ -105,3 +105,25 @@ def test_kernel_route_on_cuda_is_as_close_to_fp32_as_the_fused_route(fixtures_di
     kernel_error, fused_error = (kernel - exact).abs().mean(), (fused - exact).abs().mean()
     assert torch.isfinite(kernel).all() and kernel_error < 1.5 * fused_error + 1e-4, (kernel_error, fused_error)
     assert (kernel - fused).abs().mean() < 5e-3
+
+
+def test_where_the_kernel_cannot_run_the_block_warns_once_and_takes_the_other_route(monkeypatch):
+    """Here the kernel gets CPU tensors outside the interpreter, which Triton refuses, as it would
+    refuse a GPU it can't compile for: the block's output is the plain route's, with one warning."""
+    pytest.importorskip("triton", reason="Triton is in the test extras: pip install -e '.[test]'")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter runs on CPU tensors")
+    from mitdenoise import triton_block
+    from mitdenoise.model import ForwardContext, SwinTransformerBlock
+
+    monkeypatch.setattr(triton_block, "_failed", None)
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(12, 2, 8, 4, 2.0).eval()
+    x = torch.randn(1, 16 * 24, 12)
+    with torch.no_grad():
+        plain = block(x, (16, 24), ForwardContext((0, 0), None, {}, None, False))
+        ctx = ForwardContext((0, 0), None, {}, None, False, kernel_dtype=torch.float32)
+        with pytest.warns(RuntimeWarning, match="one-kernel Swin block cannot run here"):
+            out = block(x, (16, 24), ctx)
+        assert ctx.kernel_dtype is None and triton_block._failed and not triton_block.available()
+        assert torch.equal(out, plain)
