@@ -100,6 +100,9 @@ def test_kernel_route_on_cuda_is_as_close_to_fp32_as_the_fused_route(fixtures_di
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert model.block_kernel_dtype(x.device) == torch.bfloat16
     kernel = run(dtype=torch.bfloat16)
+    from mitdenoise import triton_block
+
+    assert triton_block._failed is None  # it ran, and did not fall back
     monkeypatch.setattr(SwinIR, "block_kernel_dtype", lambda self, device: None)
     fused = run(dtype=torch.bfloat16)
     kernel_error, fused_error = (kernel - exact).abs().mean(), (fused - exact).abs().mean()
