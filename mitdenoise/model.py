@@ -966,7 +966,6 @@ class SwinIR(nn.Module):
             y = self.conv_last(body)
         return (y + self.mean)[..., :h, :w].contiguous()
 
-
     def block_kernel_dtype(self, device: torch.device) -> torch.dtype | None:
         """Under CUDA autocast to bf16 or fp16, with Triton there and a GPU from Ampere on: the
         one-kernel Swin block (:mod:`mitdenoise.triton_block`) with products in that type. Else
