@@ -207,7 +207,6 @@ def denoise_tiled_on_device(
 
     def flush(upto: int) -> None:
         """As in :func:`denoise_tiled`: normalise, clip, round to the output type, copy to the host."""
-        nonlocal band
         n, stop = upto - band_top, min(upto, height)
         if stop > band_top:
             done = band[: stop - band_top, :width] * norm_rows[band_top:stop, None, None]
@@ -215,7 +214,8 @@ def denoise_tiled_on_device(
             if scale is not None:  # floor(x * max + 0.5) in float32, as imageio.from_float
                 done = torch.floor(done * scale + 0.5).to(torch.int32)
             out[band_top:stop] = done.cpu().numpy().astype(pixels.dtype, copy=False)
-        band = torch.cat([band[n:], band.new_zeros((min(n, rows.tile), *band.shape[1:]))])
+        band[: rows.tile - n] = band[n:].clone()  # torch refuses an overlapping copy
+        band[rows.tile - n :] = 0
 
     for i, top in enumerate(rows.starts):
         if top > band_top:
