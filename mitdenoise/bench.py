@@ -155,15 +155,22 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def model_label(spec: str | os.PathLike | None) -> str:
-    """A short column name for a model spec: the registry name, or the file's stem."""
+    """A short column name for a model spec: the registry name, the file's stem, or for the files
+    ``mitdenoise train`` writes (every run's are named alike) the run folder and the stem."""
     if spec is None:
         from .weights import DEFAULT_MODEL
 
         return DEFAULT_MODEL
     text = str(spec)
     if "/" in text or os.sep in text or Path(text).suffix.lower() in (".pth", ".pt", ".safetensors"):
-        return Path(text.rstrip("/")).stem
+        path = Path(text.rstrip("/"))
+        if path.name in _RUN_FILES and path.parent.name:
+            return f"{path.parent.name}/{path.stem}"
+        return path.stem
     return text
+
+
+_RUN_FILES = ("ema.safetensors", "last.pt")  # mitdenoise.train.loop's EXPORT_NAME and CHECKPOINT_NAME
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -58,6 +58,16 @@ def test_averaged_draws_get_a_column_only_for_models_with_the_attention_mask(tmp
     ]
 
 
+def test_columns_of_training_runs_are_named_by_their_run_folder():
+    from mitdenoise.train.loop import CHECKPOINT_NAME, EXPORT_NAME
+
+    labels = [bench.model_label(p) for p in (
+        f"runs/ft-ctrl/{EXPORT_NAME}", f"runs/ft-mild/{EXPORT_NAME}", f"runs/ft-mild/{CHECKPOINT_NAME}",
+        "weights/mitdenoise-baseline.safetensors", "mitdenoise", EXPORT_NAME,
+    )]
+    assert labels == ["ft-ctrl/ema", "ft-mild/ema", "ft-mild/last", "mitdenoise-baseline", "mitdenoise", "ema"]
+
+
 def test_quality_writes_json_markdown_and_grids_with_every_row_and_method(tmp_path, clean_dir, tiny_model):
     results = bench.run_quality(
         clean_dir, noise_spec="gaussian:15,saltpepper:0.02", models=[tiny_model], passes=2,
