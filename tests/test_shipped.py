@@ -1,4 +1,4 @@
-"""The checkpoint we ship: the network and numbers its card states, the README's first command."""
+"""The checkpoints we ship: the networks and numbers their card states, the README's first command."""
 
 import dataclasses
 import itertools
@@ -51,30 +51,50 @@ def test_the_masked_checkpoint_is_the_shipped_file_with_the_network_and_mask_the
     assert record is not None and record["iteration"] == settings.iterations == card_number(r"\*\*Iterations:\*\* (\d+)")
 
 
-def test_the_default_is_the_shipped_baseline_the_masked_network_without_masks_trained_as_its_settings_say():
-    assert DEFAULT_MODEL == "mitdenoise-baseline"
-    path = resolve_model(None)
-    assert path == resolve_model("mitdenoise-baseline") == shipped_checkpoint() == shipped_checkpoint("mitdenoise-baseline")
+def test_the_shipped_baseline_is_the_masked_network_without_masks_trained_as_its_settings_say():
+    path = resolve_model("mitdenoise-baseline")
+    assert path == shipped_checkpoint("mitdenoise-baseline")
     assert path.parent == shipped_checkpoint("mitdenoise").parent and path.stat().st_size < 10 * 2**20
-    default, masked = Denoiser(device="cpu"), Denoiser("mitdenoise", device="cpu")
-    assert default.config == dataclasses.replace(masked.config, attn_mask_ratio=(0, 0))
-    # No attention mask, so no randomness: any seed gives the same output.
-    noisy = np.random.default_rng(0).random((48, 40, 3), dtype=np.float32)
-    assert np.array_equal(Denoiser(path, seed=0)(noisy), Denoiser(path, seed=1)(noisy))
+    baseline, masked = Denoiser("mitdenoise-baseline", device="cpu"), Denoiser("mitdenoise", device="cpu")
+    assert baseline.config == dataclasses.replace(masked.config, attn_mask_ratio=(0, 0))
     # Its settings are the masked checkpoint's, budget and schedule included, with both masks off.
     settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-baseline.toml")
     masked_settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-masked.toml")
-    assert settings.is_baseline and settings.model == default.config
+    assert settings.is_baseline and settings.model == baseline.config
     assert settings == masked_settings.baseline_variant()
     record = read_validation(path)
     stated = card_number(r"\*\*Baseline iterations:\*\* (\d+)")
     assert record is not None and record["iteration"] == settings.iterations == stated
 
 
+def test_the_default_is_the_baseline_fine_tuned_with_a_mild_input_mask_as_its_settings_say():
+    assert DEFAULT_MODEL == "mitdenoise-mild"
+    path = resolve_model(None)
+    assert path == resolve_model("mitdenoise-mild") == shipped_checkpoint() == shipped_checkpoint("mitdenoise-mild")
+    assert path.parent == shipped_checkpoint("mitdenoise-baseline").parent and path.stat().st_size < 10 * 2**20
+    default, baseline = Denoiser(device="cpu"), Denoiser("mitdenoise-baseline", device="cpu")
+    assert default.config == baseline.config and default.config.attn_mask_ratio == (0, 0)
+    # No attention mask, so no randomness: any seed gives the same output; and not the baseline's output.
+    noisy = np.random.default_rng(0).random((48, 40, 3), dtype=np.float32)
+    assert np.array_equal(Denoiser(path, seed=0)(noisy), Denoiser(path, seed=1)(noisy))
+    assert np.abs(default(noisy) - baseline(noisy)).max() > 1e-3
+    # Its settings start from the shipped baseline and train the same network with 0-25 % of each patch hidden.
+    settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-mild.toml")
+    assert settings.init == "mitdenoise-baseline" and settings.model == default.config
+    assert settings.input_mask == (0, 25) and settings.noise_sigma == 15
+    record = read_validation(path)
+    stated = card_number(r"\*\*Default iterations:\*\* (\d+)")
+    assert record is not None and record["iteration"] == settings.iterations == stated
+
+
 @pytest.mark.parametrize(
     "options, stated_as",
-    [([], "denoised with the defaults"), (["--model", "mitdenoise"], "with `--model mitdenoise`")],
-    ids=["default", "masked"],
+    [
+        ([], "denoised with the defaults"),
+        (["--model", "mitdenoise"], "with `--model mitdenoise`"),
+        (["--model", "mitdenoise-baseline"], "with `--model mitdenoise-baseline`"),
+    ],
+    ids=["default", "masked", "baseline"],
 )
 def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_states(tmp_path, options, stated_as):
     out = tmp_path / "denoised.png"
@@ -89,8 +109,8 @@ def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_sta
     assert result.shape == clean.shape == (256, 256, 3) and result.dtype == np.uint8
     stated = card_number(rf"(?s)`examples/kodim23-noisy-poisson2.png` [^`]*?{re.escape(stated_as)}: ([\d.]+) dB")
     assert abs(psnr(result, clean) - stated) < 0.01
-    # Only the undertrained masked checkpoint warns; the default does not.
-    assert ("warning: this model made its validation images worse" in done.stderr) == bool(options)
+    # Only the undertrained masked checkpoint warns.
+    assert ("warning: this model made its validation images worse" in done.stderr) == (options == ["--model", "mitdenoise"])
 
 
 def table_cell(document: Path, noise: str, column: str) -> tuple[float, float]:
@@ -111,7 +131,7 @@ def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_models
         data_dir / "test" / "mcmaster",
         noisy_dir=data_dir / "test" / "mcmaster_poisson_alpha2",
         noise_spec="gaussian:15",
-        models=("mitdenoise", "mitdenoise-baseline"),
+        models=("mitdenoise", "mitdenoise-baseline", "mitdenoise-mild"),
         baselines=("noisy",),
         crop=256,
         seed=0,
@@ -119,7 +139,7 @@ def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_models
     )
     assert [row["noise"] for row in results["rows"]] == ["gaussian:15", "given:mcmaster_poisson_alpha2"]
     for row in results["rows"]:
-        for document, column in itertools.product((CARD, ROOT / "README.md"), ("noisy", "mitdenoise", "mitdenoise-baseline")):
+        for document, column in itertools.product((CARD, ROOT / "README.md"), ("noisy", "mitdenoise", "mitdenoise-baseline", "mitdenoise-mild")):
             measured = row["results"][column]
             stated_psnr, stated_ssim = table_cell(document, row["noise"], column)
             where = (document.name, row["noise"], column, measured, (stated_psnr, stated_ssim))

@@ -204,7 +204,7 @@ def test_git_blob_id_is_what_git_computes(tmp_path):
 def test_unknown_name_lists_the_known_ones(hf_home):
     with pytest.raises(ModelLoadError) as info:
         resolve_model("nope")
-    assert str(info.value).startswith("unknown model 'nope': not a file and not one of: mitdenoise, mitdenoise-baseline, masked-denoising,")
+    assert str(info.value).startswith("unknown model 'nope': not a file and not one of: mitdenoise, mitdenoise-baseline, mitdenoise-mild, masked-denoising,")
 
 
 def test_missing_path_says_file_not_found(tmp_path):
@@ -576,11 +576,11 @@ def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir,
     register_fixture(monkeypatch, fixtures_dir, origin, "fixture-tiny", "official_tiny_random.pth")
     rows = {row["name"]: row for row in json.loads(cli("models", "--json").stdout)}
     assert {"mitdenoise", "masked-denoising", "masked-denoising-baseline", "fixture-tiny"} <= set(rows)
-    assert rows["mitdenoise-baseline"]["default"] and not rows["fixture-tiny"]["cached"]
+    assert rows["mitdenoise-mild"]["default"] and not rows["fixture-tiny"]["cached"]
     assert rows["mitdenoise"]["cached"] and not rows["mitdenoise"]["default"]
-    assert [name for name, row in rows.items() if row["default"]] == ["mitdenoise-baseline"]
-    assert [name for name, row in rows.items() if row["shipped"]] == ["mitdenoise", "mitdenoise-baseline"]
-    assert rows["mitdenoise-baseline"]["source"] == "shipped: weights/mitdenoise-baseline.safetensors"
+    assert [name for name, row in rows.items() if row["default"]] == ["mitdenoise-mild"]
+    assert [name for name, row in rows.items() if row["shipped"]] == ["mitdenoise", "mitdenoise-baseline", "mitdenoise-mild"]
+    assert rows["mitdenoise-mild"]["source"] == "shipped: weights/mitdenoise-mild.safetensors"
     assert rows["masked-denoising"]["git_blob"] == "deafdf08ce4e6f69170f6f31bb3a32da9dee8cf5"
     assert origin.requests == []  # listing never goes online
 
@@ -593,9 +593,9 @@ def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir,
 
     table = cli("models").stdout
     for text in ("name", "source", "size", "cached", "licence", "masked-denoising-baseline", "fixture-tiny",
-                 "mitdenoise-baseline (default)", "hf://owner/repo"):
+                 "mitdenoise-mild (default)", "hf://owner/repo"):
         assert text in table
-    assert [line.split("│")[4].strip() for line in table.splitlines() if line.startswith("│ mitdenoise")] == ["shipped"] * 2
+    assert [line.split("│")[4].strip() for line in table.splitlines() if line.startswith("│ mitdenoise")] == ["shipped"] * 3
 
 
 def test_download_command_errors_are_one_line(cli, hf_home, monkeypatch):
@@ -676,6 +676,6 @@ def test_a_folder_or_a_missing_shipped_file_as_the_model_says_what_to_do(tmp_pat
     with pytest.raises(ModelLoadError, match=rf"^model file not found: {tmp_path} is a directory$"):
         resolve_model(str(tmp_path))
     monkeypatch.setattr(weights, "SHIPPED_DIRS", (tmp_path / "nowhere",))
-    with pytest.raises(ModelLoadError, match=r"the shipped checkpoint .*mitdenoise-baseline.safetensors is missing: "
+    with pytest.raises(ModelLoadError, match=r"the shipped checkpoint .*mitdenoise-mild.safetensors is missing: "
                                              r"reinstall mitdenoise or pass --model PATH"):
         resolve_model(None)
