@@ -80,7 +80,7 @@ def denoise(
     ],
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: mitdenoise-mild (shipped)."),
+        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: the shipped default (marked in `mitdenoise models`)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = 544,

@@ -362,7 +362,7 @@ REGISTRY: dict[str, ModelEntry] = {
         ),
         ModelEntry(
             name="mitdenoise-mild",
-            description="our baseline fine-tuned with a mild input mask (0-25 %): the default (works offline)",
+            description="our baseline fine-tuned with a mild input mask, 0-25 % (works offline)",
             license=OUR_LICENSE,
             citation=OUR_CITATION,
             path="mitdenoise-mild.safetensors",
