@@ -130,6 +130,24 @@ def test_patches_are_a_function_of_seed_and_step_and_ranks_split_the_global_batc
         PatchBatches(imgs, **{**kw, "batch_size": 3}, world_size=2)
 
 
+def test_a_sigma_range_draws_each_patchs_noise_level_within_it_and_a_single_sigma_keeps_its_stream(images):
+    imgs, _ = load_images(find_images(images["train"].parent), min_size=16)
+    kw = dict(patch_size=16, batch_size=8, steps=10, seed=3, mask_ratio=(0, 0))
+    fixed = PatchBatches(imgs, **kw, noise_sigma=15)
+    assert torch.equal(fixed[4][0], PatchBatches(imgs, **kw, noise_sigma=(15, 15))[4][0])
+    stds = []
+    for step in range(10):
+        noisy, clean = PatchBatches(imgs, **kw, noise_sigma=(0, 50))[step]
+        stds += ((noisy - clean) * 255).flatten(1).std(dim=1).tolist()  # clipping only lowers it
+    assert max(stds) < 50 * 1.15 and min(stds) < 10 and max(stds) > 30
+    assert float(np.std(stds)) > 8, "sigma is drawn per patch, not once"
+    assert TrainConfig(noise_sigma=[0, 50]).noise_sigma == (0.0, 50.0)
+    with pytest.raises(ValueError, match="0 <= low <= high"):
+        TrainConfig(noise_sigma=[30, 10])
+    with pytest.raises(ValueError, match=r"noise_sigma must be a number or \[low, high\]"):
+        TrainConfig(noise_sigma=[1, 2, 3])
+
+
 def test_validation_noise_is_seeded_gaussian_15_and_the_authors_poisson_2(images):
     from mitdenoise import noise
 

@@ -44,6 +44,7 @@ def train_command(
     patch_size: Annotated[Optional[int], Opt("--patch-size", help="Crop size (a multiple of the window, 8).")] = None,
     lr: Annotated[Optional[float], Opt("--lr", help="Adam learning rate.")] = None,
     milestones: Annotated[Optional[str], Opt("--milestones", help="Iterations where lr halves, e.g. 1000,2000 ('' for none).")] = None,
+    noise_sigma: Annotated[Optional[str], Opt("--noise-sigma", help="Gaussian sigma of 255, e.g. 15, or LOW,HIGH drawn per patch (a blind model).")] = None,
     seed: Annotated[Optional[int], Opt("--seed", min=0, max=2**63 - 1, help="Seed of initialisation, crops, noise and masks.")] = None,
     baseline: Annotated[bool, Opt("--baseline", help="Train without masks (input mask and attention mask off).")] = False,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its last.pt.")] = False,
@@ -90,6 +91,14 @@ def train_command(
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
+        if noise_sigma is not None:
+            try:
+                sigmas = [float(v) for v in noise_sigma.replace(" ", "").split(",")]
+            except ValueError:
+                sigmas = []
+            if len(sigmas) not in (1, 2):
+                raise ValueError(f"--noise-sigma must be a number or LOW,HIGH, not {noise_sigma!r}")
+            overrides["noise_sigma"] = sigmas[0] if len(sigmas) == 1 else sigmas
         if milestones is not None:
             overrides["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
         resolved = resolve_config(preset, config, overrides, baseline=baseline)

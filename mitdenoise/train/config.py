@@ -41,7 +41,9 @@ class TrainConfig:
     milestones: tuple[int, ...] = PAPER_MILESTONES
     gamma: float = 0.5
     ema_decay: float = 0.999
-    noise_sigma: float = 15.0
+    noise_sigma: float | tuple[float, float] = 15.0
+    """Gaussian sigma (of 255); ``[low, high]`` draws each patch's sigma uniformly from that range
+    (a blind model, one network for every noise level)."""
     input_mask: tuple[int, int] = (80, 90)
     seed: int = 1
     workers: int | None = None
@@ -86,7 +88,11 @@ class TrainConfig:
         low, high = self.input_mask
         if not 0 <= low <= high < 100:
             problems.append(f"input_mask must satisfy 0 <= low <= high < 100, not {self.input_mask}")
-        if self.noise_sigma < 0:
+        if isinstance(self.noise_sigma, (list, tuple)):
+            object.__setattr__(self, "noise_sigma", tuple(float(s) for s in self.noise_sigma))
+            if not 0 <= self.noise_sigma[0] <= self.noise_sigma[1]:
+                problems.append(f"noise_sigma [low, high] must satisfy 0 <= low <= high, not {list(self.noise_sigma)}")
+        elif self.noise_sigma < 0:
             problems.append("noise_sigma must be >= 0")
         if self.workers is not None and self.workers < 0:
             problems.append("workers must be >= 0")
@@ -145,7 +151,7 @@ class TrainConfig:
 
 _INTS = ("patch_size", "batch_size", "iterations", "seed", "checkpoint_every", "log_every", "val_every",
          "val_images", "val_crop", "val_seed")
-_NUMBERS = ("lr", "gamma", "ema_decay", "noise_sigma")
+_NUMBERS = ("lr", "gamma", "ema_decay")
 _TEXTS = ("out", "preset", "device", "precision")
 
 
@@ -165,6 +171,12 @@ def _check_types(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value):
             fail(name, "a finite number")
+    sigma = config.noise_sigma
+    if isinstance(sigma, (list, tuple)):
+        if len(sigma) != 2 or not all(_is_number(s) for s in sigma):
+            fail("noise_sigma", "a number or [low, high]")
+    elif not _is_number(sigma):
+        fail("noise_sigma", "a number or [low, high]")
     for name in _TEXTS:
         if not isinstance(getattr(config, name), str):
             fail(name, "a string")
@@ -176,6 +188,10 @@ def _check_types(config: TrainConfig) -> None:
     mask = config.input_mask
     if not isinstance(mask, (list, tuple)) or len(mask) != 2 or not all(is_int(r) for r in mask):
         fail("input_mask", "[low, high] in percent")
+
+
+def _is_number(value: Any) -> bool:
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def _lists(value: Any) -> Any:

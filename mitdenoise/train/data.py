@@ -94,7 +94,7 @@ class PatchBatches(Dataset):
         batch_size: int,
         steps: int,
         seed: int,
-        noise_sigma: float,
+        noise_sigma: float | tuple[float, float],
         mask_ratio: tuple[int, int],
         rank: int = 0,
         world_size: int = 1,
@@ -107,7 +107,8 @@ class PatchBatches(Dataset):
         self.first = rank * self.per_rank
         self.steps = steps
         self.seed = seed
-        self.sigma = noise_sigma / 255.0
+        low, high = noise_sigma if isinstance(noise_sigma, (tuple, list)) else (noise_sigma, noise_sigma)
+        self.sigma_range = (low / 255.0, high / 255.0)
         self.mask_ratio = tuple(mask_ratio)
 
     def __len__(self) -> int:
@@ -128,7 +129,9 @@ class PatchBatches(Dataset):
         mode = int(torch.randint(8, (1,), generator=g))
         crop = torch.from_numpy(np.ascontiguousarray(image[top : top + p, left : left + p]))
         clean = augment(crop.permute(2, 0, 1).float().div_(255.0), mode).contiguous()
-        noisy = clean + torch.randn(clean.shape, generator=g) * self.sigma if self.sigma else clean.clone()
+        low, high = self.sigma_range
+        sigma = low if low == high else low + (high - low) * float(torch.rand((), generator=g))
+        noisy = clean + torch.randn(clean.shape, generator=g) * sigma if sigma else clean.clone()
         noisy = input_mask(noisy.clamp_(0.0, 1.0), self.mask_ratio, generator=g)
         return noisy, clean
 
