@@ -1,4 +1,4 @@
-"""The checkpoints we ship: the networks and numbers their card states, the README's first command."""
+"""The checkpoints we ship: the networks and numbers their card, the benchmarks and the README state, the README's first command."""
 
 import dataclasses
 import itertools
@@ -20,6 +20,8 @@ from mitdenoise.weights import DEFAULT_MODEL, read_validation, resolve_model, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = ROOT / "weights" / "README.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
 EXAMPLE_NOISY = ROOT / "examples" / "kodim23-noisy-poisson2.png"
 EXAMPLE_CLEAN = ROOT / "examples" / "kodim23-clean.png"
 
@@ -119,20 +121,58 @@ def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_sta
     assert ("warning: this model made its validation images worse" in done.stderr) == (options == ["--model", "mitdenoise"])
 
 
-def table_cell(document: Path, noise: str, column: str) -> tuple[float, float]:
-    """(PSNR, SSIM) that the quality table in ``document`` gives ``column`` in the row ``noise``."""
-    lines = [line for line in document.read_text().splitlines() if line.startswith("| ")]
-    header = next(line for line in lines if line.startswith("| noise |"))
-    names = [cell.strip() for cell in header.strip("|").split("|")]
-    row = next((line for line in lines if line.startswith(f"| {noise} |")), None)
-    assert row is not None, f"the table in {document.name} has no row {noise!r}"
-    cell = [c.strip() for c in row.strip("|").split("|")][names.index(column)]
+def tables(document: Path) -> list[list[list[str]]]:
+    """Every Markdown table in ``document``: a list of rows (the header first, no separator), each a list of cells."""
+    found, current = [], []
+    for line in document.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                current.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def psnr_ssim(cell: str) -> tuple[float, float]:
     psnr_text, ssim_text = (part.strip().strip("*") for part in cell.split("/"))
     return float(psnr_text), float(ssim_text)
 
 
+def table_cell(document: Path, noise: str, column: str) -> tuple[float, float]:
+    """(PSNR, SSIM) that the quality table in ``document`` (the first whose header is ``noise``) gives ``column``
+    in the row ``noise``."""
+    table = next((table for table in tables(document) if table[0][0] == "noise"), None)
+    assert table is not None, f"{document.name} has no quality table (a header starting with '| noise |')"
+    row = next((row for row in table[1:] if row[0] == noise), None)
+    assert row is not None, f"the quality table in {document.name} has no row {noise!r}"
+    return psnr_ssim(row[table[0].index(column)])
+
+
+# The README's models table: one row a model (and the noisy input), one column a McMaster noise.
+README_COLUMNS = {
+    "gaussian:15": "McMaster, Gaussian 15 (seen)",
+    "given:mcmaster_poisson_alpha2": "McMaster, authors' Poisson pairs (unseen)",
+}
+README_ROWS = {
+    "noisy": "noisy input",
+    "mitdenoise": "`mitdenoise`",
+    "mitdenoise-baseline": "`mitdenoise-baseline`",
+    "mitdenoise-mild": "`mitdenoise-mild` (default)",
+}
+
+
+def readme_models_cell(noise: str, column: str) -> tuple[float, float]:
+    """(PSNR, SSIM) that the README's models table gives the model (or noisy input) ``column`` on ``noise``."""
+    table = next((table for table in tables(README) if table[0][0] == "model"), None)
+    assert table is not None, "README.md has no models table (a header starting with '| model |')"
+    row = next((row for row in table[1:] if row[0] == README_ROWS[column]), None)
+    assert row is not None, f"the README's models table has no row {README_ROWS[column]!r}"
+    return psnr_ssim(row[table[0].index(README_COLUMNS[noise])])
+
+
 @pytest.mark.slow
-def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_models_measure(data_dir, two_threads):
+def test_the_mcmaster_numbers_in_the_card_benchmarks_and_readme_are_what_the_shipped_models_measure(data_dir, two_threads):
     results = run_quality(
         data_dir / "test" / "mcmaster",
         noisy_dir=data_dir / "test" / "mcmaster_poisson_alpha2",
@@ -145,10 +185,23 @@ def test_the_mcmaster_numbers_in_the_card_and_readme_are_what_the_shipped_models
     )
     assert [row["noise"] for row in results["rows"]] == ["gaussian:15", "given:mcmaster_poisson_alpha2"]
     for row in results["rows"]:
-        for document, column in itertools.product((CARD, ROOT / "README.md"), ("noisy", "mitdenoise", "mitdenoise-baseline", "mitdenoise-mild")):
+        for column in ("noisy", "mitdenoise", "mitdenoise-baseline", "mitdenoise-mild"):
             measured = row["results"][column]
-            stated_psnr, stated_ssim = table_cell(document, row["noise"], column)
-            where = (document.name, row["noise"], column, measured, (stated_psnr, stated_ssim))
-            # The tables round to 0.01 dB and 0.0001.
-            assert abs(measured["psnr"] - stated_psnr) <= 0.0051, where
-            assert abs(measured["ssim"] - stated_ssim) <= 0.000051, where
+            stated = {
+                CARD.name: table_cell(CARD, row["noise"], column),
+                "docs/" + BENCHMARKS.name: table_cell(BENCHMARKS, row["noise"], column),
+                README.name: readme_models_cell(row["noise"], column),
+            }
+            for document, (stated_psnr, stated_ssim) in stated.items():
+                where = (document, row["noise"], column, measured, (stated_psnr, stated_ssim))
+                # The tables round to 0.01 dB and 0.0001.
+                assert abs(measured["psnr"] - stated_psnr) <= 0.0051, where
+                assert abs(measured["ssim"] - stated_ssim) <= 0.000051, where
+
+
+def test_the_readme_card_and_benchmarks_state_the_same_mcmaster_numbers():
+    """The cheap half of the slow test above: the three documents agree with each other, cell for cell."""
+    for noise, column in itertools.product(README_COLUMNS, README_ROWS):
+        card = table_cell(CARD, noise, column)
+        assert table_cell(BENCHMARKS, noise, column) == card, (noise, column)
+        assert readme_models_cell(noise, column) == card, (noise, column)
