@@ -9,18 +9,14 @@ import numpy as np
 import torch
 
 from . import imageio
+from .checkpoints import load_model, read_validation
+from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from .errors import DeviceError, ModelLoadError
 from .model import SwinIR
+from .registry import resolve_model
 from .tiling import count_tiles, denoise_tiled, denoise_tiled_on_device
-from .weights import load_model, read_validation, resolve_model
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEFAULT_TILE = 544
-"""Big tiles overlap less: with the 32-pixel overlap, 544 runs a 1024x1024 image as 2x2 tiles of
-528 (6 % extra pixels; 384 needs 3x3 tiles of 368, 16 %). With freed buffers reused a pixel costs
-the same in any tile size; what grows is the working set: 0.65 GB at 544 (measured, 1024x1024)."""
-DEFAULT_OVERLAP = 32
-
 
 MALLOC_KEEP_BYTES = 192 << 20
 MALLOC_HEAP_UP_TO_BYTES = 96 << 20
@@ -30,12 +26,10 @@ def keep_freed_buffers_for_reuse() -> bool:
     """On glibc, stop malloc from handing freed tile-sized buffers back to the kernel.
 
     By default glibc returns freed blocks above its adaptive mmap threshold to the
-    OS, so each layer's next output page-faults in afresh: measured here, a forward
-    of the full network on a 192x192 tile spent 0.5 s of 1.5 s in 300,000 page faults;
-    with these settings it took 0.81 s and 500 faults. Blocks up to 96 MB (a 576x576
-    tile's activations) now come from the heap and up to 192 MB of free heap is kept,
-    so the next layer and tile reuse them; image-sized buffers still go straight back.
-    Process-wide. True where applied.
+    OS, so each layer's next output page-faults in afresh. Blocks up to 96 MB (a
+    576x576 tile's activations) now come from the heap and up to 192 MB of free heap
+    is kept, so the next layer and tile reuse them; image-sized buffers still go
+    straight back. Process-wide. True where applied.
     """
     import ctypes
     import ctypes.util
@@ -81,7 +75,7 @@ class Denoiser:
     without the mask is deterministic, so it runs one pass whatever ``passes`` says.
     ``attn_mask_ratio`` overrides the checkpoint's ratio (percent; 0 switches it off).
     ``validation`` is what training recorded about the checkpoint's quality, if anything
-    (see :func:`mitdenoise.weights.read_validation`).
+    (see :func:`mitdenoise.checkpoints.read_validation`).
     """
 
     def __init__(
@@ -105,11 +99,11 @@ class Denoiser:
         if self.device.type == "cpu":
             keep_freed_buffers_for_reuse()
         if precision == "auto":
-            # bf16 on a GPU: 3.7x the fp32 speed on an H100 for 0.02 dB on McMaster (README, "On a GPU")
+            # bf16 on a GPU: much faster than fp32 for a negligible loss (docs/benchmarks.md)
             cuda = self.device.type == "cuda"
             precision = "bf16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
         if precision != "fp32" and self.device.type == "cpu":
-            # Measured here (torch 2.13, AVX-512 BF16 CPU): eager bf16 autocast ran 15x slower than fp32.
+            # eager bf16 autocast on the CPU is far slower than fp32 (docs/benchmarks.md)
             raise DeviceError(f"--precision {precision} is for CUDA; on the CPU use fp32 (half precision is slower there)")
         overrides = {} if attn_mask_ratio is None else {"attn_mask_ratio": (attn_mask_ratio, attn_mask_ratio)}
         if isinstance(model, SwinIR):

@@ -21,6 +21,10 @@ class DeviceError(MitdenoiseError):
     """The requested device or precision is not available here."""
 
 
+class TrainSetupError(MitdenoiseError):
+    """A training run can't start: run folder, checkpoint or device don't fit the request."""
+
+
 class Aborted(KeyboardInterrupt):
     """A second SIGINT/SIGTERM: stop at once (writers remove their temp files on the way out).
 

@@ -16,7 +16,7 @@ Who decodes what, and why:
 - tifffile reads the TIFFs Pillow cannot even identify (16-bit gray + alpha, float
   colour) and writes every TIFF, because it is the one writer that stores 16-bit and
   float colour together with an ICC profile.
-- 16-bit PNG is written by the small encoder below: neither Pillow (no 16-bit
+- 16-bit PNG is written by the small encoder of :mod:`mitdenoise.png16`: neither Pillow (no 16-bit
   colour) nor OpenCV (no gray + alpha, no ICC) can write all four layouts.
 
 Only the first frame of a multi-frame file (GIF, TIFF pages, animated PNG/WebP,
@@ -42,6 +42,7 @@ from PIL import Image as PILImage
 from PIL import ImageCms
 
 from .errors import ImageReadError, ImageWriteError
+from .png16 import write_png16
 
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 """Formats we write (and find in folders); reading goes by content and also takes GIF."""
@@ -82,19 +83,24 @@ def set_max_pixels(n: int | None) -> None:
     PILImage.MAX_IMAGE_PIXELS = n
 
 
-def to_float(pixels: np.ndarray) -> np.ndarray:
-    """uint8/uint16 -> float32 in [0, 1]; float32 as it is (its range is the caller's business)."""
+# ---------------------------------------------------------------- pixel conversions
+
+
+def to_float(pixels: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """uint8/uint16 -> floats in [0, 1] of ``dtype`` (float32 or float64); float pixels as they
+    are, or cast to ``dtype`` (their range is the caller's business)."""
     if pixels.dtype == np.uint8:
-        return np.divide(pixels, 255, dtype=np.float32)
+        return np.divide(pixels, 255, dtype=dtype)
     if pixels.dtype == np.uint16:
-        return np.divide(pixels, 65535, dtype=np.float32)
-    if pixels.dtype == np.float32:
-        return pixels
-    raise ValueError(f"expected uint8, uint16 or float32 pixels, got {pixels.dtype}")
+        return np.divide(pixels, 65535, dtype=dtype)
+    if pixels.dtype in (np.float32, np.float64):
+        return pixels if pixels.dtype == dtype else pixels.astype(dtype)
+    raise ValueError(f"expected uint8, uint16, float32 or float64 pixels, got {pixels.dtype}")
 
 
 def from_float(x: np.ndarray, dtype) -> np.ndarray:
-    """float in [0, 1] -> ``dtype``, clipped and rounded to nearest (float32 is only clipped)."""
+    """float in [0, 1] -> ``dtype``, clipped and rounded half up (``floor(x * max + 0.5)`` in the
+    precision of ``x``); float32 is only clipped."""
     dtype = np.dtype(dtype)
     x = np.clip(x, 0.0, 1.0)
     if dtype == np.float32:
@@ -103,6 +109,39 @@ def from_float(x: np.ndarray, dtype) -> np.ndarray:
         scale = np.float32(np.iinfo(dtype).max)
         return np.floor(x * scale + np.float32(0.5)).astype(dtype)
     raise ValueError(f"expected uint8, uint16 or float32 as target dtype, got {dtype}")
+
+
+def round_to_uint8(x: np.ndarray) -> np.ndarray:
+    """float in [0, 1] -> uint8 with NumPy's rounding (half to even), as the authors' evaluation
+    quantises; :func:`from_float` rounds half up, as the writers do."""
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_rgb8(pixels: np.ndarray) -> np.ndarray:
+    """Any (H, W[, C]) image -> (H, W, 3) uint8 (grey repeated, alpha dropped, 16-bit and float rounded)."""
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.shape[2] in (2, 4):
+        pixels = pixels[..., :-1]
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    if pixels.dtype != np.uint8:
+        pixels = from_float(to_float(pixels, np.float64), np.uint8)
+    return np.ascontiguousarray(pixels)
+
+
+def read_rgb8(path: str | os.PathLike) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB (see :func:`to_rgb8`), for scoring and training."""
+    return to_rgb8(read_image(path).pixels)
+
+
+def center_crop(pixels: np.ndarray, size: int | None) -> np.ndarray:
+    """The central ``size`` x ``size`` part (or less, where the image is smaller); all of it for None."""
+    if not size:
+        return pixels
+    h, w = pixels.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return pixels[top : top + size, left : left + size]
 
 
 # ---------------------------------------------------------------- reading
@@ -567,7 +606,7 @@ def _encode_png(path: Path, image: Image, f: BinaryIO) -> None:
     if pixels.dtype == np.float32:
         pixels = from_float(pixels, np.uint16)
         alpha = None if alpha is None else from_float(alpha, np.uint16)
-    _encode_png16(f, pixels, alpha, image.icc_profile, image.exif)
+    write_png16(f, pixels, alpha, image.icc_profile, image.exif)
 
 
 def _encode_jpeg(path: Path, image: Image, f: BinaryIO) -> None:
@@ -627,46 +666,3 @@ _ENCODERS = {
     ".bmp": _encode_bmp,
     ".webp": _encode_webp,
 }
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _encode_png16(
-    f: BinaryIO, pixels: np.ndarray, alpha: np.ndarray | None, icc: bytes | None, exif: bytes | None
-) -> None:
-    """A 16-bit PNG of any of the four layouts, with iCCP and eXIf before the image data.
-
-    Filtered and compressed in bands of rows, so memory stays at a band, not a copy of the image.
-    """
-    height, width, channels = pixels.shape[0], pixels.shape[1], pixels.shape[2] + (alpha is not None)
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    f.write(b"\x89PNG\r\n\x1a\n")
-    f.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)))
-    if icc:
-        f.write(_png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(icc)))
-    if exif:
-        f.write(_png_chunk(b"eXIf", exif.removeprefix(b"Exif\x00\x00")))
-    compressor = zlib.compressobj(6)
-    above = np.zeros(width * channels * 2, np.uint8)
-    band = max(1, (8 << 20) // (width * channels * 2))
-    for top in range(0, height, band):
-        part = pixels[top : top + band]
-        if alpha is not None:
-            part = np.concatenate([part, alpha[top : top + band, :, None]], axis=2)
-        rows = part.astype(">u2").view(np.uint8).reshape(len(part), width * channels * 2)
-        # filter 2 ("Up", each byte minus the byte above): one numpy subtraction, and close
-        # to libpng's adaptive filtering on photographs
-        scanlines = np.empty((len(rows), rows.shape[1] + 1), np.uint8)
-        scanlines[:, 0] = 2
-        np.subtract(rows, np.concatenate([above[None], rows[:-1]]), out=scanlines[:, 1:])
-        above = rows[-1].copy()
-        _write_idat(f, compressor.compress(scanlines.tobytes()))
-    _write_idat(f, compressor.flush())
-    f.write(_png_chunk(b"IEND", b""))
-
-
-def _write_idat(f: BinaryIO, data: bytes) -> None:
-    if data:
-        f.write(_png_chunk(b"IDAT", data))

@@ -1,8 +1,10 @@
-"""The input mask of masked training (the attention mask lives in :mod:`mitdenoise.model`).
+"""The two masks of masked training: the input mask and the attention keep-mask.
 
-During training most pixels of the noisy patch are hidden, so the network cannot
-learn the noise and has to reconstruct image content from the few pixels left.
-The mask is used in training only; at inference the whole image is seen.
+The input mask hides most pixels of the noisy training patch, so the network cannot
+learn the noise and has to reconstruct image content from the few pixels left; it
+is used in training only. The attention keep-mask zeroes tokens at random inside
+every window attention, at training and at inference alike (the network draws it
+through :func:`draw_keep_mask`).
 """
 
 from __future__ import annotations
@@ -38,3 +40,20 @@ def input_mask(
     keep = (torch.rand((b, 1, h, w), generator=generator, device=x.device, dtype=x.dtype) >= ratio).to(x.dtype)
     out = x * keep + MASKED_VALUE * (1 - keep)
     return out if batched else out[0]
+
+
+def draw_keep_mask(
+    shape: tuple[int, ...], ratio_range: tuple[int, int], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor | None:
+    """0/1 float attention keep-mask: each token kept with probability 1 - r, r drawn from ``ratio_range`` (%).
+
+    None when the range is (0, 0): no mask.
+    """
+    low, high = ratio_range
+    if high == 0:
+        return None
+    if low == high:
+        ratio = low / 100
+    else:
+        ratio = int(torch.randint(low, high + 1, (1,), generator=generator, device=device).item()) / 100
+    return (torch.rand(shape, generator=generator, device=device) >= ratio).float()

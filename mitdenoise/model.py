@@ -5,15 +5,11 @@ checkpoints load as they are. The one addition is the attention keep-mask: insid
 every window attention the input tokens are zeroed at random with probability
 ``r`` (75 % for the released model), at training and at inference alike.
 
-Inference on the CPU takes a faster route to the same numbers (to 1e-5): attention
-exploits the zeroed tokens (:meth:`WindowAttention.forward_masked`); each block gathers
-its windows straight from the previous block's output, in chunks of windows with about
-as many kept tokens, and hands them on in that order
-(:meth:`SwinTransformerBlock.forward_gathered`); chunks run on parallel single-thread
-workers (:func:`chunk_workers`); linears take oneDNN (:func:`cpu_linear`); convs run
-channels-last on the tokens' own memory.
-Inference on CUDA runs attention as one fused kernel (:meth:`WindowAttention.forward_fused`).
-Training and the speed reference take the plain route, the authors' formulation.
+The modules here compute the authors' formulation (the plain route), which training
+takes. Inference takes faster routes to the same numbers, functions over these
+modules: :mod:`mitdenoise.route_cpu` on the CPU, :mod:`mitdenoise.route_fused` on
+CUDA, :mod:`mitdenoise.triton_block` on CUDA under bf16/fp16 autocast;
+:meth:`SwinIR.forward` picks one.
 """
 
 from __future__ import annotations
@@ -22,22 +18,26 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import route_cpu, route_fused
+from .checks import is_int
+from .masking import draw_keep_mask
+from .windows import EdgeShiftMask, relative_position_index, window_chunks, window_partition, window_reverse
+
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 CPU_ATTENTION_CHUNK = 128
-"""Windows per chunk on CPU: 8192 tokens, 12 MB of attention scores for 6 heads."""
-MLP_ROWS = 2048
-"""Tokens per MLP call on the shortcut route: a chunk's 8192 in slices of 2048 run ~4 % faster (cache)."""
-FUSED_WINDOWS = 32768
-"""Windows per chunk on the fused (CUDA) route: each fused attention call stays under CUDA's
-65535-block grid limit (y and z), along which attention kernels may lay out their batch."""
+"""Windows a block takes at a time on the CPU: a chunk's attention scores stay in cache."""
 LAYOUT_CACHE_ENTRIES = 32
 """Shift masks and window orders kept per network (two per image size seen)."""
+
+KeepMaskDrawer = Callable[[tuple, tuple, "torch.Generator | None", torch.device], "torch.Tensor | None"]
+"""``(shape, ratio_range, generator, device) -> keep-mask or None``, as :func:`~mitdenoise.masking.draw_keep_mask`."""
 
 
 @dataclass(frozen=True)
@@ -107,150 +107,6 @@ class ModelConfig:
         return self.attn_mask_ratio[1] > 0
 
 
-def is_int(value) -> bool:
-    """An int that is not a bool (TOML and JSON settings)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * H/ws * W/ws, ws*ws, C), windows in row-major order."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, ws * ws, c)
-
-
-def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B * nW, ws*ws, C) -> (B, H, W, C)."""
-    c = windows.shape[-1]
-    b = windows.shape[0] // ((h // ws) * (w // ws))
-    x = windows.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
-
-
-def relative_position_index(ws: int) -> torch.Tensor:
-    """(ws*ws, ws*ws) index into the ((2ws-1)^2, heads) bias table."""
-    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
-    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
-
-
-def shift_mask(h: int, w: int, ws: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
-    """(nW, N, N) additive mask (0 / -100) that stops attention across the cyclic-shift seam."""
-    region = torch.zeros(1, h, w, 1, device=device)
-    label = 0
-    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-            region[:, hs, wsl, :] = label
-            label += 1
-    windows = window_partition(region, ws).squeeze(-1)
-    diff = windows[:, None, :] - windows[:, :, None]
-    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
-
-
-class EdgeShiftMask:
-    """The shift mask kept only where it is not zero: the last row and column of windows.
-
-    After the cyclic shift only windows that wrap around the image edge mix regions,
-    so adding the -100 mask to those alone equals adding the full (nW, N, N) mask,
-    at a fraction of the memory traffic.
-    """
-
-    def __init__(self, h: int, w: int, ws: int, shift: int, device: torch.device | None = None) -> None:
-        self.grid = (h // ws, w // ws)
-        full = shift_mask(h, w, ws, shift, device).view(*self.grid, ws * ws, ws * ws)
-        self.last_row = full[-1].unsqueeze(1).contiguous()  # (nWw, 1, N, N): broadcast over heads
-        self.last_col = full[:-1, -1].unsqueeze(1).contiguous()  # (nWh - 1, 1, N, N)
-        self._edges: dict = {}
-
-    def edges(self, rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The masked windows among window rows ``rows`` of one image, in partition order:
-        their index there, and their masks (E, 1, N, N)."""
-        cached = self._edges.get(rows)
-        if cached is not None:
-            return cached
-        first, stop = rows
-        n_rows, n_cols = self.grid
-        inner_stop = min(stop, n_rows - 1)
-        index, masks = [], []
-        if inner_stop > first:
-            index.append(torch.arange(inner_stop - first) * n_cols + (n_cols - 1))
-            masks.append(self.last_col[first:inner_stop])
-        if stop == n_rows:
-            index.append(torch.arange(n_cols) + (n_rows - 1 - first) * n_cols)
-            masks.append(self.last_row)
-        cached = self._edges[rows] = (torch.cat(index).to(self.last_row.device), torch.cat(masks))
-        return cached
-
-    def add_to(self, scores: torch.Tensor, rows: tuple[int, int]) -> None:
-        """In place on scores of window rows ``rows`` of some images: (images, rows, nWw, heads, N, N)."""
-        first, stop = rows
-        n_rows = self.grid[0]
-        if stop == n_rows:
-            scores[:, -1] += self.last_row
-        inner_stop = min(stop, n_rows - 1)
-        if inner_stop > first:
-            scores[:, : inner_stop - first, -1] += self.last_col[first:inner_stop]
-
-
-def draw_keep_mask(
-    shape: tuple[int, ...], ratio_range: tuple[int, int], generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor | None:
-    """0/1 float mask: each token kept with probability 1 - r, r drawn from ``ratio_range`` (%)."""
-    low, high = ratio_range
-    if high == 0:
-        return None
-    if low == high:
-        ratio = low / 100
-    else:
-        ratio = int(torch.randint(low, high + 1, (1,), generator=generator, device=device).item()) / 100
-    return (torch.rand(shape, generator=generator, device=device) >= ratio).float()
-
-
-def window_kinds(n_rows: int, n_cols: int, images: int, shifted: bool) -> torch.Tensor:
-    """Kind of every window of ``images`` images of n_rows x n_cols windows, in partition order.
-
-    0 inner, 1 last column, 2 last row, 3 corner: after the cyclic shift only these
-    edge windows mix regions, and each kind has one shift-mask pattern. Unshifted, all 0.
-    """
-    if not shifted:
-        return torch.zeros(images * n_rows * n_cols, dtype=torch.long)
-    row = torch.arange(n_rows).view(-1, 1)
-    col = torch.arange(n_cols).view(1, -1)
-    kinds = (col == n_cols - 1).long() + 2 * (row == n_rows - 1).long()
-    return kinds.flatten().repeat(images)
-
-
-def _has_onednn_linear() -> bool:
-    """Whether oneDNN's linear is there and answers as expected (it is a private op of torch's)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    x, weight, bias = torch.ones(2, 3), torch.ones(4, 3), torch.ones(4)
-    try:
-        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "none")
-    except (RuntimeError, TypeError):
-        return False
-    return y.shape == (2, 4) and bool((y == 4).all())
-
-
-ONEDNN_LINEAR = _has_onednn_linear()
-"""Whether :func:`cpu_linear` can take oneDNN (x86 builds of torch have it)."""
-
-
-def cpu_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False
-) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, then GELU if ``gelu``, for 2-D inference inputs on the shortcut route.
-
-    Through oneDNN's linear where torch has it: measured here on one thread, the block's
-    token-wise shapes ((2048-8192) x 60 x {60, 120, 180}) ran at 200 GFLOP/s there against
-    80-100 through ``F.linear`` (MKL), and the GELU fuses into its output pass; the
-    attention's 64 x 64 by 64 x 1536 products at 172 against 93 (``torch.bmm``).
-    Same values to fp32 rounding (tests/test_model.py pins the two together).
-    """
-    if ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
-    y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y
 
 
 def token_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -263,11 +119,10 @@ def token_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 class TokenNorm(nn.LayerNorm):
     """LayerNorm of each token's channels; in CUDA inference through :func:`token_layer_norm`.
 
-    torch's CUDA LayerNorm took 1.6 ms per call on a 1024x1024 tile's 60-channel tokens,
-    a third of the forward (H200, torch 2.11); the reduction and two passes made the
-    whole forward 12 % faster in bf16 (4.33 -> 4.84 MP/s). Training keeps torch's: its
-    backward was faster (4.80 against 4.35 steps/s). The CUDA speed reference gets this
-    norm too (norms see no forward context), which can only make the reference faster.
+    torch's CUDA LayerNorm is slow on 60-channel tokens; one reduction and two passes
+    make the whole forward faster. Training keeps torch's, whose backward is faster.
+    The CUDA speed reference gets this norm too (norms see no forward context), which
+    can only make the reference faster.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,30 +143,6 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
-    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``residual += forward(x)`` in place, for 2-D ``x`` (the shortcut route: :func:`cpu_linear`)."""
-        hidden = cpu_linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
-        return residual.add_(cpu_linear(hidden, self.fc2.weight, self.fc2.bias))
-
-
-def _same_tensor_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-
-
-def short_row_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """``scores.softmax(-1)`` for the shortcut's rows of n_kept + 1 scores; rows under 16 are done
-    in ``scores`` itself (the caller drops it), longer ones in a new tensor.
-
-    torch's CPU softmax takes a scalar loop for rows shorter than 16 floats: measured
-    here (one thread, 768 x 14 x 15 scores) 2.0 ms, against 0.38 ms for max, subtract,
-    exp, sum and divide as separate vectorised passes (which lose from 19 columns up).
-    """
-    if scores.shape[-1] >= 16:
-        return scores.softmax(dim=-1)
-    scores -= scores.amax(-1, keepdim=True)
-    scores.exp_()
-    return scores.div_(scores.sum(-1, keepdim=True))
-
 
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside 8x8 windows with a learned relative-position bias."""
@@ -327,137 +158,12 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self._last_exp_biases: tuple | None = None
 
     def position_bias(self) -> torch.Tensor:
         """(heads, N, N) bias gathered from the table."""
         n = self.window_size**2
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
-
-    def kind_biases(self, shift: int) -> torch.Tensor:
-        """Position bias plus shift mask of each window kind (see :func:`window_kinds`): (4, heads, N, N)."""
-        inner = self.position_bias()
-        if not shift:
-            return inner.expand(4, -1, -1, -1).contiguous()
-        ws = self.window_size
-        return inner + shift_mask(2 * ws, 2 * ws, ws, shift, inner.device).unsqueeze(1)  # one window per kind
-
-    def exp_biases(self, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For :meth:`forward_masked`: ``exp(bias)`` with each row scaled so that its largest entry
-        is 1, zero across the shift seam, and the log of that scale, (4, heads, N). None where
-        the exponential could underflow a whole row.
-
-        Kept from the last call while ``bias`` is the same (it is, tile after tile): about
-        1 ms a block, 5 % of a 128x128 tile's forward.
-        """
-        last = self._last_exp_biases
-        if last is not None and _same_tensor_values(last[0], bias):
-            return last[1]
-        if float(bias[0].amax() - bias[0].amin()) > 60:  # kind 0 has no seam: the position bias alone
-            result = None
-        else:
-            row_max = bias.amax(-1)
-            result = (bias - row_max.unsqueeze(-1)).exp().masked_fill_(bias < -50, 0.0), row_max
-        self._last_exp_biases = (bias, result)
-        return result
-
-    def forward_masked(
-        self,
-        x: torch.Tensor,
-        keep: torch.Tensor,
-        bias: torch.Tensor,
-        exp_biases: tuple[torch.Tensor, torch.Tensor],
-        kinds: torch.Tensor,
-        norm: nn.Module,
-    ) -> torch.Tensor | None:
-        """``x += forward(norm(x), keep)``, in place, in a fraction of the time (inference only).
-
-        A masked token enters ``qkv`` as zeros, so its query, key and value are all the
-        ``qkv`` bias. So ``qkv`` runs on the kept tokens only (padded with masked ones to
-        the chunk's largest count: the "listed" tokens of a window); the rest, all alike
-        but for their position, are handled in aggregate:
-
-        - masked queries score ``c_j + bias_ij`` with ``c_j`` the same for all of them, so
-          their softmax numerators factorise as ``exp(c_j) * exp(bias_ij)`` and all of them
-          share one GEMM per window kind;
-        - a listed query sees the listed keys one by one and the rest as one key, ``k_bias``
-          with value ``v_bias``, whose position bias is ``log sum_j exp(bias_ij)`` over the
-          rest (a column of that same GEMM).
-
-        ``norm`` (the block's first LayerNorm) is applied here, to the listed tokens only.
-        Returns None, with ``x`` untouched, where weights could underflow (the caller then
-        takes :meth:`forward_by_kind`).
-        """
-        exp_bias, row_max = exp_biases
-        bw, n, c = x.shape
-        heads, hd = self.num_heads, c // self.num_heads
-        keep = keep.view(bw, n)
-        n_kept = int(keep.sum(1).max())
-        # The first n_kept tokens of every window after this sort include all its kept ones.
-        order = torch.argsort(keep, dim=1, descending=True, stable=True)[:, :n_kept]
-        listed_rows = (order + torch.arange(0, bw * n, n, device=x.device).unsqueeze(1)).flatten()  # into (bw * N) rows
-        x_kept = norm(x.view(bw * n, c).index_select(0, listed_rows).view(bw, n_kept, c))
-        x_kept *= torch.gather(keep, 1, order).unsqueeze(-1)
-        qkv_kept = cpu_linear(x_kept.view(bw * n_kept, c), self.qkv.weight, self.qkv.bias)
-        qkv_kept = qkv_kept.view(bw, n_kept, 3, heads, hd).permute(2, 3, 0, 1, 4)  # (3, heads, bw, nk, hd)
-        q_bias, k_bias, v_bias = self.qkv.bias.view(3, heads, 1, hd)
-
-        # Masked queries: weights exp(c_j - max c) * exp_bias_ij over all N keys, then normalise.
-        listed_scores = (qkv_kept[1] @ (q_bias * self.scale).unsqueeze(-1)).squeeze(-1)  # (heads, bw, nk)
-        rest_score = (k_bias * q_bias).sum(-1) * self.scale  # (heads, 1)
-        top = torch.maximum(listed_scores.amax(-1), rest_score)  # (heads, bw)
-        listed_weights = (listed_scores - top.unsqueeze(-1)).exp_()
-        rest_weights = (rest_score - top).exp_()
-        # Per window, head and key position j: [w_j v_j, w_j, 1 if j is in the rest], keys last.
-        values = torch.empty(heads, bw, hd + 2, n, dtype=x.dtype, device=x.device)
-        values[:, :, :hd] = (rest_weights.unsqueeze(-1) * v_bias).unsqueeze(-1)
-        values[:, :, hd] = rest_weights.unsqueeze(-1)
-        values[:, :, hd + 1] = 1.0
-        listed = torch.empty(heads, bw, hd + 2, n_kept, dtype=x.dtype, device=x.device)
-        torch.mul(qkv_kept[2].transpose(2, 3), listed_weights.unsqueeze(2), out=listed[:, :, :hd])
-        listed[:, :, hd] = listed_weights
-        listed[:, :, hd + 1] = 0.0
-        values.scatter_(3, order.view(1, bw, 1, n_kept).expand(heads, bw, hd + 2, n_kept), listed)
-        # (heads, N, bw, hd + 2): exp_bias @ values, window by window, as one linear per head.
-        sums = torch.stack([cpu_linear(exp_bias[0, h], values[h].view(-1, n)) for h in range(heads)])
-        sums = sums.view(heads, n, bw, hd + 2)
-        for kind in (1, 2, 3):
-            windows = (kinds == kind).nonzero().flatten()
-            if len(windows):
-                part = torch.bmm(exp_bias[kind], values.index_select(1, windows).view(heads, -1, n).transpose(1, 2))
-                sums.index_copy_(2, windows, part.view(heads, n, -1, hd + 2))
-        inverse_sums = sums[..., hd].reciprocal()
-        if not bool(inverse_sums.amax() < 1e30):
-            return None  # a row sees only keys whose weights underflowed
-        out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
-        torch.mul(sums[..., :hd], inverse_sums.unsqueeze(-1), out=out.permute(2, 1, 0, 3))
-
-        # Listed queries: the listed keys one by one, then the rest as one key.
-        positions = order.unsqueeze(2) * n + order.unsqueeze(1)  # (bw, nk, nk) into an N x N bias
-        positions += (kinds * (n * n)).view(bw, 1, 1)
-        attn = torch.empty(heads, bw, n_kept, n_kept + 1, dtype=x.dtype, device=x.device)
-        per_head = bias.transpose(0, 1).reshape(heads, -1)
-        attn[..., :n_kept] = per_head.index_select(1, positions.flatten()).view(heads, bw, n_kept, n_kept)
-        # The rest's position bias: log of its exp_bias row sum, plus the row's scale.
-        rest_bias = sums[..., hd + 1].gather(1, order.t().unsqueeze(0).expand(heads, n_kept, bw)).log_().transpose(1, 2)
-        query_rows = (order + (kinds * n).unsqueeze(1)).flatten()
-        rest_bias += row_max.transpose(0, 1).reshape(heads, -1).index_select(1, query_rows).view(heads, bw, n_kept)
-        attn[..., n_kept] = rest_bias
-        keys = torch.empty(heads, bw, n_kept + 1, hd, dtype=x.dtype, device=x.device)
-        keys[:, :, :n_kept] = qkv_kept[1]
-        keys[:, :, n_kept] = k_bias
-        vals = torch.empty(heads, bw, n_kept + 1, hd, dtype=x.dtype, device=x.device)
-        vals[:, :, :n_kept] = qkv_kept[2]
-        vals[:, :, n_kept] = v_bias
-        attn = attn.view(heads * bw, n_kept, n_kept + 1)
-        q = qkv_kept[0].reshape(heads * bw, n_kept, hd)
-        attn.baddbmm_(q, keys.view(heads * bw, n_kept + 1, hd).transpose(1, 2), alpha=self.scale)
-        attn = short_row_softmax(attn)
-        kept_out = torch.bmm(attn, vals.view(heads * bw, n_kept + 1, hd)).view(heads, bw, n_kept, hd)
-        out.view(bw * n, c).index_copy_(0, listed_rows, kept_out.permute(1, 2, 0, 3).reshape(bw * n_kept, c))
-        x.view(bw * n, c).add_(cpu_linear(out.view(bw * n, c), self.proj.weight, self.proj.bias))
-        return x
 
     def forward(
         self, x: torch.Tensor, keep: torch.Tensor | None, mask: EdgeShiftMask | None, rows: tuple[int, int]
@@ -467,100 +173,14 @@ class WindowAttention(nn.Module):
         x: (images * rows * nWw, N, C) windows; keep: the same with C = 1, the token
         keep-mask; mask: the shift mask of a shifted block.
         """
-        attn, v = self._scores(x, keep)
-        attn += self.position_bias().unsqueeze(0)
+        scores, v = self.scores(x, keep)
+        scores += self.position_bias().unsqueeze(0)
         if mask is not None:
             n_cols = mask.grid[1]
-            mask.add_to(attn.view(-1, rows[1] - rows[0], n_cols, self.num_heads, *attn.shape[-2:]), rows)
-        return self._mix(attn, v)
+            mask.add_to(scores.view(-1, rows[1] - rows[0], n_cols, self.num_heads, *scores.shape[-2:]), rows)
+        return self.mix(scores, v)
 
-    def forward_fused(
-        self, x: torch.Tensor, keep: torch.Tensor | None, mask: EdgeShiftMask | None, rows: tuple[int, int]
-    ) -> torch.Tensor:
-        """:meth:`forward` through ``F.scaled_dot_product_attention`` (the CUDA route; on an
-        H200 with torch 2.11 it runs cuDNN's fused kernel).
-
-        Unfused, the (windows, heads, N, N) scores go to memory and back four times,
-        most of the network's memory traffic; a fused kernel keeps them on chip. All
-        windows take the position bias alone, then the few masked ones (the shifted
-        block's last row and column of windows) are redone with their shift mask.
-        Inference only: on torch 2.11 (H200) the efficient kernel's backward refused
-        these shapes ("LSE is not correctly aligned"), and its math fallback trained
-        slower than the plain route.
-        """
-        if keep is not None:
-            x = x * keep
-        bn, n, c = x.shape
-        hd = c // self.num_heads
-        q, k, v = self._padded_qkv(x).permute(2, 0, 3, 1, 4).unbind(0)  # (bn, heads, N, padded hd)
-        bias = self.position_bias().to(q.dtype).contiguous()  # kernels want the mask's rows contiguous
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(bn, -1, -1, -1), scale=self.scale)
-        if mask is not None:
-            index, masks = mask.edges(rows)
-            per_image = (rows[1] - rows[0]) * mask.grid[1]
-            images = bn // per_image
-            index = (torch.arange(images, device=index.device).unsqueeze(1) * per_image + index).flatten()
-            edge_bias = (bias + masks.to(bias.dtype)).repeat(images, 1, 1, 1)
-            edge = F.scaled_dot_product_attention(
-                q.index_select(0, index), k.index_select(0, index), v.index_select(0, index),
-                attn_mask=edge_bias, scale=self.scale,
-            )
-            out = out.index_copy(0, index, edge)
-        return self.proj(out[..., :hd].transpose(1, 2).reshape(bn, n, c))
-
-    def _padded_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """``qkv(x)`` as (bn, N, 3, heads, hd') with each head zero-padded to hd' = a multiple of 8.
-
-        Fused attention kernels need the head size aligned (16 bytes); the network's
-        is 60 / 6 = 10. Zero columns leave the products unchanged, and padding the
-        weights rather than the activations costs no extra copy.
-        """
-        bn, n, c = x.shape
-        heads, hd = self.num_heads, c // self.num_heads
-        padded = -(-hd // 8) * 8
-        weight = self.qkv.weight.view(3, heads, hd, c)
-        bias = self.qkv.bias.view(3, heads, hd)
-        if padded != hd:
-            weight = F.pad(weight, (0, 0, 0, padded - hd))
-            bias = F.pad(bias, (0, padded - hd))
-        return F.linear(x, weight.reshape(-1, c), bias.reshape(-1)).view(bn, n, 3, heads, padded)
-
-    def forward_unmasked(self, x: torch.Tensor, bias: torch.Tensor, kinds: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """``x += forward(norm(x))``, in place, for windows without a keep-mask (inference only).
-
-        ``kinds`` must be sorted (:meth:`SwinTransformerBlock.forward_gathered` sorts the
-        windows by kind), so each kind is one run of windows and takes its bias in
-        ``F.scaled_dot_product_attention`` as a broadcast mask: no per-window copy of the
-        bias, and the (windows, heads, N, N) scores stay inside torch's CPU flash kernel.
-        Measured here (one thread, a chunk of 128 windows of the default model's block):
-        9.4-9.9 ms a chunk against 12.7-13.7 through :meth:`forward_by_kind` (products,
-        softmax and a gathered copy of the bias per window); the whole default model at
-        1024x1024 went from 10.3 to 5.9 s/MP on 2 threads.
-        """
-        bw, n, c = x.shape
-        heads, hd = self.num_heads, c // self.num_heads
-        qkv = cpu_linear(norm(x).view(bw * n, c), self.qkv.weight, self.qkv.bias)
-        q, k, v = qkv.view(bw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (bw, heads, N, hd) each
-        out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
-        start = 0
-        for kind, count in enumerate(torch.bincount(kinds, minlength=len(bias)).tolist()):
-            if count:
-                part = slice(start, start + count)
-                attended = F.scaled_dot_product_attention(
-                    q[part], k[part], v[part], attn_mask=bias[kind].unsqueeze(0), scale=self.scale
-                )
-                out[part] = attended.transpose(1, 2)
-                start += count
-        return x.view(bw * n, c).add_(cpu_linear(out.view(bw * n, c), self.proj.weight, self.proj.bias)).view(bw, n, c)
-
-    def forward_by_kind(self, x: torch.Tensor, keep: torch.Tensor | None, bias: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` for windows in any order: window ``i`` takes ``bias[kinds[i]]``, its
-        position bias plus shift mask (see :meth:`kind_biases`)."""
-        attn, v = self._scores(x, keep)
-        attn += bias.index_select(0, kinds)
-        return self._mix(attn, v)
-
-    def _scores(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled query-key products (windows, heads, N, N) of the kept tokens, and the values."""
         if keep is not None:
             x = x * keep
@@ -569,9 +189,10 @@ class WindowAttention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         return (q * self.scale) @ k.transpose(-2, -1), v
 
-    def _mix(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def mix(self, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax of ``scores`` (biases added) applied to the values, then the projection."""
         bn, heads, n, hd = v.shape
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(bn, n, heads * hd)
+        x = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(bn, n, heads * hd)
         return self.proj(x)
 
 
@@ -587,13 +208,13 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = TokenNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: ForwardContext) -> torch.Tensor:
         """x: (B, H*W, C) tokens, the authors' way: roll, partition, attend, reverse, roll back.
 
-        Done chunk by chunk of windows (see :func:`window_chunks`): everything after the
-        shift is per window (attention) or per token (norms, MLP, residuals), so a chunk
-        of windows goes through the whole block at once and its temporaries stay small
-        enough to be cached and reused.
+        Done chunk by chunk of windows (see :func:`~mitdenoise.windows.window_chunks`):
+        everything after the shift is per window (attention) or per token (norms, MLP,
+        residuals), so a chunk of windows goes through the whole block at once and its
+        temporaries stay small enough to be cached and reused.
         """
         h, w = size
         b, _, c = x.shape
@@ -627,46 +248,6 @@ class SwinTransformerBlock(nn.Module):
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         return out.reshape(b, h * w, c)
 
-    def forward_gathered(
-        self, flat: torch.Tensor, rows: torch.Tensor | None, size: tuple[int, int], ctx: "ForwardContext"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block for the shortcut route, on tokens held in any row order.
-
-        ``flat[p]`` is token ``rows[p]`` of the B*H*W tokens (``rows`` None: token order).
-        Windows are gathered straight from it (shift and partition in one copy, see
-        :func:`window_order`) into the output, in chunks of windows with about as many
-        kept tokens, and worked on in place there; attention takes
-        :meth:`WindowAttention.forward_masked`. Returns the output and its ``rows``: the
-        next block gathers from it as it is, so nothing is scattered back to token order.
-        """
-        h, w = size
-        c = flat.shape[1]
-        b = flat.shape[0] // (h * w)
-        ws, shift = self.window_size, self.shift_size
-        n_rows, n_cols, n = h // ws, w // ws, ws * ws
-        keep = ctx.keep_mask((b * n_rows * n_cols, n, 1), flat.device)
-        # without a keep-mask, each window kind one run of windows, for forward_unmasked
-        order, kinds = ctx.window_layout(b, h, w, ws, shift, flat.device, by_kind=keep is None)
-        bias = self.attn.kind_biases(shift)
-        exp_biases = None if keep is None else self.attn.exp_biases(bias)
-        if keep is not None:  # windows with about as many kept tokens together: little padding in forward_masked
-            by_count = torch.argsort(keep.view(len(order), -1).sum(1), stable=True)
-            order, kinds, keep = order[by_count], kinds[by_count], keep[by_count]
-        out_rows = order.flatten()
-        source = out_rows if rows is None else inverse_permutation(rows).index_select(0, out_rows)
-        out = torch.empty_like(flat)
-        step = ctx.chunk_windows or len(order)
-
-        def run_chunk(start: int) -> None:
-            stop = min(start + step, len(order))
-            windows = out[start * n : stop * n]
-            torch.index_select(flat, 0, source[start * n : stop * n], out=windows)
-            part_keep = None if keep is None else keep[start:stop]
-            self.window_step_gathered(windows.view(stop - start, n, c), part_keep, bias, exp_biases, kinds[start:stop])
-
-        ctx.map_chunks(run_chunk, list(range(0, len(order), step)))
-        return out, out_rows
-
     def window_step(
         self,
         windows: torch.Tensor,
@@ -675,59 +256,14 @@ class SwinTransformerBlock(nn.Module):
         rows: tuple[int, int],
         fused: bool,
     ) -> torch.Tensor:
-        """The block on a chunk of windows (window rows ``rows``), the authors' way; ``fused``
-        takes :meth:`WindowAttention.forward_fused`."""
-        attend = self.attn.forward_fused if fused else self.attn
-        windows = windows + attend(self.norm1(windows), keep, mask, rows)
+        """The block on a chunk of windows (window rows ``rows``); ``fused`` takes the attention
+        through :func:`~mitdenoise.route_fused.fused_attention`."""
+        normed = self.norm1(windows)
+        if fused:
+            windows = windows + route_fused.fused_attention(self.attn, normed, keep, mask, rows)
+        else:
+            windows = windows + self.attn(normed, keep, mask, rows)
         return windows + self.mlp(self.norm2(windows))
-
-    def window_step_gathered(
-        self,
-        windows: torch.Tensor,
-        keep: torch.Tensor | None,
-        bias: torch.Tensor,
-        exp_biases: tuple[torch.Tensor, torch.Tensor] | None,
-        kinds: torch.Tensor,
-    ) -> None:
-        """The block on windows in any order (sorted by kind where there is no ``keep``), in
-        place: without a keep-mask through :meth:`WindowAttention.forward_unmasked`, with one
-        through :meth:`WindowAttention.forward_masked` where ``exp_biases`` allow and its
-        weights do not underflow."""
-        if keep is None:
-            self.attn.forward_unmasked(windows, bias, kinds, self.norm1)
-        elif exp_biases is None or self.attn.forward_masked(windows, keep, bias, exp_biases, kinds, self.norm1) is None:
-            windows += self.attn.forward_by_kind(self.norm1(windows), keep, bias, kinds)
-        for rows in windows.view(-1, windows.shape[-1]).split(MLP_ROWS):
-            self.mlp.add_to(rows, self.norm2(rows))
-
-
-def window_order(images: int, h: int, w: int, ws: int, shift: int) -> torch.Tensor:
-    """Token index (into ``images`` flattened H*W images) of every token in window-partition order,
-    after a cyclic shift by ``shift``: gathering with it does the roll and the partition in one copy."""
-    index = torch.arange(images * h * w).view(images, h, w, 1)
-    if shift:
-        index = torch.roll(index, shifts=(-shift, -shift), dims=(1, 2))
-    return window_partition(index, ws).flatten()
-
-
-def window_chunks(images: int, n_rows: int, n_cols: int, chunk_windows: int | None):
-    """(first image, stop image, first window row, stop window row) of chunks of about ``chunk_windows``.
-
-    A chunk is either several whole images or some window rows of one image, so that
-    its windows are contiguous in window-partition order.
-    """
-    per_image = n_rows * n_cols
-    if chunk_windows is None or images * per_image <= chunk_windows:
-        yield 0, images, 0, n_rows
-    elif per_image <= chunk_windows:
-        step = chunk_windows // per_image
-        for first in range(0, images, step):
-            yield first, min(first + step, images), 0, n_rows
-    else:
-        step = max(1, chunk_windows // n_cols)
-        for image in range(images):
-            for first in range(0, n_rows, step):
-                yield image, image + 1, first, min(first + step, n_rows)
 
 
 class ResidualGroup(nn.Module):
@@ -740,20 +276,12 @@ class ResidualGroup(nn.Module):
             for i in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
-        if not ctx.masked_shortcut:
-            for block in self.blocks:
-                x = block(x, size, ctx)
-            return x
-        flat, rows = x.reshape(-1, x.shape[-1]), None
+    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: ForwardContext) -> torch.Tensor:
+        if ctx.masked_shortcut:
+            return route_cpu.residual_group_forward(self.blocks, x, size, ctx)
         for block in self.blocks:
-            flat, rows = block.forward_gathered(flat, rows, size, ctx)
-        return flat.index_select(0, inverse_permutation(rows)).view(x.shape)
-
-
-def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
-    """``inverse[index[p]] == p``."""
-    return torch.empty_like(index).scatter_(0, index, torch.arange(len(index), device=index.device))
+            x = block(x, size, ctx)
+        return x
 
 
 def tokens_as_image(tokens: torch.Tensor, size: tuple[int, int], channels_last: bool) -> torch.Tensor:
@@ -787,7 +315,7 @@ class RSTB(nn.Module):
         self.residual_group = ResidualGroup(dim, depth, num_heads, window_size, mlp_ratio)
         self.conv = make_body_conv(dim, resi)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: "ForwardContext") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: ForwardContext) -> torch.Tensor:
         y = self.conv(tokens_as_image(self.residual_group(x, size, ctx), size, ctx.channels_last))
         return x + y.flatten(2).transpose(1, 2)
 
@@ -803,37 +331,17 @@ class PatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2))
 
 
-_CHUNK_WORKERS: dict = {}
-
-
-def chunk_workers():
-    """A pool of ``torch.get_num_threads()`` workers that run ops on one thread each; None for one.
-
-    Measured here (2 cores, full network, 368x368 tile): chunks two at a time on one
-    thread each took 24.1 s/MP, one at a time on two threads 28.8: a chunk's ops are
-    small, so splitting each op across threads mostly waits. Same numbers either way.
-    """
-    n = torch.get_num_threads()
-    if n < 2 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None  # under torchrun (validation while training) keep to the caller's thread
-    pool = _CHUNK_WORKERS.get(n)
-    if pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = _CHUNK_WORKERS[n] = ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
-    return pool
-
-
 def attention_chunk(device_type: str, fused: bool) -> int | None:
-    """Windows a block takes at a time (:func:`window_chunks`): CPU chunks fit the cache; the
-    fused route's respect :data:`FUSED_WINDOWS`; the plain CUDA route takes all at once."""
+    """Windows a block takes at a time (:func:`~mitdenoise.windows.window_chunks`): CPU chunks fit
+    the cache; the fused route's respect :data:`~mitdenoise.route_fused.FUSED_WINDOWS`; the plain
+    CUDA route takes all at once."""
     if device_type == "cpu":
         return CPU_ATTENTION_CHUNK
-    return FUSED_WINDOWS if fused else None
+    return route_fused.FUSED_WINDOWS if fused else None
 
 
 class ForwardContext:
-    """Per-forward state shared by all layers: the mask generator and cached shift masks."""
+    """Per-forward state shared by all layers: the route taken, the mask draws and cached layouts."""
 
     def __init__(
         self,
@@ -844,10 +352,13 @@ class ForwardContext:
         masked_shortcut: bool,
         fused_attention: bool = False,
         kernel_dtype: torch.dtype | None = None,
+        draw_mask: KeepMaskDrawer = draw_keep_mask,
     ) -> None:
         self.ratio = ratio
         self.masked_shortcut = masked_shortcut
+        """Set: the residual groups take the CPU route (route_cpu.py)."""
         self.fused_attention = fused_attention
+        """Set: attention takes the fused kernel (route_fused.py)."""
         self.kernel_dtype = kernel_dtype
         """Set: every Swin block is one Triton kernel (triton_block.py) with products in this type."""
         self.channels_last = masked_shortcut or kernel_dtype is not None
@@ -855,47 +366,16 @@ class ForwardContext:
         self.generator = generator
         self.cache = cache
         self.chunk_windows = chunk_windows
-
-    def map_chunks(self, run, chunks: list) -> None:
-        """Run ``run`` on every chunk: on CPU workers of one intra-op thread each where there are several."""
-        pool = chunk_workers() if len(chunks) > 1 else None
-        if pool is None:
-            for chunk in chunks:
-                run(chunk)
-            return
-
-        inference = torch.is_inference_mode_enabled()
-
-        def run_without_grad(chunk):  # autograd modes are per thread: take the caller's
-            with torch.inference_mode() if inference else torch.no_grad():
-                run(chunk)
-
-        for _ in pool.map(run_without_grad, chunks):
-            pass
+        self.draw_mask = draw_mask
 
     def keep_mask(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
-        return draw_keep_mask(shape, self.ratio, self.generator, device)
+        return self.draw_mask(shape, self.ratio, self.generator, device)
 
     def shift_mask(self, h: int, w: int, ws: int, shift: int, device: torch.device) -> EdgeShiftMask:
-        return self._cached(("shift_mask", h, w, ws, shift, str(device)), lambda: EdgeShiftMask(h, w, ws, shift, device))
+        return self.cached(("shift_mask", h, w, ws, shift, str(device)), lambda: EdgeShiftMask(h, w, ws, shift, device))
 
-    def window_layout(
-        self, images: int, h: int, w: int, ws: int, shift: int, device: torch.device, by_kind: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A block's windows: the token index of each (windows, N) (:func:`window_order`) and
-        each one's kind (:func:`window_kinds`), in partition order or sorted by kind."""
-
-        def make() -> tuple[torch.Tensor, torch.Tensor]:
-            order = window_order(images, h, w, ws, shift).view(-1, ws * ws)
-            kinds = window_kinds(h // ws, w // ws, images, shift > 0)
-            if by_kind:
-                sort = torch.argsort(kinds, stable=True)
-                order, kinds = order[sort], kinds[sort]
-            return order.to(device), kinds.to(device)
-
-        return self._cached(("window_layout", images, h, w, ws, shift, str(device), by_kind), make)
-
-    def _cached(self, key: tuple, make):
+    def cached(self, key: tuple, make):
+        """``make()``, kept in the network's layout cache under ``key``."""
         value = self.cache.get(key)
         if value is None:
             if len(self.cache) >= LAYOUT_CACHE_ENTRIES:
@@ -930,15 +410,25 @@ class SwinIR(nn.Module):
         self._layout_cache: dict = {}
 
     def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None, *, shortcut: bool = True
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        shortcut: bool = True,
+        chunked: bool = True,
+        draw_mask: KeepMaskDrawer = draw_keep_mask,
     ) -> torch.Tensor:
         """Denoise ``x``; ``generator`` makes the attention mask reproducible.
 
-        On CPU without autograd, attention takes the masked-token shortcut
-        (:meth:`WindowAttention.forward_masked`); on CUDA without autograd, a fused
-        kernel (:meth:`WindowAttention.forward_fused`), or under bf16/fp16 autocast one
-        Triton kernel per Swin block (:meth:`block_kernel_dtype`). ``shortcut=False`` forces the
-        plain computation (the speed reference and the tests that pin them together).
+        On CPU without autograd, the residual groups take the CPU route
+        (:mod:`mitdenoise.route_cpu`); on CUDA without autograd, attention takes a fused
+        kernel (:mod:`mitdenoise.route_fused`), or under bf16/fp16 autocast each Swin block
+        is one Triton kernel (:func:`mitdenoise.triton_block.autocast_dtype`).
+        ``shortcut=False`` forces the plain computation (the speed reference and the tests
+        that pin the routes to it). ``chunked=False`` has every block take all its windows
+        at once, and ``draw_mask`` draws the attention keep-masks instead of
+        :func:`~mitdenoise.masking.draw_keep_mask`: the speed reference runs the network as
+        the authors' code does.
         """
         h, w = x.shape[-2:]
         ws = self.config.window_size
@@ -948,10 +438,14 @@ class SwinIR(nn.Module):
         x = x - self.mean
         ratio = self.config.attn_mask_ratio
         fused = shortcut and x.device.type == "cuda" and not torch.is_grad_enabled()
-        chunk = attention_chunk(x.device.type, fused)
+        chunk = attention_chunk(x.device.type, fused) if chunked else None
         shortcut = shortcut and x.device.type == "cpu" and not torch.is_grad_enabled()
-        kernel_dtype = self.block_kernel_dtype(x.device) if fused else None
-        ctx = ForwardContext(ratio, generator, self._layout_cache, chunk, shortcut, fused, kernel_dtype)
+        kernel_dtype = None
+        if fused and torch.is_autocast_enabled("cuda"):
+            from . import triton_block  # only here: importing Triton takes a while, and fp32 never needs it
+
+            kernel_dtype = triton_block.autocast_dtype(self.config, x.device)
+        ctx = ForwardContext(ratio, generator, self._layout_cache, chunk, shortcut, fused, kernel_dtype, draw_mask)
         if ctx.channels_last:  # the tokens' own layout: no transposes around the convs
             x = x.contiguous(memory_format=torch.channels_last)
         first = self.conv_first(x)
@@ -965,29 +459,6 @@ class SwinIR(nn.Module):
         else:
             y = self.conv_last(body)
         return (y + self.mean)[..., :h, :w].contiguous()
-
-    def block_kernel_dtype(self, device: torch.device) -> torch.dtype | None:
-        """Under CUDA autocast to bf16 or fp16, with Triton there and a GPU from Ampere on: the
-        one-kernel Swin block (:mod:`mitdenoise.triton_block`) with products in that type. Else
-        None: the fused route.
-
-        Measured on an H100 (see README, "On a GPU"). fp32 keeps the fused route: Triton's fp32
-        products would be TF32, and fp32 is the precision that must match the authors' outputs.
-        """
-        if not torch.is_autocast_enabled("cuda") or torch.cuda.get_device_capability(device) < (8, 0):
-            return None
-        dtype = torch.get_autocast_dtype("cuda")
-        if dtype not in (torch.bfloat16, torch.float16):
-            return None
-        from . import triton_block
-
-        c = self.config
-        hidden = int(c.embed_dim * c.mlp_ratio)
-        if not triton_block.available() or not all(
-            triton_block.supports(c.embed_dim, heads, hidden, c.window_size) for heads in c.num_heads
-        ):
-            return None
-        return dtype
 
 
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.")

@@ -176,14 +176,11 @@ def denoise_tiled_on_device(
     """:func:`denoise_tiled` with the tiles cut, blended and converted on ``device`` (a GPU).
 
     The same tiles, weights and order, so the same sums; but only each tile row's input
-    rows go to the device (in the image's own integers) and only finished rows come back.
-    On an H100 the host's NumPy work per tile (converting, stacking, blending) took three
-    times as long as the network's forward once the Swin blocks were one kernel each.
-    ``run`` takes and returns (B, C, h, w) float32 tensors on ``device``.
+    rows go to the device (in the image's own integers) and only finished rows come back:
+    on a GPU the host's NumPy work per tile (converting, stacking, blending) would outlast
+    the network's forward. ``run`` takes and returns (B, C, h, w) float32 tensors on ``device``.
 
-    The CPU keeps the NumPy loop: a torch version of this one run there (flushing 32 rows at a
-    time, as NumPy does) peaked at 919 MiB against 763 and ran 6 % slower (4096x4096 image,
-    default model, 2 threads).
+    The CPU keeps the NumPy loop, which there takes less memory and time than this one.
     """
     import torch
 

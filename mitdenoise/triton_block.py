@@ -2,8 +2,8 @@
 
 Unfused, a block is some twenty CUDA kernels (norms, ``qkv``, the roll and window
 partition copies, attention, projection, MLP, residual adds), each reading and
-writing every token: on an H100 the network ran at 7-8 MP/s, far under what its
-arithmetic or the memory bandwidth allow. Here one program takes one 8x8 window
+writing every token, so the network runs far under what its arithmetic or the
+memory bandwidth allow. Here one program takes one 8x8 window
 and does the whole block in registers: it gathers its 64 tokens straight from
 the (shifted) image by index arithmetic, so there is no roll and no partition
 copy; norm1, the attention keep-mask, ``qkv``, attention with the position bias
@@ -29,7 +29,7 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton: the plain route runs instead
     triton = None
 
-__all__ = ["available", "supports", "block_forward"]
+__all__ = ["available", "supports", "autocast_dtype", "block_forward"]
 
 NUM_WARPS = 4
 """Warps per window program: 128 threads hold a window's 64 x 64 scores in 32 registers each."""
@@ -46,6 +46,27 @@ def available() -> bool:
 def supports(dim: int, num_heads: int, hidden: int, window_size: int) -> bool:
     """Shapes the kernel handles with its registers: any of the released networks' and ours."""
     return window_size == 8 and _pow2(dim) <= 128 and _pow2(hidden) <= 256 and _pow2(dim // num_heads) <= 32
+
+
+def autocast_dtype(config, device: torch.device) -> torch.dtype | None:
+    """The products' type where every block of a network with ``config`` (a ``ModelConfig``)
+    can be this kernel: under CUDA autocast to bf16 or fp16, with Triton there and a GPU from
+    Ampere on. Else None: the fused route.
+
+    fp32 keeps the fused route: Triton's fp32 products would be TF32, and fp32 is the
+    precision that must match the authors' outputs.
+    """
+    if not torch.is_autocast_enabled("cuda") or torch.cuda.get_device_capability(device) < (8, 0):
+        return None
+    dtype = torch.get_autocast_dtype("cuda")
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    hidden = int(config.embed_dim * config.mlp_ratio)
+    if not available() or not all(
+        supports(config.embed_dim, heads, hidden, config.window_size) for heads in config.num_heads
+    ):
+        return None
+    return dtype
 
 
 def _pow2(n: int) -> int:

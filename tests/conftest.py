@@ -1,11 +1,13 @@
-"""Shared test helpers: where ../shared is, and a skip that CI turns into a failure."""
+"""Shared test helpers: where ../shared is (and a skip that CI turns into a failure), the tiny
+checkpoint, random test images, and the environment for tests that run the tool in a child."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 DATA = SHARED / "data"
 
@@ -28,6 +30,30 @@ def fixtures_dir() -> Path:
 @pytest.fixture
 def data_dir() -> Path:
     return need_shared(DATA)
+
+
+@pytest.fixture
+def tiny_model(fixtures_dir) -> str:
+    """The tiny authors'-format checkpoint (random weights, attention mask 75 %), as a --model value."""
+    return str(fixtures_dir / "official_tiny_random.pth")
+
+
+def write_random_image(path: Path, size=(40, 56), mode: str = "RGB", seed: int = 0) -> Path:
+    """A uniform-noise 8-bit image (RGB, L or RGBA) of ``size`` (height, width) at ``path``."""
+    import numpy as np
+    from PIL import Image
+
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    data = np.random.default_rng(seed).integers(0, 256, (*size, channels), dtype=np.uint8)
+    Image.fromarray(data.squeeze(-1) if channels == 1 else data, mode).save(path)
+    return path
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a child process that imports this checkout's mitdenoise (outside torchrun)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import FIXTURES, need_shared
-from mitdenoise import bench
-from mitdenoise.bench_cli import register
+from conftest import subprocess_env
+from mitdenoise.bench import common, quality, speed
+from mitdenoise.cli import app as mitdenoise_app
 from mitdenoise.metrics import psnr
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -23,36 +23,24 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def tiny_model() -> str:
-    return str(need_shared(FIXTURES) / "official_tiny_random.pth")
-
-
-@pytest.fixture
 def clean_dir(tmp_path) -> Path:
     folder = tmp_path / "clean"
     folder.mkdir()
     for i in range(2):
-        Image.fromarray(bench.synthetic_image(32, 40, i)).save(folder / f"img{i}.png")
+        Image.fromarray(common.synthetic_image(32, 40, i)).save(folder / f"img{i}.png")
     return folder
 
 
 def cli() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test app."""
-
-    register(app)
-    return app
+    return mitdenoise_app
 
 
 def test_averaged_draws_get_a_column_only_for_models_with_the_attention_mask(tmp_path, tiny_model):
-    from mitdenoise.weights import convert_checkpoint
+    from mitdenoise.checkpoints import convert_checkpoint
 
     plain = tmp_path / "plain.safetensors"
     convert_checkpoint(tiny_model, plain, attn_mask_ratio=(0, 0))
-    methods = bench.model_methods([tiny_model, str(plain)], passes=3, device="cpu")
+    methods = quality.model_methods([tiny_model, str(plain)], passes=3, device="cpu")
     assert [(m.name, m.info["passes"]) for m in methods] == [
         ("official_tiny_random", 1), ("official_tiny_random x3", 3), ("plain", 1)
     ]
@@ -61,19 +49,20 @@ def test_averaged_draws_get_a_column_only_for_models_with_the_attention_mask(tmp
 def test_columns_of_training_runs_are_named_by_their_run_folder():
     from mitdenoise.train.loop import CHECKPOINT_NAME, EXPORT_NAME
 
-    labels = [bench.model_label(p) for p in (
+    labels = [quality.model_label(p) for p in (
         f"runs/ft-ctrl/{EXPORT_NAME}", f"runs/ft-mild/{EXPORT_NAME}", f"runs/ft-mild/{CHECKPOINT_NAME}",
         "weights/mitdenoise-baseline.safetensors", "mitdenoise", EXPORT_NAME,
     )]
     assert labels == ["ft-ctrl/ema", "ft-mild/ema", "ft-mild/last", "mitdenoise-baseline", "mitdenoise", "ema"]
 
 
+@pytest.mark.slow
 def test_quality_writes_json_markdown_and_grids_with_every_row_and_method(tmp_path, clean_dir, tiny_model):
-    results = bench.run_quality(
+    results = quality.run_quality(
         clean_dir, noise_spec="gaussian:15,saltpepper:0.02", models=[tiny_model], passes=2,
         baselines=["noisy", "nlm"], device="cpu", seed=3,
     )
-    bench.write_quality_outputs(results, tmp_path / "out")
+    quality.write_quality_outputs(results, tmp_path / "out")
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     names = [m["name"] for m in data["methods"]]
     assert names == ["noisy", "official_tiny_random", "official_tiny_random x2", "nlm"]
@@ -98,19 +87,19 @@ def test_quality_writes_json_markdown_and_grids_with_every_row_and_method(tmp_pa
         direct = []
         for i in range(2):
             clean = np.asarray(Image.open(clean_dir / f"img{i}.png"))
-            direct.append(psnr(bench.noisy_version(clean, kind, level, 3, i), clean))
+            direct.append(psnr(quality.noisy_version(clean, kind, level, 3, i), clean))
         assert row["results"]["noisy"]["psnr"] == pytest.approx(np.mean(direct), abs=1e-9)
 
 
 def test_synthetic_noise_does_not_depend_on_row_order(clean_dir):
     def noisy_psnrs(spec):
-        res = bench.run_quality(clean_dir, noise_spec=spec, models=[], baselines=["noisy"])
+        res = quality.run_quality(clean_dir, noise_spec=spec, models=[], baselines=["noisy"])
         return {r["noise"]: r["results"]["noisy"]["psnr"] for r in res["rows"]}
 
     first, second = noisy_psnrs("gaussian:25,poisson:2"), noisy_psnrs("poisson:2,speckle:0.05,gaussian:25")
     assert first == {k: second[k] for k in first}
     # ... and a different seed gives different noise
-    other = bench.run_quality(clean_dir, noise_spec="gaussian:25", models=[], baselines=["noisy"], seed=1)
+    other = quality.run_quality(clean_dir, noise_spec="gaussian:25", models=[], baselines=["noisy"], seed=1)
     assert other["rows"][0]["results"]["noisy"]["psnr"] != noisy_psnrs("gaussian:25")["gaussian:25"]
 
 
@@ -120,17 +109,17 @@ def test_given_noisy_clean_pairs_make_a_row(tmp_path, clean_dir):
     expected = []
     for i in range(2):
         clean = np.asarray(Image.open(clean_dir / f"img{i}.png"))
-        noisy = bench.noisy_version(clean, "speckle", 0.05, 9, i)
+        noisy = quality.noisy_version(clean, "speckle", 0.05, 9, i)
         Image.fromarray(noisy).save(noisy_dir / f"img{i}.png")
         expected.append(psnr(noisy, clean))
-    res = bench.run_quality(clean_dir, noisy_dir=noisy_dir, models=[], baselines=["noisy"])
+    res = quality.run_quality(clean_dir, noisy_dir=noisy_dir, models=[], baselines=["noisy"])
     assert [r["noise"] for r in res["rows"]] == ["given:noisy_set"]
     assert res["rows"][0]["results"]["noisy"]["psnr"] == pytest.approx(np.mean(expected))
 
 
 def test_oracle_sigma_only_for_gaussian_rows_and_missing_bm3d_is_a_note(clean_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bm3d", None)  # import bm3d fails
-    res = bench.run_quality(clean_dir, noise_spec="gaussian:20,poisson:2", models=[], baselines=["nlm", "bm3d"],
+    res = quality.run_quality(clean_dir, noise_spec="gaussian:20,poisson:2", models=[], baselines=["nlm", "bm3d"],
                             oracle_sigma=True)
     assert [m["name"] for m in res["methods"]] == ["nlm"]
     assert any("bm3d skipped" in n for n in res["notes"])
@@ -142,30 +131,33 @@ def test_oracle_sigma_only_for_gaussian_rows_and_missing_bm3d_is_a_note(clean_di
 def test_macs_per_pixel_of_the_released_network():
     from mitdenoise.model import ModelConfig
 
-    assert bench.macs_per_pixel(ModelConfig()) == 959_445
+    assert speed.macs_per_pixel(ModelConfig()) == 959_445
 
 
-def test_host_numpy_masks_patches_the_draw_for_one_forward_and_restores_it(tiny_model):
+def test_the_host_numpy_drawer_draws_once_per_layer_for_the_forward_it_is_given_to(tiny_model):
     import torch
 
-    from mitdenoise import model as model_module
-    from mitdenoise.weights import load_model
+    from mitdenoise.checkpoints import load_model
 
     net = load_model(tiny_model)
-    original = model_module.draw_keep_mask
     x = torch.rand(1, 3, 24, 32)
-    with bench.host_numpy_masks(0) as calls, torch.inference_mode():
-        a = net(x)
+    draw, calls = speed.host_numpy_mask_drawer(0)
+    with torch.inference_mode():
+        a = net(x, draw_mask=draw)
     assert calls[0] == sum(net.config.depths)  # one host draw per attention layer
-    assert model_module.draw_keep_mask is original
-    with bench.host_numpy_masks(0), torch.inference_mode():
-        b = net(x)
+    with torch.inference_mode():
+        net(x)
+    assert calls[0] == sum(net.config.depths)  # only the forward it was given to draws through it
+    draw, _ = speed.host_numpy_mask_drawer(0)
+    with torch.inference_mode():
+        b = net(x, draw_mask=draw)
     assert torch.equal(a, b)  # seeded host draws
 
 
+@pytest.mark.slow
 def test_speed_reports_mp_per_s_the_reference_row_and_the_sgemm_ceiling(tmp_path, tiny_model):
-    res = bench.run_speed(tiny_model, sizes=[(32, 40)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=256)
-    bench.write_speed_outputs(res, tmp_path)
+    res = speed.run_speed(tiny_model, sizes=[(32, 40)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=256)
+    speed.write_speed_outputs(res, tmp_path)
     kinds = [r["kind"] for r in res["rows"]]
     assert kinds == ["tiled", "reference"]
     tiled, ref = res["rows"]
@@ -202,7 +194,7 @@ def test_noise_cli_keeps_16_bit_depth_and_handles_folders(tmp_path):
     src.mkdir()
     deep = (np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16)
     Image.fromarray(deep).save(src / "deep.png")
-    Image.fromarray(bench.synthetic_image(24, 32, 0)).save(src / "rgb.png")
+    Image.fromarray(common.synthetic_image(24, 32, 0)).save(src / "rgb.png")
     result = runner.invoke(cli(), ["noise", str(src), str(tmp_path / "out"), "--kind", "gaussian", "--level", "10", "-q"])
     assert result.exit_code == 0, result.output
     from mitdenoise.imageio import read_image
@@ -216,12 +208,12 @@ def test_noise_cli_keeps_16_bit_depth_and_handles_folders(tmp_path):
 
 
 def test_option_parsers_explain_bad_values():
-    assert bench.parse_sizes("256, 512x384") == [(256, 256), (512, 384)]
-    assert bench.parse_baselines("none") == []
+    assert speed.parse_sizes("256, 512x384") == [(256, 256), (512, 384)]
+    assert quality.parse_baselines("none") == []
     with pytest.raises(ValueError, match="HxW"):
-        bench.parse_sizes("big")
+        speed.parse_sizes("big")
     with pytest.raises(ValueError, match="unknown baseline 'dncnn'"):
-        bench.parse_baselines("noisy,dncnn")
+        quality.parse_baselines("noisy,dncnn")
 
 
 def test_the_speed_reference_runs_the_plain_attention_and_equals_the_fast_path(tiny_model, monkeypatch):
@@ -230,50 +222,48 @@ def test_the_speed_reference_runs_the_plain_attention_and_equals_the_fast_path(t
     import numpy as np
     import torch
 
-    from mitdenoise import model as model_module
-    from mitdenoise.weights import load_model
+    from mitdenoise import route_cpu
+    from mitdenoise.checkpoints import load_model
 
     net = load_model(tiny_model)
     shortcut_calls = []
-    original = model_module.WindowAttention.forward_masked
-    monkeypatch.setattr(
-        model_module.WindowAttention, "forward_masked", lambda *a: shortcut_calls.append(1) or original(*a)
-    )
+    original = route_cpu.masked_attention
+    monkeypatch.setattr(route_cpu, "masked_attention", lambda *a: shortcut_calls.append(1) or original(*a))
     pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    reference = bench.HostMaskReference(net, torch.device("cpu"))
+    reference = speed.HostMaskReference(net, torch.device("cpu"))
     assert reference(pixels).shape == pixels.shape
     assert shortcut_calls == []
     x = torch.rand(1, 3, 24, 32)
-    with bench.host_numpy_masks(0), torch.inference_mode():
-        plain = net(x, shortcut=False)
-    with bench.host_numpy_masks(0), torch.inference_mode():
-        fast = net(x)
+    with torch.inference_mode():
+        plain = net(x, shortcut=False, chunked=False, draw_mask=speed.host_numpy_mask_drawer(0)[0])
+        fast = net(x, chunked=False, draw_mask=speed.host_numpy_mask_drawer(0)[0])
     assert len(shortcut_calls) == sum(net.config.depths)
     assert (plain - fast).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_the_reference_runs_in_a_child_with_its_own_peak_memory_and_a_death_becomes_a_note(tiny_model, monkeypatch):
     import subprocess
 
     import torch
 
-    row = bench.measure_reference(tiny_model, torch.device("cpu"), (24, 32), 0, 2, 0, 1)
+    row = speed.measure_reference(tiny_model, torch.device("cpu"), (24, 32), 0, 2, 0, 1)
     assert len(row["times_s"]) == 2 and row["median_s"] > 0
     assert row["peak_rss_mb"] > 50  # a process with torch loaded, measured there
     killed = "import os, sys; os.kill(os.getpid(), 9)"
     real_run = subprocess.run
-    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: real_run([cmd[0], "-c", killed], **kw))
-    assert bench.measure_reference(tiny_model, torch.device("cpu"), (24, 32), 0, 1, 0, 1) is None
-    res = bench.run_speed(tiny_model, sizes=[(24, 32)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=64)
+    monkeypatch.setattr(speed.subprocess, "run", lambda cmd, **kw: real_run([cmd[0], "-c", killed], **kw))
+    assert speed.measure_reference(tiny_model, torch.device("cpu"), (24, 32), 0, 1, 0, 1) is None
+    res = speed.run_speed(tiny_model, sizes=[(24, 32)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=64)
     assert [r["kind"] for r in res["rows"]] == ["tiled"]
     assert "reference at 24x32 on cpu did not finish (out of memory?)" in res["notes"]
     assert "speedup_vs_reference" not in res["rows"][0]
 
 
 def test_speed_markdown_without_a_reference_says_so_instead_of_nan(tiny_model):
-    res = bench.run_speed(tiny_model, sizes=[(24, 32)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=64,
+    res = speed.run_speed(tiny_model, sizes=[(24, 32)], tiles=[32], runs=1, warmup=0, devices=["cpu"], sgemm_n=64,
                           reference=False)
-    row = bench.speed_markdown(res).splitlines()[2]
+    row = speed.speed_markdown(res).splitlines()[2]
     assert row.endswith("| - |") and "nan" not in row
 
 
@@ -302,18 +292,19 @@ def test_speed_with_every_row_skipped_is_an_error(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.slow
 def test_the_reference_child_ends_when_the_bench_is_killed(tmp_path):
     """A bench killed with SIGKILL (no chance to clean up) leaves no reference process running."""
     pid_file = tmp_path / "child.pid"
     child = (
-        "import os, sys, time; from mitdenoise.bench import die_with_parent; "
+        "import os, sys, time; from mitdenoise.bench.speed import die_with_parent; "
         f"die_with_parent(int(sys.argv[1])); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     )
     parent = (
         "import os, subprocess, sys; "
         f"subprocess.run([sys.executable, '-c', {child!r}, str(os.getpid())])"
     )
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = subprocess_env()
     bench = subprocess.Popen([sys.executable, "-c", parent], env=env)
     deadline = time.time() + 30
     while not pid_file.exists() or not pid_file.read_text():

@@ -11,23 +11,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import write_random_image
 from mitdenoise.cli import app
 from mitdenoise.model import ModelConfig
 
 runner = CliRunner()
 
 
-@pytest.fixture
-def tiny_model(fixtures_dir) -> str:
-    return str(fixtures_dir / "official_tiny_random.pth")
-
-
-def make_image(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
-    data = rng.integers(0, 256, (*size, channels), dtype=np.uint8)
-    Image.fromarray(data.squeeze(-1) if channels == 1 else data, mode).save(path)
-    return path
+make_image = write_random_image
 
 
 def denoise(*args: str):
@@ -201,14 +192,31 @@ def test_missing_input_and_unwritable_output_are_reported(tmp_path, tiny_model):
 
 
 def test_help_shows_examples_and_the_default_model():
-    result = runner.invoke(app, ["denoise", "--help"])
+    from mitdenoise.registry import DEFAULT_MODEL
+
+    result = runner.invoke(app, ["denoise", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "mitdenoise denoise noisy.png clean.png" in result.output
-    assert "default model" in result.output.lower()
+    assert f"The default model is {DEFAULT_MODEL}," in " ".join(result.output.split())
     top = runner.invoke(app, ["--help"])
     assert "mitdenoise denoise photo.png" in top.output
 
 
+def test_help_does_not_wait_for_torch():
+    """The CLI shows its help and defaults without importing torch (the commands import it when run)."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from mitdenoise.cli import app\n"
+        "for args in ([\"--help\"], [\"denoise\", \"--help\"], [\"bench\", \"quality\", \"--help\"], [\"train\", \"--help\"]):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        "assert \"torch\" not in sys.modules, \"torch was imported\"\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_console_script_prints_no_traceback_on_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mitdenoise", "denoise", str(tmp_path / "missing.png"), str(tmp_path / "o.png"),
@@ -222,7 +230,7 @@ def test_console_script_prints_no_traceback_on_error(tmp_path):
 
 def checkpoint_with_validation(path: Path, sets: dict) -> str:
     from mitdenoise.model import SwinIR
-    from mitdenoise.weights import VALIDATION_KEY, save_safetensors
+    from mitdenoise.checkpoints import VALIDATION_KEY, save_safetensors
 
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -231,6 +239,7 @@ def checkpoint_with_validation(path: Path, sets: dict) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_warns_when_the_checkpoints_own_validation_shows_it_makes_images_worse(tmp_path):
     src = make_image(tmp_path / "in.png")
     harmful = checkpoint_with_validation(

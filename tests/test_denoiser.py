@@ -80,7 +80,7 @@ def test_palette_with_alpha_keeps_colour_and_alpha_and_empty_arrays_are_refused(
 
 def test_a_checkpoint_with_nan_weights_is_an_error_not_a_garbage_image(tiny):
     from mitdenoise.errors import ModelLoadError
-    from mitdenoise.weights import load_model
+    from mitdenoise.checkpoints import load_model
 
     net = load_model(tiny)
     with torch.no_grad():
@@ -89,6 +89,7 @@ def test_a_checkpoint_with_nan_weights_is_an_error_not_a_garbage_image(tiny):
         Denoiser(net)(np.zeros((16, 16, 3), np.uint8))
 
 
+@pytest.mark.slow
 def test_seed_repeats_and_passes_reduce_the_variance_of_the_mask(tiny):
     rng = np.random.default_rng(3)
     pixels = rng.random((48, 48, 3)).astype(np.float32)
@@ -172,6 +173,7 @@ print(min(faults[1:]))  # glibc may still move the heap now and then: the best r
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt: Linux only")
+@pytest.mark.slow
 def test_freed_tile_buffers_are_reused_instead_of_faulted_in_again():
     """48 MB freed and allocated again: glibc's default gives it back to the kernel and
     faults in all 12,288 pages anew; after the Denoiser's setting, almost none."""
@@ -191,15 +193,3 @@ def test_a_cpu_denoiser_applies_the_allocator_setting(monkeypatch, tiny):
     monkeypatch.setattr(denoiser_module, "keep_freed_buffers_for_reuse", lambda: calls.append(1) or True)
     Denoiser(tiny, device="cpu")
     assert calls == [1]
-
-
-def test_the_cli_defaults_are_the_library_defaults():
-    """denoise and bench quality (which must measure what denoise gives) tile like the library."""
-    import inspect
-
-    from mitdenoise import bench_cli, cli
-    from mitdenoise.denoiser import DEFAULT_OVERLAP, DEFAULT_TILE
-
-    for command in (cli.denoise, bench_cli.bench_quality_command):
-        params = inspect.signature(command).parameters
-        assert (params["tile"].default, params["tile_overlap"].default) == (DEFAULT_TILE, DEFAULT_OVERLAP)

@@ -4,8 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mitdenoise.model import ModelConfig, SwinIR, config_from_state_dict, draw_keep_mask, shift_mask
-from mitdenoise.weights import load_model
+from mitdenoise import model as model_module
+from mitdenoise import route_cpu
+from mitdenoise.masking import draw_keep_mask
+from mitdenoise.model import ModelConfig, SwinIR, config_from_state_dict
+from mitdenoise.windows import shift_mask
+from mitdenoise.checkpoints import load_model
 
 CONFIGS = {
     "full": ModelConfig(attn_mask_ratio=(0, 0)),
@@ -111,7 +115,7 @@ def test_config_round_trips_through_json():
 
 @pytest.mark.parametrize("h,w", [(64, 64), (40, 56), (16, 8)])
 def test_edge_shift_mask_equals_the_full_shift_mask(h, w):
-    from mitdenoise.model import EdgeShiftMask
+    from mitdenoise.windows import EdgeShiftMask
 
     full = shift_mask(h, w, 8, 4)
     n_windows = full.shape[0]
@@ -122,8 +126,6 @@ def test_edge_shift_mask_equals_the_full_shift_mask(h, w):
 
 @pytest.mark.parametrize("chunk", [1, 5, 12, 30])
 def test_attention_in_chunks_equals_one_call(fixtures_dir, monkeypatch, chunk):
-    import mitdenoise.model as model_module
-
     model = load_model(fixtures_dir / "official_tiny_random.pth")
     x = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))  # 5 x 6 = 30 windows per image
     with torch.no_grad():
@@ -135,7 +137,7 @@ def test_attention_in_chunks_equals_one_call(fixtures_dir, monkeypatch, chunk):
 
 
 def test_window_order_gathers_what_roll_and_partition_give():
-    from mitdenoise.model import window_order, window_partition
+    from mitdenoise.windows import window_order, window_partition
 
     x = torch.rand(2, 24, 40, 5, generator=torch.Generator().manual_seed(0))
     for shift in (0, 4):
@@ -150,16 +152,14 @@ def test_masked_token_shortcut_equals_the_plain_attention(fixtures_dir, monkeypa
     """Same seed, same keep-masks: the shortcut changes only the arithmetic (to 1e-5),
     on every window kind of the shifted blocks (40x48: 5x6 windows) and across images,
     with its linears through oneDNN or through ``F.linear`` (where torch lacks oneDNN)."""
-    import mitdenoise.model as model_module
-
     monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
-    monkeypatch.setattr(model_module, "ONEDNN_LINEAR", onednn and model_module.ONEDNN_LINEAR)
+    monkeypatch.setattr(route_cpu, "ONEDNN_LINEAR", onednn and route_cpu.ONEDNN_LINEAR)
     model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=ratio)
     x = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     calls = []
-    original = model_module.WindowAttention.forward_masked
+    original = route_cpu.masked_attention
     monkeypatch.setattr(
-        model_module.WindowAttention, "forward_masked", lambda *a: calls.append(1) or original(*a)
+        route_cpu, "masked_attention", lambda *a: calls.append(1) or original(*a)
     )
     with torch.inference_mode():
         fast = model(x, generator=torch.Generator().manual_seed(3))
@@ -169,14 +169,12 @@ def test_masked_token_shortcut_equals_the_plain_attention(fixtures_dir, monkeypa
 
 
 def test_masked_token_shortcut_is_used_for_the_full_network(fixtures_dir, monkeypatch):
-    import mitdenoise.model as model_module
-
     model = load_model(fixtures_dir / "official_full_random.pth")
     x = torch.rand(1, 3, 48, 56, generator=torch.Generator().manual_seed(0))
     calls = []
-    original = model_module.WindowAttention.forward_masked
+    original = route_cpu.masked_attention
     monkeypatch.setattr(
-        model_module.WindowAttention, "forward_masked", lambda *a: (result := original(*a), calls.append(result is not None))[0]
+        route_cpu, "masked_attention", lambda *a: (result := original(*a), calls.append(result is not None))[0]
     )
     with torch.inference_mode():
         fast = model(x, generator=torch.Generator().manual_seed(3))
@@ -199,18 +197,19 @@ def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fix
         plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
         assert torch.isfinite(fast).all()
         assert (fast - plain).abs().max() < 1e-4
-        bias = attn.kind_biases(4)
+        bias = route_cpu.kind_biases(attn, 4)
         keep = torch.ones(16, 64, 1)
         keep[:, 1::2] = 0
         windows = torch.randn(16, 64, 12)
         before = windows.clone()
         kinds = torch.tensor([0, 0, 0, 1] * 3 + [2, 2, 2, 3])
-        assert attn.forward_masked(windows, keep, bias, attn.exp_biases(bias), kinds, torch.nn.Identity()) is None
+        exps = route_cpu.exp_biases(attn, bias)
+        assert route_cpu.masked_attention(attn, windows, keep, bias, exps, kinds, torch.nn.Identity()) is None
         assert torch.equal(windows, before)  # left untouched for the fallback
         model = load_model(fixtures_dir / "official_tiny_random.pth")
         attn = model.layers[0].residual_group.blocks[1].attn
         attn.relative_position_bias_table.data[0] = 70.0
-        assert attn.exp_biases(attn.kind_biases(4)) is None
+        assert route_cpu.exp_biases(attn, route_cpu.kind_biases(attn, 4)) is None
         fast = model(x, generator=torch.Generator().manual_seed(3))
         plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
         assert (fast - plain).abs().max() < 1e-4
@@ -234,20 +233,18 @@ def test_the_shortcut_follows_weights_changed_between_calls(fixtures_dir):
 @pytest.mark.parametrize("chunk", [None, 7])
 @pytest.mark.parametrize("onednn", [True, False])
 def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monkeypatch, chunk, onednn):
-    """Mask ratio 0 (the baseline): no keep-mask, so every block takes forward_unmasked, whose
+    """Mask ratio 0 (the baseline): no keep-mask, so every block takes unmasked_attention, whose
     windows come sorted by kind; chunks of 7 windows of the 2 x 5 x 6 mix kinds within a chunk."""
-    import mitdenoise.model as model_module
-
     monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
-    monkeypatch.setattr(model_module, "ONEDNN_LINEAR", onednn and model_module.ONEDNN_LINEAR)
+    monkeypatch.setattr(route_cpu, "ONEDNN_LINEAR", onednn and route_cpu.ONEDNN_LINEAR)
     kinds_seen = []
-    original = model_module.WindowAttention.forward_unmasked
+    original = route_cpu.unmasked_attention
 
-    def spy(self, x, bias, kinds, norm):
+    def spy(attn, x, bias, kinds, norm):
         kinds_seen.append(kinds.tolist())
-        return original(self, x, bias, kinds, norm)
+        return original(attn, x, bias, kinds, norm)
 
-    monkeypatch.setattr(model_module.WindowAttention, "forward_unmasked", spy)
+    monkeypatch.setattr(route_cpu, "unmasked_attention", spy)
     model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=(0, 0))
     x = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -264,8 +261,6 @@ def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monk
 
 def force_fused_attention(monkeypatch, force: dict) -> None:
     """While ``force["on"]``, every forward takes the CUDA route's fused attention, on any device."""
-    import mitdenoise.model as model_module
-
     original = model_module.ForwardContext.__init__
 
     def init(self, *args, **kwargs):
@@ -283,8 +278,6 @@ def test_fused_attention_equals_the_plain_route_in_values_and_gradients(fixtures
     plain route's outputs and parameter gradients to 1e-5, over every window kind of the shifted
     blocks (40x48: 5x6 windows), several images, and chunks of window rows or of whole images
     (the chunking the fused route takes above FUSED_WINDOWS)."""
-    import mitdenoise.model as model_module
-
     monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", chunk)
     force = {"on": False}
     force_fused_attention(monkeypatch, force)
@@ -323,7 +316,9 @@ def test_fused_attention_on_cuda_equals_the_plain_route(fixtures_dir):
 
 
 def test_fused_route_chunks_windows_under_the_cuda_grid_limit():
-    from mitdenoise.model import CPU_ATTENTION_CHUNK, FUSED_WINDOWS, attention_chunk, window_chunks
+    from mitdenoise.model import CPU_ATTENTION_CHUNK, attention_chunk
+    from mitdenoise.route_fused import FUSED_WINDOWS
+    from mitdenoise.windows import window_chunks
 
     assert attention_chunk("cuda", fused=True) == FUSED_WINDOWS < 65536
     assert attention_chunk("cuda", fused=False) is None and attention_chunk("cpu", False) == CPU_ATTENTION_CHUNK
@@ -334,7 +329,7 @@ def test_fused_route_chunks_windows_under_the_cuda_grid_limit():
 
 
 def test_edge_windows_of_a_shifted_block_are_those_the_shift_mask_touches():
-    from mitdenoise.model import EdgeShiftMask, shift_mask
+    from mitdenoise.windows import EdgeShiftMask, shift_mask
 
     full = shift_mask(40, 48, 8, 4).view(30, 64, 64)  # 5x6 windows
     touched = (full != 0).flatten(1).any(1).nonzero().flatten()
@@ -348,7 +343,7 @@ def test_edge_windows_of_a_shifted_block_are_those_the_shift_mask_touches():
 
 
 def test_inverse_permutation():
-    from mitdenoise.model import inverse_permutation
+    from mitdenoise.windows import inverse_permutation
 
     index = torch.randperm(50, generator=torch.Generator().manual_seed(0))
     inverse = inverse_permutation(index)
@@ -357,15 +352,13 @@ def test_inverse_permutation():
 
 
 def test_chunks_on_parallel_workers_give_the_serial_result_bit_for_bit(fixtures_dir, monkeypatch):
-    import mitdenoise.model as model_module
-
     model = load_model(fixtures_dir / "official_tiny_random.pth")
     x = torch.rand(2, 3, 64, 72, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(model_module, "CPU_ATTENTION_CHUNK", 8)
     with torch.inference_mode():
-        assert model_module.chunk_workers() is not None  # the test process runs two threads
+        assert route_cpu.chunk_workers() is not None  # the test process runs two threads
         parallel = model(x, generator=torch.Generator().manual_seed(5))
-        monkeypatch.setattr(model_module, "chunk_workers", lambda: None)
+        monkeypatch.setattr(route_cpu, "chunk_workers", lambda: None)
         serial = model(x, generator=torch.Generator().manual_seed(5))
     assert torch.equal(parallel, serial)
     with torch.no_grad():  # the caller's autograd mode carries over to the workers
@@ -377,12 +370,10 @@ def test_chunks_on_parallel_workers_give_the_serial_result_bit_for_bit(fixtures_
 def test_no_chunk_workers_under_torch_distributed(tmp_path):
     import torch.distributed as dist
 
-    import mitdenoise.model as model_module
-
-    assert model_module.chunk_workers() is not None  # two threads here
+    assert route_cpu.chunk_workers() is not None  # two threads here
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        assert model_module.chunk_workers() is None
+        assert route_cpu.chunk_workers() is None
     finally:
         dist.destroy_process_group()
 
@@ -391,34 +382,30 @@ def test_x86_builds_of_torch_take_the_onednn_linear():
     """The CPU route's linears go through oneDNN on x86 (CI's build), so the tests above run it."""
     import platform
 
-    import mitdenoise.model as model_module
-
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip(f"oneDNN's linear is only expected on x86 builds of torch (this is {platform.machine()})")
-    assert model_module.ONEDNN_LINEAR
+    assert route_cpu.ONEDNN_LINEAR
 
 
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("gelu", [True, False])
 @pytest.mark.parametrize("rows,cols,out", [(2048, 60, 120), (64, 64, 1536), (7, 13, 5)])
 def test_cpu_linear_equals_linear_then_gelu(monkeypatch, onednn, gelu, rows, cols, out):
-    import mitdenoise.model as model_module
-
-    monkeypatch.setattr(model_module, "ONEDNN_LINEAR", onednn and model_module.ONEDNN_LINEAR)
+    monkeypatch.setattr(route_cpu, "ONEDNN_LINEAR", onednn and route_cpu.ONEDNN_LINEAR)
     g = torch.Generator().manual_seed(0)
     x, weight, bias = torch.randn(rows, cols, generator=g), torch.randn(out, cols, generator=g), torch.randn(out, generator=g)
     for b in (bias, None):
         expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
         if gelu:
             expected = torch.nn.functional.gelu(expected)
-        got = model_module.cpu_linear(x, weight, b, gelu=gelu)
+        got = route_cpu.cpu_linear(x, weight, b, gelu=gelu)
         assert got.dtype == torch.float32 and got.shape == (rows, out)
         assert (got.double() - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
 
 
 @pytest.mark.parametrize("width", [1, 5, 15, 16, 29])
 def test_short_row_softmax_equals_softmax(width):
-    from mitdenoise.model import short_row_softmax
+    from mitdenoise.route_cpu import short_row_softmax
 
     scores = torch.randn(3, 7, width, generator=torch.Generator().manual_seed(width)) * 30 + 500
     expected = scores.double().softmax(-1)

@@ -12,24 +12,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import write_random_image
 from mitdenoise.cli import app
 
 runner = CliRunner()
 
 
-@pytest.fixture
-def tiny_model(fixtures_dir) -> str:
-    return str(fixtures_dir / "official_tiny_random.pth")
-
-
 def make_images(folder: Path, names, size=(96, 128)) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, name in enumerate(names):
-        data = np.random.default_rng(i).integers(0, 256, (*size, 3), dtype=np.uint8)
-        Image.fromarray(data).save(folder / name)
-        paths.append(folder / name)
-    return paths
+    return [write_random_image(folder / name, size, seed=i) for i, name in enumerate(names)]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
@@ -164,6 +155,7 @@ def test_max_pixels_flag_refuses_or_lets_through(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("name", ["out.jpg", "out.bmp", "out.png", "out.tif", "out.webp"])
+@pytest.mark.slow
 def test_a_full_disk_is_an_error_and_leaves_no_file_in_every_format(tmp_path, tiny_model, name):
     import resource
 

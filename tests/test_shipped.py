@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from mitdenoise import Denoiser
-from mitdenoise.bench import run_quality
+from mitdenoise.bench.quality import run_quality
 from mitdenoise.metrics import psnr
 from mitdenoise.model import ModelConfig
 from mitdenoise.train.config import resolve_config
-from mitdenoise.weights import DEFAULT_MODEL, read_validation, resolve_model, shipped_checkpoint
+from mitdenoise.checkpoints import read_validation
+from mitdenoise.registry import DEFAULT_MODEL, resolve_model, shipped_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = ROOT / "weights" / "README.md"
@@ -104,6 +105,7 @@ def test_the_default_is_the_baseline_fine_tuned_with_a_mild_input_mask_as_its_se
     ],
     ids=["default", "masked", "baseline"],
 )
+@pytest.mark.slow
 def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_states(tmp_path, options, stated_as):
     out = tmp_path / "denoised.png"
     done = subprocess.run(

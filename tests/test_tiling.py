@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mitdenoise.tiling import TileGrid, denoise_tiled, reflect_indices
-from mitdenoise.weights import load_model
+from mitdenoise.checkpoints import load_model
 
 
 def as_is(x):

@@ -18,14 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from mitdenoise.errors import MitdenoiseError
+from conftest import subprocess_env
+from mitdenoise.checkpoints import load_model, read_validation
+from mitdenoise.errors import MitdenoiseError, TrainSetupError
 from mitdenoise.masking import MASKED_VALUE, input_mask
 from mitdenoise.model import ModelConfig
 from mitdenoise.train import PRESETS, TrainConfig, resolve_config, train
 from mitdenoise.train.data import PatchBatches, augment, augment_inverse, find_images, load_images
-from mitdenoise.train.loop import CHECKPOINT_NAME, EXPORT_NAME, TrainSetupError
+from mitdenoise.train.loop import CHECKPOINT_NAME, EXPORT_NAME
 from mitdenoise.train.validation import synthetic_sets
-from mitdenoise.weights import load_model, read_validation
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ModelConfig(embed_dim=12, depths=(2,), num_heads=(2,))
@@ -75,12 +76,6 @@ def tiny_config(images, out: Path, **changes) -> TrainConfig:
 
 def run_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def subprocess_env(**extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 # ----------------------------------------------------------------------------- input mask, augmentation, data
@@ -247,6 +242,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_training_and_leave_no
 # ----------------------------------------------------------------------------- training runs
 
 
+@pytest.mark.slow
 def test_masked_training_lowers_the_loss(images, tmp_path):
     config = tiny_config(images, tmp_path / "run", model=ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2)),
                          patch_size=32, batch_size=8, iterations=80, lr=3e-3, milestones=(), log_every=20)
@@ -257,6 +253,7 @@ def test_masked_training_lowers_the_loss(images, tmp_path):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_training_raises_validation_psnr(images, tmp_path):
     # Without the masks training and validation see the same kind of input, so 80 steps of a tiny
     # network already show; a masked network needs longer before its PSNR on unmasked images rises
@@ -367,10 +364,8 @@ def test_exported_ema_weights_load_and_denoise_with_the_right_attention_mask(ima
     with torch.inference_mode():
         y = model(x, generator=torch.Generator().manual_seed(0))
     assert y.shape == x.shape and torch.isfinite(y).all()
-    try:
-        from mitdenoise.denoiser import Denoiser
-    except ImportError as e:  # mitdenoise.imageio is written separately
-        pytest.skip(f"Denoiser not importable yet: {e}")
+    from mitdenoise.denoiser import Denoiser
+
     out = Denoiser(model, device="cpu", tile=64, seed=0).denoise_array(noisy)
     assert out.shape == noisy.shape and out.dtype == np.uint8
 
@@ -380,6 +375,7 @@ def test_exported_ema_weights_load_and_denoise_with_the_right_attention_mask(ima
     [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
     ids=["SIGTERM", "SIGINT", "SIGTERM-to-group", "SIGINT-to-group"],
 )
+@pytest.mark.slow
 def test_a_signal_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path, sig, group):
     """To the main process, or (as `timeout`, a job scheduler or Ctrl-C send it) to the whole
     process group, DataLoader workers included."""
@@ -480,7 +476,7 @@ def test_cuda_without_an_index_trains_on_the_current_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
-    assert loop._resolve_device("cuda", loop.Dist()) == torch.device("cuda", 0)
+    assert loop.resolve_device("cuda", loop.Dist()) == torch.device("cuda", 0)
     assert chosen == [torch.device("cuda", 0)]
     with pytest.raises(loop.DeviceError, match="only 1 CUDA device"):
-        loop._resolve_device("cuda:3", loop.Dist())
+        loop.resolve_device("cuda:3", loop.Dist())

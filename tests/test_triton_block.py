@@ -9,12 +9,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import subprocess_env
 
 INTERPRETED = r"""
 import json, sys
@@ -58,11 +57,12 @@ print(json.dumps(results))
 CASES = [(12, 2, 0, False), (12, 2, 4, True), (48, 6, 4, False), (48, 6, 0, True), (60, 6, 4, True), (60, 6, 0, False)]
 
 
+@pytest.mark.slow
 def test_one_kernel_block_equals_the_plain_block_in_the_triton_interpreter():
     """Every shape of ours and the authors' (head size 2 to 10, shifted or not, keep-mask or not)
     within 1e-5 of the plain block's largest value, also after new weights are loaded."""
     pytest.importorskip("triton", reason="Triton is in the test extras: pip install -e '.[test]'")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env = subprocess_env(TRITON_INTERPRET="1")
     done = subprocess.run(
         [sys.executable, "-c", INTERPRETED, json.dumps(CASES)], env=env, capture_output=True, text=True, timeout=300
     )
@@ -86,8 +86,8 @@ def test_the_kernel_takes_only_window_8_and_register_sized_shapes():
 def test_kernel_route_on_cuda_is_as_close_to_fp32_as_the_fused_route(fixtures_dir, monkeypatch, ratio):
     """bf16 autocast on a GPU: the network with one kernel per block against the same with the
     fused attention route, both against fp32. Same mask draws (same generator seed)."""
-    from mitdenoise.model import SwinIR
-    from mitdenoise.weights import load_model
+    from mitdenoise import triton_block
+    from mitdenoise.checkpoints import load_model
 
     model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=ratio).cuda()
     x = torch.rand(2, 3, 72, 88, generator=torch.Generator().manual_seed(0)).cuda()
@@ -98,12 +98,10 @@ def test_kernel_route_on_cuda_is_as_close_to_fp32_as_the_fused_route(fixtures_di
 
     exact = run(enabled=False)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert model.block_kernel_dtype(x.device) == torch.bfloat16
+        assert triton_block.autocast_dtype(model.config, x.device) == torch.bfloat16
     kernel = run(dtype=torch.bfloat16)
-    from mitdenoise import triton_block
-
     assert triton_block._failed is None  # it ran, and did not fall back
-    monkeypatch.setattr(SwinIR, "block_kernel_dtype", lambda self, device: None)
+    monkeypatch.setattr(triton_block, "autocast_dtype", lambda config, device: None)
     fused = run(dtype=torch.bfloat16)
     kernel_error, fused_error = (kernel - exact).abs().mean(), (fused - exact).abs().mean()
     assert torch.isfinite(kernel).all() and kernel_error < 1.5 * fused_error + 1e-4, (kernel_error, fused_error)

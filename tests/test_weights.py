@@ -24,13 +24,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mitdenoise import weights
+from mitdenoise import checkpoints, registry
 from mitdenoise.errors import ModelLoadError
 from mitdenoise.model import ModelConfig
-from mitdenoise.weights import REGISTRY, git_blob_id, load_model, read_validation, resolve_model, shipped_checkpoint
-from mitdenoise.weights_cli import convert_command, download_command, models_command
+from mitdenoise.checkpoints import git_blob_id, load_model, read_validation
+from mitdenoise.registry import REGISTRY, resolve_model, shipped_checkpoint
+from mitdenoise.cli.models import convert_command, download_command, models_command
 
-COMMIT = weights.AUTHORS_COMMIT
+COMMIT = registry.AUTHORS_COMMIT
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -157,10 +158,10 @@ def register_fixture(monkeypatch, fixtures_dir: Path, origin: Origin, name: str,
     repo_path = f"model_zoo/{fixture}"
     base = REGISTRY.get(name) or REGISTRY["masked-denoising"]
     entry = dataclasses.replace(
-        base, name=name, github_repo=weights.AUTHORS_REPO, commit=COMMIT, path=fields.pop("path", repo_path),
+        base, name=name, github_repo=registry.AUTHORS_REPO, commit=COMMIT, path=fields.pop("path", repo_path),
         git_blob=git_blob_id(path), **fields,
     )
-    origin.serve_github(weights.AUTHORS_REPO, entry.path, path.read_bytes())
+    origin.serve_github(registry.AUTHORS_REPO, entry.path, path.read_bytes())
     monkeypatch.setitem(REGISTRY, name, entry)
     return entry
 
@@ -189,7 +190,7 @@ def test_registry_pins_the_authors_files_by_commit_and_git_blob(monkeypatch):
     assert baseline.url.endswith(f"/haoyuc/MaskedDenoising/raw/{COMMIT}/model_zoo/baseline.pth")
     assert baseline.git_blob == "bd7ab9e05a0e45c32991a8c375ecd331d569768e"
     assert (baseline.attn_mask_ratio, baseline.global_residual) == ((0, 0), False)
-    assert REGISTRY[weights.DEFAULT_MODEL].shipped
+    assert REGISTRY[registry.DEFAULT_MODEL].shipped
     for entry in REGISTRY.values():
         assert entry.license and "Masked Image Training" in entry.citation
     monkeypatch.setenv("MITDENOISE_GITHUB_ENDPOINT", "http://127.0.0.1:9/")
@@ -234,15 +235,15 @@ def test_first_use_downloads_verifies_converts_and_then_uses_the_cache_without_r
     assert path.is_relative_to(hf_home / "hub" / "mitdenoise")  # HF_HOME honoured
     assert cache_files(hf_home) == [path]  # only the converted file: no .pth, no temp file left
     meta = metadata_of(path)
-    assert meta[weights.SOURCE_BLOB_KEY] == git_blob_id(fixtures_dir / "official_tiny_random.pth")
-    assert meta[weights.SOURCE_KEY].startswith("https://github.com/haoyuc/MaskedDenoising/raw/")
+    assert meta[checkpoints.SOURCE_BLOB_KEY] == git_blob_id(fixtures_dir / "official_tiny_random.pth")
+    assert meta[checkpoints.SOURCE_KEY].startswith("https://github.com/haoyuc/MaskedDenoising/raw/")
     model = load_model(path)
     assert model.config.attn_mask_ratio == (75, 75) and not model.config.global_residual
     assert model.config.embed_dim == 12
 
     origin.requests.clear()
     assert resolve_model("masked-denoising") == path
-    assert weights.download("masked-denoising") == path
+    assert registry.download("masked-denoising") == path
     assert origin.requests == []  # cache hit: zero requests
 
 
@@ -282,7 +283,7 @@ def test_corrupt_or_truncated_download_is_rejected_and_deleted(origin, fixtures_
     assert ("the transfer was cut short after" in message) == (tamper == "truncate")
     assert "\n" not in message
     assert cache_files(hf_home) == []
-    assert not weights.is_cached(REGISTRY["fixture-tiny"])
+    assert not registry.is_cached(REGISTRY["fixture-tiny"])
     origin.tamper = None  # the next try succeeds
     assert load_model(resolve_model("fixture-tiny")).config.embed_dim == 12
 
@@ -298,7 +299,7 @@ def test_missing_file_on_the_server_is_a_clear_error(origin, fixtures_dir, hf_ho
 
 def test_download_over_the_size_limit_is_refused_before_writing(origin, fixtures_dir, hf_home, monkeypatch):
     register_fixture(monkeypatch, fixtures_dir, origin, "fixture-tiny", "official_tiny_random.pth")
-    monkeypatch.setattr(weights, "MAX_CHECKPOINT_BYTES", 1000)
+    monkeypatch.setattr(checkpoints, "MAX_CHECKPOINT_BYTES", 1000)
     with pytest.raises(ModelLoadError, match="refusing to download model 'fixture-tiny'.*over the 1000 bytes limit"):
         resolve_model("fixture-tiny")
     assert cache_files(hf_home) == []
@@ -379,8 +380,8 @@ def test_hf_revision_after_the_file_or_after_the_repo(origin, fixtures_dir, hf_h
     origin.requests.clear()
     assert resolve_model(f"hf://someone/mit-test@{HUB_COMMIT}/tiny.safetensors") == path
     assert origin.requests == []  # a pinned commit already cached: no request
-    assert weights.parse_hf_spec("hf://o/r/a/b.safetensors@refs/pr/3") == ("model", "o/r", "a/b.safetensors", "refs/pr/3")
-    assert weights.parse_hf_spec("hf://datasets/o/r@v1/b.pth") == ("dataset", "o/r", "b.pth", "v1")
+    assert registry.parse_hf_spec("hf://o/r/a/b.safetensors@refs/pr/3") == ("model", "o/r", "a/b.safetensors", "refs/pr/3")
+    assert registry.parse_hf_spec("hf://datasets/o/r@v1/b.pth") == ("dataset", "o/r", "b.pth", "v1")
 
 
 def test_hf_errors_are_one_line(origin, hf_home, monkeypatch):
@@ -455,7 +456,7 @@ def test_metadata_that_lies_about_the_tensors_is_refused(fixtures_dir, tmp_path)
     state = torch.load(fixtures_dir / "official_full_random.pth", weights_only=True)
     lying = ModelConfig(embed_dim=96)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "lie.safetensors"),
-              metadata={weights.CONFIG_KEY: lying.to_json()})
+              metadata={checkpoints.CONFIG_KEY: lying.to_json()})
     with pytest.raises(ModelLoadError) as info:
         load_model(tmp_path / "lie.safetensors")
     assert str(info.value) == (
@@ -465,7 +466,7 @@ def test_metadata_that_lies_about_the_tensors_is_refused(fixtures_dir, tmp_path)
 
 
 def test_file_over_the_size_limit_is_refused(fixtures_dir, monkeypatch):
-    monkeypatch.setattr(weights, "MAX_CHECKPOINT_BYTES", 1000)
+    monkeypatch.setattr(checkpoints, "MAX_CHECKPOINT_BYTES", 1000)
     with pytest.raises(ModelLoadError, match=r"2\.2 MiB is over the 1000 bytes limit for a checkpoint"):
         load_model(fixtures_dir / "official_tiny_random.pth")
 
@@ -477,9 +478,9 @@ def test_file_over_the_size_limit_is_refused(fixtures_dir, monkeypatch):
 def cli(monkeypatch):
     from rich.console import Console
 
-    from mitdenoise import weights_cli
+    from mitdenoise.cli import models as models_cli
 
-    monkeypatch.setattr(weights_cli, "out", Console(width=240))
+    monkeypatch.setattr(models_cli, "out", Console(width=240))
     app = typer.Typer()
     app.command("models")(models_command)
     app.command("download")(download_command)
@@ -495,7 +496,7 @@ def test_convert_then_load_gives_exactly_the_pth_output(cli, fixtures_dir, tmp_p
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(dst)
     assert "attention mask 75 %" in result.stderr
-    assert ModelConfig.from_json(metadata_of(dst)[weights.CONFIG_KEY]) == ModelConfig()
+    assert ModelConfig.from_json(metadata_of(dst)[checkpoints.CONFIG_KEY]) == ModelConfig()
     x = load_file(str(fixtures_dir / "official_full_io.safetensors"))["input_odd"]
     outputs = []
     for path in (src, dst):
@@ -613,24 +614,24 @@ def test_validation_record_is_read_back_and_a_malformed_one_is_ignored(tmp_path)
 
     net = SwinIR(ModelConfig(embed_dim=12, depths=(2,), num_heads=(2,)))
     record = {"iteration": 7, "sets": {"gaussian15": {"psnr": 26.5, "noisy_psnr": 25.0}}}
-    weights.save_safetensors(net, tmp_path / "ok.safetensors", extra_metadata={weights.VALIDATION_KEY: json.dumps(record)})
-    assert weights.read_validation(tmp_path / "ok.safetensors") == record
-    assert weights.validation_warning(record) is None
+    checkpoints.save_safetensors(net, tmp_path / "ok.safetensors", extra_metadata={checkpoints.VALIDATION_KEY: json.dumps(record)})
+    assert checkpoints.read_validation(tmp_path / "ok.safetensors") == record
+    assert registry.validation_warning(record) is None
     worse = {"iteration": 7, "sets": {"gaussian15": {"psnr": 26.5, "noisy_psnr": 25.0}, "poisson2": {"psnr": 9.0, "noisy_psnr": 23.25}}}
-    assert weights.validation_warning(worse).startswith(
+    assert registry.validation_warning(worse).startswith(
         "this model made its validation images worse (poisson2 9.00 dB out vs 23.25 dB in; iteration 7)"
     )
     for bad in ("not json", json.dumps({"sets": {}}), json.dumps({"iteration": 1, "sets": {"g": {"psnr": "x"}}})):
-        weights.save_safetensors(net, tmp_path / "bad.safetensors", extra_metadata={weights.VALIDATION_KEY: bad})
-        assert weights.read_validation(tmp_path / "bad.safetensors") is None, bad
-    weights.save_safetensors(net, tmp_path / "none.safetensors")
-    assert weights.read_validation(tmp_path / "none.safetensors") is None
+        checkpoints.save_safetensors(net, tmp_path / "bad.safetensors", extra_metadata={checkpoints.VALIDATION_KEY: bad})
+        assert checkpoints.read_validation(tmp_path / "bad.safetensors") is None, bad
+    checkpoints.save_safetensors(net, tmp_path / "none.safetensors")
+    assert checkpoints.read_validation(tmp_path / "none.safetensors") is None
     # numbers written as strings are read as numbers, so the warning can format them
     texts = {"iteration": "3", "sets": {"a": {"psnr": "1", "noisy_psnr": "2"}}}
-    weights.save_safetensors(net, tmp_path / "texts.safetensors", extra_metadata={weights.VALIDATION_KEY: json.dumps(texts)})
-    read = weights.read_validation(tmp_path / "texts.safetensors")
+    checkpoints.save_safetensors(net, tmp_path / "texts.safetensors", extra_metadata={checkpoints.VALIDATION_KEY: json.dumps(texts)})
+    read = checkpoints.read_validation(tmp_path / "texts.safetensors")
     assert read == {"iteration": 3, "sets": {"a": {"psnr": 1.0, "noisy_psnr": 2.0}}}
-    assert weights.validation_warning(read).startswith("this model made its validation images worse (a 1.00 dB out vs 2.00 dB in")
+    assert registry.validation_warning(read).startswith("this model made its validation images worse (a 1.00 dB out vs 2.00 dB in")
 
 
 def _tiny_state(fixtures_dir) -> dict[str, torch.Tensor]:
@@ -651,7 +652,7 @@ def _with(state: dict, **changes) -> dict:
     "make, expected",
     [
         (lambda d, s: (d / "x.safetensors").write_bytes(b"hi"), r"not a valid safetensors file"),
-        (lambda d, s: save_file(s, str(d / "x.safetensors"), metadata={weights.CONFIG_KEY: '{"colour": 1}'}),
+        (lambda d, s: save_file(s, str(d / "x.safetensors"), metadata={checkpoints.CONFIG_KEY: '{"colour": 1}'}),
          r"bad config in metadata"),
         (lambda d, s: torch.save({"a": torch.zeros(1)}, d / "x.pth"), r"not a SwinIR state dict \(missing conv_first.weight\)"),
         (lambda d, s: torch.save(_with(s, extra__weight=torch.zeros(1)), d / "x.pth"),
@@ -675,7 +676,7 @@ def test_broken_checkpoints_are_one_line_errors_naming_the_file(fixtures_dir, tm
 def test_a_folder_or_a_missing_shipped_file_as_the_model_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match=rf"^model file not found: {tmp_path} is a directory$"):
         resolve_model(str(tmp_path))
-    monkeypatch.setattr(weights, "SHIPPED_DIRS", (tmp_path / "nowhere",))
+    monkeypatch.setattr(registry, "SHIPPED_DIRS", (tmp_path / "nowhere",))
     with pytest.raises(ModelLoadError, match=r"the shipped checkpoint .*mitdenoise-mild.safetensors is missing: "
                                              r"reinstall mitdenoise or pass --model PATH"):
         resolve_model(None)

@@ -1,5 +1,5 @@
 """``python -m mitdenoise.train ...``: the same command as ``mitdenoise train``, for torchrun."""
 
-from .cli import main
+from ..cli.train import main
 
 main()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..model import ModelConfig, is_int
+from ..checks import is_int
+from ..model import ModelConfig
 
 PAPER_MILESTONES = (150_000, 200_000, 300_000, 350_000, 400_000)
 
@@ -227,9 +228,8 @@ PRESETS: dict[str, TrainConfig] = {
         val_images=2,
         val_crop=128,
     ),
-    # The full network at a CPU-sized batch, for long background runs. fp32: with bf16 autocast a
-    # training step was 6x slower here (torch 2.13, AVX-512 BF16 EPYC: the attention's small bf16
-    # matmuls fall back to a slow GEMM in backward), although --precision bf16 is there to try.
+    # The full network at a CPU-sized batch, for long background runs. fp32: bf16 autocast makes a
+    # CPU training step slower (the attention's small bf16 matmuls take a slow GEMM in backward).
     "cpu": TrainConfig(
         preset="cpu",
         out="runs/cpu",

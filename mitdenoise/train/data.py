@@ -41,23 +41,13 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def read_rgb8(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: grey is replicated, alpha dropped, 16-bit and float rounded to 8 bits."""
-    pixels = imageio.read_image(path).pixels
-    if pixels.dtype != np.uint8:
-        pixels = imageio.from_float(imageio.to_float(pixels), np.uint8)
-    if pixels.shape[2] == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
-    return np.ascontiguousarray(pixels)
-
-
 def load_images(paths: list[Path], min_size: int = 1, threads: int | None = None) -> tuple[list[np.ndarray], int]:
     """Decode all images (in threads: decoders release the GIL); drop those smaller than ``min_size``.
 
     Returns the kept images and how many were too small.
     """
     with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(read_rgb8, paths))
+        images = list(pool.map(imageio.read_rgb8, paths))
     kept = [im for im in images if im.shape[0] >= min_size and im.shape[1] >= min_size]
     if not kept:
         raise TrainDataError(f"all {len(images)} images are smaller than the {min_size}x{min_size} patch")
@@ -138,9 +128,9 @@ class PatchBatches(Dataset):
 
 def _ignore_stop_signals(_worker_id: int) -> None:
     # Ctrl-C, and SIGTERM from `timeout` or a job scheduler, reach the whole process group: the main
-    # process saves and stops, and workers must carry on until then (a killed worker crashed the run
-    # mid-step, without a checkpoint, on the first GPU run). Orphaned workers still exit: the
-    # DataLoader's watchdog ends them when the main process is gone.
+    # process saves and stops, and workers must carry on until then (a killed worker would crash the
+    # run mid-step, without a checkpoint). Orphaned workers still exit: the DataLoader's watchdog
+    # ends them when the main process is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

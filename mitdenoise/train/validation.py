@@ -17,19 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..imageio import center_crop, read_rgb8, round_to_uint8, to_float
 from ..metrics import psnr
 from ..noise import gaussian, poisson
-from .data import TrainDataError, find_images, read_rgb8
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return image[top : top + size, left : left + size]
+from .data import TrainDataError, find_images
 
 
 @dataclass
@@ -48,11 +39,11 @@ class ValSet:
 def synthetic_sets(clean_dir: str | Path, limit: int, crop: int, seed: int) -> list[ValSet]:
     """``gaussian15`` and ``poisson2`` sets from the first ``limit`` images of ``clean_dir``."""
     clean = [center_crop(read_rgb8(p), crop) for p in find_images(clean_dir)[:limit]]
-    floats = [c.astype(np.float64) / 255.0 for c in clean]
+    floats = [to_float(c, np.float64) for c in clean]
     rng = np.random.default_rng(seed)
-    gauss = [to_uint8(gaussian(x, 15.0, rng)) for x in floats]
+    gauss = [round_to_uint8(gaussian(x, 15.0, rng)) for x in floats]
     rng = np.random.default_rng(seed)
-    pois = [to_uint8(poisson(x, 2.0, rng)) for x in floats]
+    pois = [round_to_uint8(poisson(x, 2.0, rng)) for x in floats]
     return [ValSet("gaussian15", gauss, clean), ValSet("poisson2", pois, clean)]
 
 

@@ -1,8 +1,8 @@
 """``mitdenoise train``: a thin layer over :func:`mitdenoise.train.train`.
 
-``train_command`` is a plain function with typer annotations; the main CLI
-registers it, and ``python -m mitdenoise.train`` (what torchrun launches) runs it
-on its own. Torch is imported only when the command runs.
+The main CLI registers ``train_command``; ``python -m mitdenoise.train`` (what torchrun
+launches) runs it on its own through :func:`main`. Torch is imported only when the
+command runs.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-err = Console(stderr=True)
-out = Console()
+from .console import err, fail, out, run_app
 
 EPILOG = (
     "Examples:\n\n"
@@ -63,9 +61,8 @@ def train_command(
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar or log lines.")] = False,
 ) -> None:
     """Train the masked-training denoiser on a folder of clean images."""
-    from ..cli import fail  # here, not at the top: cli imports this module
     from ..errors import MitdenoiseError
-    from .config import TrainConfig, resolve_config
+    from ..train.config import TrainConfig, resolve_config
 
     main_rank = os.environ.get("RANK", "0") == "0"
     overrides = {
@@ -112,7 +109,7 @@ def train_command(
     except ValueError as e:
         fail(str(e), 2)
 
-    from .loop import train
+    from ..train.loop import train
 
     try:
         result = train(resolved, resume=resume, quiet=quiet)
@@ -148,6 +145,4 @@ def main() -> None:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     app.command(epilog=EPILOG)(train_command)
-    from ..cli import run
-
-    run(app, prog_name="python -m mitdenoise.train")
+    run_app(app, prog_name="python -m mitdenoise.train")

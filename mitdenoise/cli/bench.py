@@ -1,51 +1,36 @@
-"""`mitdenoise bench [quality|speed]` and `mitdenoise noise`: thin commands over :mod:`mitdenoise.bench`.
+"""``mitdenoise bench [quality|speed]``: thin commands over :mod:`mitdenoise.bench`.
 
-Plain typer-annotated functions; ``mitdenoise.cli`` registers them, e.g.::
-
-    app.add_typer(bench_cli.bench_app, name="bench")     # bench, bench quality, bench speed
-    app.command("noise")(bench_cli.noise_command)
-
-They import the library (and torch) only when run. Results go to stdout (a table,
-or JSON with ``--json``), progress and notes to stderr; errors are one
-``error: ...`` line with exit code 1 (2 for a bad option value).
+Results go to stdout (a table, or JSON with ``--json``), progress and notes to
+stderr. They import the library (and torch) only when run.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import MitdenoiseError
-
-err = Console(stderr=True)
-out = Console()
+from ..defaults import DEFAULT_OVERLAP, DEFAULT_TILE
+from ..errors import MitdenoiseError
+from .console import err, fail, note, out, set_threads
 
 DEFAULT_OUT = Path("bench-results")
 
 
 def _check_out_dir(out_dir: Path) -> None:
     """Refuse an --out that can't take the result files before the benchmark runs, not after."""
-    from .imageio import blocked_folder
+    from ..imageio import blocked_folder
 
     if out_dir.exists() and not out_dir.is_dir():
-        _fail(f"--out {out_dir} is a file, not a folder")
+        fail(f"--out {out_dir} is a file, not a folder")
     blocked = blocked_folder(out_dir)
     if blocked is not None:
-        _fail(f"--out {out_dir}: cannot write into {blocked}")
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    from .cli import fail  # here, not at the top: cli imports this module
-
-    fail(message, code)
+        fail(f"--out {out_dir}: cannot write into {blocked}")
 
 
 class _Bar:
@@ -105,8 +90,8 @@ def bench_quality_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(help="auto (as denoise: bf16 on CUDA, else fp32), fp32, bf16 or fp16.")] = "auto",
-    tile: Annotated[int, typer.Option(help="Tile size of the model runs (denoise's default).")] = 544,
-    tile_overlap: Annotated[int, typer.Option(help="Tile overlap of the model runs.")] = 32,
+    tile: Annotated[int, typer.Option(help="Tile size of the model runs (denoise's default).")] = DEFAULT_TILE,
+    tile_overlap: Annotated[int, typer.Option(help="Tile overlap of the model runs.")] = DEFAULT_OVERLAP,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
     threads: ThreadsOpt = None,
     out_dir: OutOpt = DEFAULT_OUT,
@@ -119,46 +104,45 @@ def bench_quality_command(
 
     Example:  mitdenoise bench quality data/kodak24 --noise gaussian:15,poisson:2 --crop 256 --limit 4 -m mitdenoise -m masked-denoising --passes 4
     """
-    from . import bench
+    from ..bench import quality
 
     if limit is not None and limit < 1:
-        _fail("--limit must be >= 1", 2)
+        fail("--limit must be >= 1", 2)
     if crop is not None and crop < 16:
-        _fail("--crop must be >= 16 (SSIM needs 11x11 windows)", 2)
+        fail("--crop must be >= 16 (SSIM needs 11x11 windows)", 2)
     if passes < 1:
-        _fail("--passes must be >= 1", 2)
+        fail("--passes must be >= 1", 2)
     _check_out_dir(out_dir)
-    from .cli import set_threads  # here, not at the top: cli imports this module
-
     set_threads(threads)
     try:
-        names = bench.parse_baselines(baselines)
+        names = quality.parse_baselines(baselines)
         with _Bar(quiet, "quality") as bar:
-            results = bench.run_quality(
+            results = quality.run_quality(
                 clean, noisy_dir=noisy, noise_spec=noise, models=_models(model), passes=passes, baselines=names,
                 seed=seed, limit=limit, crop=crop, oracle_sigma=oracle_sigma, device=device, precision=precision,
                 tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, on_progress=bar.step, on_total=bar.total,
             )
-        results = bench.write_quality_outputs(results, out_dir)
+        results = quality.write_quality_outputs(results, out_dir)
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e), 2 if isinstance(e, ValueError) else 1)
+        fail(str(e), 2 if isinstance(e, ValueError) else 1)
     except MitdenoiseError as e:
-        _fail(str(e))
+        fail(str(e))
     _report_quality(results, out_dir, as_json, quiet)
 
 
 def _print_notes_or_json(results: dict, as_json: bool, quiet: bool) -> bool:
     """Notes go to stderr; with --json the results go to stdout and the caller prints no table."""
     if not quiet:
-        for note in results["notes"]:
-            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        for text in results["notes"]:
+            note(text)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     return as_json
 
 
 def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
-    from .bench import best_methods
+    from ..bench.common import format_number
+    from ..bench.quality import best_methods
 
     if _print_notes_or_json(results, as_json, quiet):
         return
@@ -174,7 +158,7 @@ def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) ->
         cells = []
         for name in names:
             r = row["results"][name]
-            p, s = _num(r["psnr"], 2), _num(r["ssim"], 4)
+            p, s = format_number(r["psnr"], 2), format_number(r["ssim"], 4)
             cells.append(f"{_bold(p, name in best_p)} / {_bold(s, name in best_s)}")
         table.add_row(escape(row["noise"]), *cells)
     out.print(table, highlight=False)
@@ -182,14 +166,6 @@ def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) ->
 
 def _bold(text: str, on: bool) -> str:
     return f"[bold]{text}[/]" if on else text
-
-
-def _num(value, digits: int) -> str:
-    if value is None:
-        return "-"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.{digits}f}"
 
 
 def _models(specs: Optional[list[str]]) -> list[Optional[str]]:
@@ -211,7 +187,7 @@ def bench_speed_command(
     threads: ThreadsOpt = None,
     runs: Annotated[int, typer.Option(help="Timed runs per row (the median is reported).")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 1,
-    tile_overlap: Annotated[int, typer.Option(help="Tile overlap.")] = 32,
+    tile_overlap: Annotated[int, typer.Option(help="Tile overlap.")] = DEFAULT_OVERLAP,
     reference: Annotated[bool, typer.Option(help="Also time the whole-image, host-NumPy-mask reference.")] = True,
     sgemm_size: Annotated[int, typer.Option(min=1, help="Size of the sgemm that measures the FLOP ceiling.")] = 2048,
     seed: SeedOpt = 0,
@@ -225,36 +201,38 @@ def bench_speed_command(
 
     Example:  mitdenoise bench speed --sizes 256,512 --tiles 128,256 --batch-sizes 1,4 --precisions fp32,bf16 --threads 2
     """
-    from . import bench
+    from ..bench import speed
 
     if runs < 1 or warmup < 0:
-        _fail("--runs must be >= 1 and --warmup >= 0", 2)
+        fail("--runs must be >= 1 and --warmup >= 0", 2)
     _check_out_dir(out_dir)
     try:
-        size_list = bench.parse_sizes(sizes)
-        tile_list = bench.parse_ints(tiles, "tile", 8)
-        batch_list = bench.parse_ints(batch_sizes, "batch size", 1)
-        precision_list = bench.parse_words(precisions)
-        device_list = bench.parse_words(devices)
+        size_list = speed.parse_sizes(sizes)
+        tile_list = speed.parse_ints(tiles, "tile", 8)
+        batch_list = speed.parse_ints(batch_sizes, "batch size", 1)
+        precision_list = speed.parse_words(precisions)
+        device_list = speed.parse_words(devices)
         if threads is not None and threads < 1:
             raise ValueError("--threads must be >= 1")
         with _Bar(quiet, "speed") as bar:
-            results = bench.run_speed(
+            results = speed.run_speed(
                 model, sizes=size_list, tiles=tile_list, batch_sizes=batch_list, precisions=precision_list,
                 devices=device_list, threads=threads, runs=runs, warmup=warmup, tile_overlap=tile_overlap,
                 reference=reference, sgemm_n=sgemm_size, seed=seed, on_progress=bar.step, on_total=bar.total,
             )
-        bench.write_speed_outputs(results, out_dir)
+        speed.write_speed_outputs(results, out_dir)
     except ValueError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     except MitdenoiseError as e:
-        _fail(str(e))
+        fail(str(e))
     _report_speed(results, out_dir, as_json, quiet)
     if not results["rows"]:
-        _fail("nothing was measured: every combination was skipped (see the notes above)")
+        fail("nothing was measured: every combination was skipped (see the notes above)")
 
 
 def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
+    from ..bench.common import format_number
+
     if _print_notes_or_json(results, as_json, quiet):
         return
     c = results["config"]
@@ -285,7 +263,7 @@ def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> N
             f"{r['mp_per_s']:.4f}", f"{r['s_per_mp']:.1f}", f"{r['gflops_effective']:.1f}",
             f"{100 * r['fraction_of_sgemm']:.1f}%", f"{r['peak_rss_mb']:.0f}",
         ]
-        cells += [_num(r["cuda_peak_mb"], 0)] if cuda else []
+        cells += [format_number(r["cuda_peak_mb"], 0)] if cuda else []
         table.add_row(*cells, speedup)
     out.print(table, highlight=False)
     for device, s in results["sgemm"].items():
@@ -332,34 +310,34 @@ def bench_default_command(
             ("--model", model, None), ("--threads", threads, None), ("--out", out_dir, DEFAULT_OUT),
             ("--json", as_json, False), ("--quiet", quiet, False)) if value != default]
         if given:
-            _fail(f"{', '.join(given)} before '{ctx.invoked_subcommand}' would be ignored: "
+            fail(f"{', '.join(given)} before '{ctx.invoked_subcommand}' would be ignored: "
                   f"put options after it (mitdenoise bench {ctx.invoked_subcommand} ... {given[0]} ...)", 2)
         return
     _check_out_dir(out_dir)
-    from . import bench
-    from .cli import set_threads  # here, not at the top: cli imports this module
+    from ..bench import quality as quality_bench
+    from ..bench import speed as speed_bench
 
     set_threads(threads)
     try:
-        name, image = bench.default_clean_image()
+        name, image = quality_bench.default_clean_image()
         with _Bar(quiet, "quality") as bar:
-            quality = bench.run_quality(
-                clean_images=[(name, image)], noise_spec=bench.DEFAULT_NOISES + ",mixture:15", models=[model],
+            quality = quality_bench.run_quality(
+                clean_images=[(name, image)], noise_spec=quality_bench.DEFAULT_NOISES + ",mixture:15", models=[model],
                 crop=128, tile=128, on_progress=bar.step, on_total=bar.total,
             )
-        quality = bench.write_quality_outputs(quality, out_dir)
+        quality = quality_bench.write_quality_outputs(quality, out_dir)
         with _Bar(quiet, "speed") as bar:
-            speed = bench.run_speed(model, sizes=[(256, 256)], tiles=[128, 256], runs=2, warmup=1, threads=threads,
+            speed = speed_bench.run_speed(model, sizes=[(256, 256)], tiles=[128, 256], runs=2, warmup=1, threads=threads,
                                     on_progress=bar.step, on_total=bar.total)
-        bench.write_speed_outputs(speed, out_dir)
+        speed_bench.write_speed_outputs(speed, out_dir)
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     except MitdenoiseError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         if not quiet:
-            for note in quality["notes"] + speed["notes"]:
-                err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+            for text in quality["notes"] + speed["notes"]:
+                note(text)
         typer.echo(json.dumps({"quality": quality, "speed": speed}, indent=2))
         return
     _report_quality(quality, out_dir, False, quiet)
@@ -379,66 +357,3 @@ bench_app.command("speed")(bench_speed_command)
 
 
 # --- noise --------------------------------------------------------------------------------------
-
-
-def noise_command(
-    source: Annotated[str, typer.Argument(metavar="IN", help="Clean image file or folder.")],
-    target: Annotated[str, typer.Argument(metavar="OUT", help="Output file (for one input) or folder.")],
-    kind: Annotated[str, typer.Option("--kind", "-k", help="gaussian, correlated, poisson, speckle, saltpepper or mixture.")] = "gaussian",
-    level: Annotated[float, typer.Option("--level", "-l", help="gaussian/correlated/mixture: sigma on 0..255; poisson: scale; speckle: variance; saltpepper: density.")] = 15.0,
-    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed. One file: numpy default_rng(seed); a folder: a stream per file name.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Add synthetic noise to images; the output keeps bit depth, alpha and colour profile.
-
-    Example:  mitdenoise noise examples/kodim23-clean.png noisy.png --kind poisson --level 2 --seed 0
-    """
-    import dataclasses
-
-    import numpy as np
-
-    from . import noise as noises
-    from .batch import plan_jobs
-    from .bench import from_unit, to_unit
-    from .imageio import read_image, write_image
-
-    try:
-        kind = noises.canonical_kind(kind)
-        level = noises.check_level(kind, level)
-        jobs = plan_jobs([source], target)
-    except ValueError as e:
-        _fail(str(e), 2)
-    except MitdenoiseError as e:
-        _fail(str(e))
-    failed = written = skipped = 0
-    for job in jobs:
-        if job.target.exists() and not overwrite:
-            skipped += 1
-            continue
-        rng = np.random.default_rng(seed) if len(jobs) == 1 else noises.derived_rng(seed, job.source.name)
-        try:
-            image = read_image(job.source)
-            noisy = noises.apply_noise(to_unit(image.pixels), kind, level, rng)
-            result = dataclasses.replace(image, pixels=from_unit(noisy, image.pixels.dtype))
-            job.target.parent.mkdir(parents=True, exist_ok=True)
-            write_image(job.target, result, overwrite=True)
-            written += 1
-        except (MitdenoiseError, ValueError, OSError) as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            failed += 1
-    if not quiet:
-        parts = [f"{kind}:{level:g} noise: wrote {written} file(s)"]
-        if skipped:
-            parts.append(f"{skipped} skipped (exist; --overwrite replaces)")
-        if failed:
-            parts.append(f"{failed} failed")
-        err.print("; ".join(parts), highlight=False)
-    if failed:
-        raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``bench`` (with ``quality`` and ``speed``) and ``noise`` to the main app."""
-    app.add_typer(bench_app, name="bench")
-    app.command("noise")(noise_command)

@@ -1,284 +1,30 @@
-"""Checkpoints: the model registry, download and cache, safe reading, conversion to safetensors.
+"""The model registry, download and cache: from a model spec to a local checkpoint file.
 
-A checkpoint of ours is a safetensors file of parameters whose metadata holds the
-``ModelConfig`` as JSON under ``mitdenoise.config``. An authors'-format ``.pth`` is a
-bare state dict: its config is read from tensor shapes (see
-:func:`mitdenoise.model.config_from_state_dict`), and what shapes can't tell (global
-residual, attention-mask ratio) comes from the registry entry.
-
-The authors' files are downloaded once from GitHub into the Hugging Face cache
+Registry names point at our shipped checkpoints (``weights/``, works offline) or the
+authors' files on GitHub. Those are downloaded once into the Hugging Face cache
 (``<HF_HUB_CACHE>/mitdenoise/``), verified against their git blob id, converted to
-safetensors and used from there afterwards; ``hf://`` files go through
-``huggingface_hub.hf_hub_download`` into the same cache. ``HF_HOME``,
-``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are read when used (not at
-import), so a changed environment is honoured.
+safetensors (:func:`mitdenoise.checkpoints.convert_checkpoint`) and used from there
+afterwards; ``hf://`` files go through ``huggingface_hub.hf_hub_download`` into the
+same cache. ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are
+read when used (not at import), so a changed environment is honoured.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import pickle
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open
 
+from . import checkpoints
+from .checkpoints import CONFIG_KEY, SOURCE_BLOB_KEY, SOURCE_KEY, convert_checkpoint, first_line, git_blob_id, human_size
+from .defaults import DEFAULT_MODEL
 from .errors import ModelLoadError
-from .model import ModelConfig, SwinIR, config_from_state_dict, load_state_dict_into
-
-CONFIG_KEY = "mitdenoise.config"
-SOURCE_KEY = "mitdenoise.source"
-SOURCE_BLOB_KEY = "mitdenoise.source_git_blob"
-VALIDATION_KEY = "mitdenoise.validation"
-MAX_CHECKPOINT_BYTES = 2 * 1024**3
-"""Refuse files over 2 GiB: the full network is 3.3 MB of parameters (16 MB with buffers)."""
-
-# Fields that tensor shapes determine; a config (given or stored) must agree with them.
-_SHAPE_FIELDS = ("in_chans", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "resi_connection",
-                 "conv_first_kernel")
-
-
-# --- reading and writing ------------------------------------------------------------------------
-
-
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
-    """Tensors of a checkpoint file and the config stored in it (None for a bare state dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}" + ("" if path.exists() else " (give a path or a model name)"))
-    size = path.stat().st_size
-    if size > MAX_CHECKPOINT_BYTES:
-        raise ModelLoadError(
-            f"cannot load {path}: {_human(size)} is over the {_human(MAX_CHECKPOINT_BYTES)} limit for a checkpoint"
-        )
-    if path.suffix.lower() == ".safetensors":
-        return _read_safetensors(path)
-    return _read_pickle(path), None
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load {path}: not a valid safetensors file ({_first_line(e)})") from None
-    config = None
-    if CONFIG_KEY in metadata:
-        try:
-            config = ModelConfig.from_json(metadata[CONFIG_KEY])
-        except (ValueError, TypeError) as e:
-            raise ModelLoadError(f"cannot load {path}: bad config in metadata ({_first_line(e)})") from None
-    return state, config
-
-
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: a pickle naming anything but tensors is refused unrun."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        refused = "refused for safety, nothing in it was run"
-        if named:
-            reason = f"it names Python objects other than tensors ({named.group(1)}): {refused}"
-        elif detail:
-            reason = f"not a plain state dict ({detail.group(1).strip()}): {refused}"
-        else:
-            reason = f"not a PyTorch checkpoint ({_first_line(e)})"
-        raise ModelLoadError(f"cannot load {path}: {reason}") from None
-    except Exception as e:  # noqa: BLE001 - the weights-only unpickler runs no code; any failure means garbage
-        # (RuntimeError, EOFError, BadZipFile, ... and KeyError/IndexError from stray bytes read as opcodes)
-        detail = _first_line(e).split(". ")[0]
-        detail = detail if detail == type(e).__name__ else f"{type(e).__name__}: {detail}"
-        raise ModelLoadError(f"cannot load {path}: not a PyTorch checkpoint ({detail})") from None
-    if isinstance(obj, dict):
-        for wrapper in ("params_ema", "params", "state_dict", "model"):
-            if wrapper in obj and isinstance(obj[wrapper], dict):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"cannot load {path}: not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _build(state: dict[str, torch.Tensor], config: ModelConfig, origin: str) -> SwinIR:
-    """The network for ``config`` with ``state`` loaded; ValueError if they don't fit.
-
-    The config is checked against the shapes first, so that a file whose metadata
-    lies (or a wrong ``config``) gets a clear message and never builds a huge network.
-    ``origin`` says where the config came from, for that message.
-    """
-    actual = config_from_state_dict(state)
-    for name in _SHAPE_FIELDS:
-        want, got = getattr(config, name), getattr(actual, name)
-        if want != got:
-            raise ValueError(
-                f"the config {origin} does not match the tensors ({name} {_show(want)} in the config, "
-                f"{_show(got)} in the tensors)"
-            )
-    model = SwinIR(config)
-    load_state_dict_into(model, state)
-    return model.eval()
-
-
-def load_model(
-    path: str | os.PathLike, *, config: ModelConfig | None = None, **overrides
-) -> SwinIR:
-    """Build the network for a checkpoint file and load it (CPU, eval mode).
-
-    The config comes from, in order: ``config``, the file's metadata, the tensor
-    shapes; ``overrides`` (e.g. ``attn_mask_ratio``) replace single fields of it.
-    """
-    state, stored = read_state_dict(path)
-    try:
-        origin = "in its metadata" if config is None and stored is not None else "given"
-        if config is None:
-            config = stored or config_from_state_dict(state)
-        if overrides:
-            config = ModelConfig(**{**config.__dict__, **overrides})
-        return _build(state, config, origin)
-    except ValueError as e:
-        raise ModelLoadError(f"cannot load {path}: {_first_line(e)}") from None
-
-
-def save_safetensors(
-    model: SwinIR,
-    path: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.float32,
-    extra_metadata: dict[str, str] | None = None,
-) -> None:
-    """Write the parameters and config, atomically (temp file + rename)."""
-    path = Path(path)
-    state = {
-        k: v.detach().to("cpu", dtype).contiguous()
-        for k, v in model.state_dict().items()
-        if not k.endswith("relative_position_index")
-    }
-    metadata = {**(extra_metadata or {}), CONFIG_KEY: model.config.to_json(), "format": "pt"}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_validation(path: str | os.PathLike) -> dict | None:
-    """The last validation ``mitdenoise train`` stored in a checkpoint's metadata, if any.
-
-    ``{"iteration": N, "sets": {name: {"psnr": dB, "noisy_psnr": dB}}}``.
-    """
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(VALIDATION_KEY)
-        record = json.loads(raw) if raw else None
-        return {
-            "iteration": int(record["iteration"]),
-            "sets": {
-                str(name): {"psnr": float(scores["psnr"]), "noisy_psnr": float(scores["noisy_psnr"])}
-                for name, scores in record["sets"].items()
-            },
-        }
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def validation_warning(record: dict | None) -> str | None:
-    """One line for the user when the recorded validation says the model makes images worse."""
-    if not record:
-        return None
-    worse = [
-        f"{name} {scores['psnr']:.2f} dB out vs {scores['noisy_psnr']:.2f} dB in"
-        for name, scores in record["sets"].items()
-        if scores["psnr"] < scores["noisy_psnr"]
-    ]
-    if not worse:
-        return None
-    return (
-        f"this model made its validation images worse ({', '.join(worse)}; iteration {record['iteration']}): "
-        f"it is undertrained. Better: the default model ({DEFAULT_MODEL}, shipped, no attention mask) "
-        "or --model masked-denoising (the authors' released checkpoint)"
-    )
-
-
-def convert_checkpoint(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    config: ModelConfig | None = None,
-    extra_metadata: dict[str, str] | None = None,
-    **known,
-) -> ModelConfig:
-    """Write ``src`` (an authors' ``.pth`` or a safetensors file) as our safetensors checkpoint.
-
-    The config comes from ``config``, else the file's metadata, else the shapes;
-    ``known`` (``global_residual``, ``attn_mask_ratio``: what shapes can't tell)
-    replaces those fields. Without ``extra_metadata``, a safetensors source's own metadata
-    (its validation record, its source) is kept where the config stays the same: the
-    record describes that model, not one with, say, another attention mask.
-    Returns the config written into the metadata.
-    """
-    dst = Path(dst)
-    if dst.suffix.lower() != ".safetensors":
-        raise ValueError(f"the output {dst} must end in .safetensors")
-    state, stored = read_state_dict(src)
-    try:
-        base = config or stored
-        origin = "in its metadata" if config is None and stored is not None else "given"
-        if base is None:
-            config = config_from_state_dict(state, **known)
-        else:
-            config = dataclasses.replace(base, **known)
-        model = _build(state, config, origin)
-    except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"cannot convert {src}: {_first_line(e)}") from None
-    if extra_metadata is None and stored is not None and config == stored:
-        with safe_open(str(src), framework="pt") as f:
-            extra_metadata = {k: v for k, v in (f.metadata() or {}).items() if k.startswith("mitdenoise.")}
-    try:
-        save_safetensors(model, dst, extra_metadata=extra_metadata)
-    except (OSError, SafetensorError) as e:
-        raise ModelLoadError(f"cannot write {dst}: {_first_line(e)}") from None
-    return config
-
-
-def git_blob_id(path: str | os.PathLike) -> str:
-    """Git's id of a file's content: SHA-1 of ``b"blob <size>\\0" + content``."""
-    path = Path(path)
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
-
-
-def _human(n: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
-def _show(value) -> str:
-    return str(list(value)) if isinstance(value, tuple) else str(value)
+from .model import ModelConfig
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -332,16 +78,6 @@ class ModelEntry:
         """What the registry says that shapes can't: passed to the config reader."""
         return {"global_residual": self.global_residual, "attn_mask_ratio": self.attn_mask_ratio}
 
-
-DEFAULT_MODEL = "mitdenoise-mild"
-"""Our own checkpoint, shipped in ``weights/`` so the tool works offline.
-
-The shipped baseline fine-tuned with a mild input mask (0-25 % of the pixels, no attention mask):
-on the unseen noises we measured it matches or beats the baseline, by up to 0.6 dB on
-salt-and-pepper, for 0.14-0.17 dB on the Gaussian noise both train on (``weights/README.md``).
-Not our masked checkpoint: at the budget we could train with, that one makes McMaster images
-worse than their noisy input.
-"""
 
 REGISTRY: dict[str, ModelEntry] = {
     e.name: e
@@ -571,7 +307,7 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
         lock = cache_dir() / ".locks" / f"{entry.name}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ModelLoadError(f"cannot use the cache {cache_dir()}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot use the cache {cache_dir()}: {first_line(e)}") from None
     with WeakFileLock(lock):
         if not force and (metadata := _cached_metadata(entry)) is not None:  # another process got it meanwhile
             _restamp_if_stale(entry, metadata)
@@ -592,7 +328,7 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
                 from rich.console import Console
 
                 Console(stderr=True).print(
-                    f"downloaded {entry.name} ({_human(tmp.stat().st_size)}), checksum verified, converted to {target}",
+                    f"downloaded {entry.name} ({human_size(tmp.stat().st_size)}), checksum verified, converted to {target}",
                     highlight=False, markup=False, soft_wrap=True,
                 )
         finally:
@@ -660,19 +396,19 @@ def _download(entry: ModelEntry, dest: Path, *, progress: bool) -> str | None:
                     f"{response.reason_phrase}".rstrip()
                 )
             total = _content_length(response)
-            if total is not None and total > MAX_CHECKPOINT_BYTES:
+            if total is not None and total > checkpoints.MAX_CHECKPOINT_BYTES:
                 raise ModelLoadError(
-                    f"refusing to download model '{entry.name}' from {url}: {_human(total)} is over the "
-                    f"{_human(MAX_CHECKPOINT_BYTES)} limit for a checkpoint"
+                    f"refusing to download model '{entry.name}' from {url}: {human_size(total)} is over the "
+                    f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} limit for a checkpoint"
                 )
             with _DownloadBar(entry.name, total, enabled=progress) as advance, dest.open("wb") as f:
                 try:
                     for chunk in response.iter_bytes(chunk_size=1 << 20):
                         received += len(chunk)
-                        if received > MAX_CHECKPOINT_BYTES:
+                        if received > checkpoints.MAX_CHECKPOINT_BYTES:
                             raise ModelLoadError(
                                 f"refusing to download model '{entry.name}' from {url}: more than "
-                                f"{_human(MAX_CHECKPOINT_BYTES)} (the limit for a checkpoint); "
+                                f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} (the limit for a checkpoint); "
                                 "the partial file was deleted"
                             )
                         f.write(chunk)
@@ -685,13 +421,13 @@ def _download(entry: ModelEntry, dest: Path, *, progress: bool) -> str | None:
         raise ModelLoadError(_unavailable(entry, "offline mode is on (HF_HUB_OFFLINE)")) from None
     except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.ProxyError) as e:
         host = httpx2.URL(url).host
-        raise ModelLoadError(_unavailable(entry, f"cannot connect to {host} ({_first_line(e)})")) from None
+        raise ModelLoadError(_unavailable(entry, f"cannot connect to {host} ({first_line(e)})")) from None
     except httpx2.HTTPError as e:
         raise ModelLoadError(
-            f"cannot download model '{entry.name}' from {url}: {_first_line(e)}; nothing was kept, try again"
+            f"cannot download model '{entry.name}' from {url}: {first_line(e)}; nothing was kept, try again"
         ) from None
     except OSError as e:
-        raise ModelLoadError(f"cannot write to the cache {dest.parent}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot write to the cache {dest.parent}: {first_line(e)}") from None
     return cut_short
 
 
@@ -774,7 +510,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str, str, str | None]:
         if uri is None:
             uri = parse_hf_uri(spec)
     except HfUriError as e:
-        raise ModelLoadError(f"invalid model {spec!r}: {_first_line(e).rstrip('.')}; {expected}") from None
+        raise ModelLoadError(f"invalid model {spec!r}: {first_line(e).rstrip('.')}; {expected}") from None
     if uri.type == "bucket":
         raise ModelLoadError(f"invalid model {spec!r}: buckets are not supported; {expected}")
     if not uri.path_in_repo:
@@ -838,7 +574,7 @@ def download_hf(spec: str, *, force: bool = False) -> Path:
     except EntryNotFoundError:
         raise ModelLoadError(f"cannot get {spec}: no file {filename!r} in {repo_id}") from None
     except (HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot get {spec}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot get {spec}: {first_line(e)}") from None
     return Path(path)
 
 
@@ -876,5 +612,21 @@ def list_models() -> list[dict]:
     return [model_status(e) for e in REGISTRY.values()]
 
 
-def human_size(n: int | None) -> str:
-    return "-" if n is None else _human(n)
+
+
+def validation_warning(record: dict | None) -> str | None:
+    """One line for the user when the recorded validation says the model makes images worse."""
+    if not record:
+        return None
+    worse = [
+        f"{name} {scores['psnr']:.2f} dB out vs {scores['noisy_psnr']:.2f} dB in"
+        for name, scores in record["sets"].items()
+        if scores["psnr"] < scores["noisy_psnr"]
+    ]
+    if not worse:
+        return None
+    return (
+        f"this model made its validation images worse ({', '.join(worse)}; iteration {record['iteration']}): "
+        f"it is undertrained. Better: the default model ({DEFAULT_MODEL}, shipped, no attention mask) "
+        "or --model masked-denoising (the authors' released checkpoint)"
+    )

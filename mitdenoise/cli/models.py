@@ -1,30 +1,20 @@
-"""`mitdenoise models`, `download` and `convert`: thin commands over :mod:`mitdenoise.weights`.
+"""``mitdenoise models``, ``download`` and ``convert``: thin commands over the registry and checkpoints.
 
-Plain typer-annotated functions; ``mitdenoise.cli`` registers them. They import the
-library (and torch) only when run, so ``mitdenoise --help`` stays fast. Errors are
-printed as one ``error: ...`` line on stderr with exit code 1 (2 for a bad option).
+They import the library (and torch) only when run, so ``mitdenoise --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import MitdenoiseError
-
-err = Console(stderr=True)
-out = Console()
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+from ..errors import MitdenoiseError
+from .console import err, fail, out
 
 
 def models_command(
@@ -37,9 +27,10 @@ def models_command(
 
     Example:  mitdenoise models --json
     """
-    from . import weights
+    from ..checkpoints import human_size
+    from ..registry import list_models
 
-    rows = weights.list_models()
+    rows = list_models()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -53,7 +44,7 @@ def models_command(
             cached = "shipped" if row["cached"] else "missing"
         else:
             cached = "yes" if row["cached"] else "no"
-        table.add_row(escape(name), escape(row["source"]), weights.human_size(row["size"]), cached,
+        table.add_row(escape(name), escape(row["source"]), human_size(row["size"]), cached,
                       escape(row["license"]))
     out.print(table, highlight=False)
 
@@ -67,12 +58,12 @@ def download_command(
 
     Example:  mitdenoise download masked-denoising
     """
-    from . import weights
+    from ..registry import download
 
     try:
-        path = weights.download(name, force=force, progress=not quiet)
+        path = download(name, force=force, progress=not quiet)
     except MitdenoiseError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(str(path))
 
 
@@ -99,23 +90,23 @@ def convert_command(
 
     Example:  mitdenoise convert input_mask_80_90.pth masked.safetensors --attn-mask-ratio 75
     """
-    from . import weights
+    from ..checkpoints import convert_checkpoint
 
-    known = _config_option(config, weights) if config else {}
+    known = _config_option(config) if config else {}
     if attn_mask_ratio is not None:
         known["attn_mask_ratio"] = _ratio_option(attn_mask_ratio)
     if global_residual is not None:
         known["global_residual"] = global_residual
     if dst.suffix.lower() != ".safetensors":
-        _fail(f"the output {dst} must end in .safetensors", 2)
+        fail(f"the output {dst} must end in .safetensors", 2)
     if not src.is_file():
-        _fail(f"model file not found: {src}" + (" is a directory" if src.is_dir() else ""))
+        fail(f"model file not found: {src}" + (" is a directory" if src.is_dir() else ""))
     if dst.exists() and not force:
-        _fail(f"{dst} exists (--force replaces it)")
+        fail(f"{dst} exists (--force replaces it)")
     try:
-        written = weights.convert_checkpoint(src, dst, **known)
+        written = convert_checkpoint(src, dst, **known)
     except MitdenoiseError as e:
-        _fail(str(e))
+        fail(str(e))
     ratio = written.attn_mask_ratio
     mask = "off" if ratio[1] == 0 else (f"{ratio[0]} %" if ratio[0] == ratio[1] else f"{ratio[0]}-{ratio[1]} %")
     err.print(
@@ -132,40 +123,41 @@ def _ratio_option(text: str) -> tuple[int, int]:
     except ValueError:
         parts = []
     if len(parts) not in (1, 2) or not 0 <= parts[0] <= parts[-1] < 100:
-        _fail(f"--attn-mask-ratio must be R or LOW,HIGH with 0 <= LOW <= HIGH < 100, not {text!r}", 2)
+        fail(f"--attn-mask-ratio must be R or LOW,HIGH with 0 <= LOW <= HIGH < 100, not {text!r}", 2)
     return (parts[0], parts[-1])
 
 
-def _config_option(text: str, weights) -> dict:
+def _config_option(text: str) -> dict:
     """Fields given by --config: a registry name, inline JSON, or a .json file."""
     import dataclasses
 
-    from .model import ModelConfig
+    from ..model import ModelConfig
+    from ..registry import REGISTRY
 
-    if text in weights.REGISTRY:
-        entry = weights.REGISTRY[text]
+    if text in REGISTRY:
+        entry = REGISTRY[text]
         if entry.shipped:
-            _fail(f"--config {text}: the shipped model carries its config in its file; give JSON or another name", 2)
+            fail(f"--config {text}: the shipped model carries its config in its file; give JSON or another name", 2)
         return dataclasses.asdict(entry.config) if entry.config else dict(entry.known)
     source = "--config"
     if not text.lstrip().startswith(("{", "[")):
         path = Path(text)
         if not path.is_file():
-            names = ", ".join(n for n, e in weights.REGISTRY.items() if not e.shipped)
-            _fail(f"--config {text!r}: not JSON, not a .json file and not one of: {names}", 2)
+            names = ", ".join(n for n, e in REGISTRY.items() if not e.shipped)
+            fail(f"--config {text!r}: not JSON, not a .json file and not one of: {names}", 2)
         try:
             text = path.read_text()
         except OSError as e:
-            _fail(f"--config {path}: {e.strerror or e}", 2)
+            fail(f"--config {path}: {e.strerror or e}", 2)
         source = f"--config {path}"
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as e:
-        _fail(f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", 2)
+        fail(f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", 2)
     if not isinstance(fields, dict):
-        _fail(f"{source}: expected a JSON object of config fields", 2)
+        fail(f"{source}: expected a JSON object of config fields", 2)
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(fields) - valid)
     if unknown:
-        _fail(f"{source}: unknown config fields {unknown} (valid: {', '.join(sorted(valid))})", 2)
+        fail(f"{source}: unknown config fields {unknown} (valid: {', '.join(sorted(valid))})", 2)
     return fields

@@ -1,0 +1,46 @@
+"""What both benchmarks share: the made-up test image, number formatting, the progress callback type."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ..imageio import from_float
+
+Progress = Callable[[str], None]
+"""Called with a short description after each unit of work (for a progress bar)."""
+
+
+def synthetic_image(height: int = 256, width: int = 256, seed: int = 0) -> np.ndarray:
+    """A made-up (H, W, 3) uint8 test image: smooth colour gradients, hard-edged shapes, fine stripes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    img = np.stack(
+        [
+            0.5 + 0.3 * np.sin(2 * np.pi * (xx + 0.3 * c) * (1 + c)) * np.cos(2 * np.pi * yy * (1 + 0.5 * c))
+            for c in range(3)
+        ],
+        axis=-1,
+    )
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
+        colour = rng.uniform(0, 1, 3)
+        if rng.random() < 0.5:
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        else:
+            inside = (abs(yy - cy) < r) & (abs(xx - cx) < r * 0.6)
+        img[inside] = colour
+    stripes = (np.sin(2 * np.pi * xx * 40) > 0) & (yy > 0.8)
+    img[stripes] *= 0.6
+    return from_float(img, np.uint8)
+
+
+def format_number(value: float | None, digits: int) -> str:
+    """``value`` to ``digits`` decimals; '-' for None, 'inf' for infinity (PSNR of identical images)."""
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"

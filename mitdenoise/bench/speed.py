@@ -1,0 +1,410 @@
+"""The speed benchmark: megapixels per second and peak memory of the tiled denoiser.
+
+For sizes x tiles x batch sizes x precisions x devices, side by side with the
+straightforward reference (whole image, one forward pass, attention mask drawn with
+NumPy on the host per layer, as the authors' code does), and the machine's sgemm
+rate as a practical ceiling for the network's multiply-adds per pixel.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..imageio import from_float, to_float
+from ..defaults import DEFAULT_OVERLAP
+from .common import Progress, format_number, synthetic_image
+
+MACS_PER_PIXEL_RELEASED = 959_445
+"""Multiply-adds per pixel of the released network (see shared fixtures README): 1.92 TFLOP per megapixel."""
+
+
+def macs_per_pixel(config) -> int:
+    """Multiply-adds per (padded) pixel of a :class:`~mitdenoise.model.ModelConfig`.
+
+    Per Swin block: qkv 3C^2, q@k^T and attn@v N C each (N tokens per window), proj
+    C^2, MLP 2 C hidden; per RSTB and after the body a 3conv (9 C C/4 + C^2/16 +
+    9 C/4 C) or a 3x3 conv; plus conv_first and conv_last. 959,445 for the released config.
+    """
+    c, n = config.embed_dim, config.window_size**2
+    hidden = int(c * config.mlp_ratio)
+    block = 3 * c * c + 2 * n * c + c * c + 2 * c * hidden
+    if config.resi_connection == "3conv":
+        conv = 9 * c * (c // 4) + (c // 4) ** 2 + 9 * (c // 4) * c
+    else:
+        conv = 9 * c * c
+    ends = config.conv_first_kernel**2 * config.in_chans * c + 9 * c * config.in_chans
+    return sum(config.depths) * block + (len(config.depths) + 1) * conv + ends
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"256,512x384"`` -> [(256, 256), (512, 384)] (height x width)."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            h, _, w = part.partition("x")
+            size = (int(h), int(w or h))
+        except ValueError:
+            raise ValueError(f"bad size {part!r}: use N or HxW, e.g. 256 or 512x384") from None
+        if min(size) < 8:
+            raise ValueError(f"bad size {part!r}: at least 8 pixels per side")
+        sizes.append(size)
+    if not sizes:
+        raise ValueError("no sizes given")
+    return sizes
+
+
+def parse_ints(text: str, what: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"bad {what} list {text!r}: use integers separated by commas") from None
+    if not values or min(values) < minimum:
+        raise ValueError(f"bad {what} list {text!r}: integers >= {minimum}")
+    return values
+
+
+def parse_words(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (getrusage ru_maxrss) in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024**2 if sys.platform == "darwin" else rss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn: Callable[[], object], device, runs: int, warmup: int) -> list[float]:
+    """Wall times of ``runs`` calls after ``warmup`` untimed ones (CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
+        _sync(device)
+    times = []
+    for _ in range(runs):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def sgemm_gflops(device, n: int = 2048, runs: int = 5) -> dict:
+    """Median rate of an n x n float32 matmul on ``device``: the practical FLOP ceiling."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    times = time_runs(lambda: torch.mm(a, b), device, runs, warmup=1)
+    median = statistics.median(times)
+    return {"device": str(device), "n": n, "runs": runs, "median_s": median, "gflops": 2 * n**3 / median / 1e9}
+
+
+def host_numpy_mask_drawer(seed: int = 0) -> tuple[Callable, list[int]]:
+    """A keep-mask drawer for ``SwinIR.forward(draw_mask=...)`` that draws as the authors' code
+    does: a ratio from ``randint``, then ``np.random.choice`` on the host, per layer. Returns the
+    drawer and a one-item list counting its draws."""
+    state = np.random.RandomState(seed)
+    calls = [0]
+
+    def draw(shape, ratio_range, generator, device):
+        import torch
+
+        low, high = ratio_range
+        if high == 0:
+            return None
+        calls[0] += 1
+        ratio = state.randint(low, high + 1) / 100
+        mask = state.choice([0, 1], size=shape[:-1], p=[ratio, 1 - ratio])
+        return torch.from_numpy(mask).to(device).unsqueeze(-1).to(torch.float32)
+
+    return draw, calls
+
+
+class HostMaskReference:
+    """The straightforward way to run the network: the whole image in one fp32 forward pass,
+    attention masks drawn with NumPy on the host per layer (see :func:`host_numpy_mask_drawer`),
+    image rolled and partitioned, plain attention over all windows at once.
+
+    Shares the weights of ``model``; the comparison point for the tiled denoiser's speed.
+    """
+
+    def __init__(self, model, device, seed: int = 0) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.seed = seed
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(to_float(pixels, np.float64).astype(np.float32).transpose(2, 0, 1).copy())[None].to(self.device)
+        draw, calls = host_numpy_mask_drawer(self.seed)
+        with torch.inference_mode():
+            y = self.model(x, shortcut=False, chunked=False, draw_mask=draw)
+        if self.model.config.mask_enabled and calls[0] == 0:
+            raise RuntimeError("the network did not draw its attention masks through the drawer it was given")
+        return from_float(y.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy(), pixels.dtype)
+
+
+REFERENCE_DESCRIPTION = (
+    "whole image, one fp32 forward, NumPy host mask per layer, plain attention, no window chunking, "
+    "in a fresh process with glibc's default malloc settings"
+)
+
+
+def measure_reference(
+    model_path, device, size: tuple[int, int], seed: int, runs: int, warmup: int, threads: int
+) -> dict | None:
+    """Time :class:`HostMaskReference` in a child process; None if it dies (e.g. out of memory).
+
+    A child, because the reference must see the allocator as the authors' script does
+    (the tiled path changes it process-wide, see ``keep_freed_buffers_for_reuse``), and
+    so that its peak RSS is its own.
+    """
+    args = json.dumps(dict(model=str(model_path), device=str(device), size=list(size), seed=seed, runs=runs,
+                           warmup=warmup, threads=threads, parent=os.getpid()))
+    code = "import sys; from mitdenoise.bench.speed import reference_child; reference_child(sys.argv[1])"
+    run = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if run.returncode != 0 or not run.stdout.strip():
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this process when ``parent`` ends, however it ends.
+
+    A bench stopped with SIGTERM or SIGKILL would otherwise leave its reference child
+    running on for minutes, with gigabytes of memory.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before the call above
+        os._exit(1)
+
+
+def reference_child(args_json: str) -> None:
+    """The child process of :func:`measure_reference`: time the reference, print one JSON row."""
+    import torch
+
+    from ..checkpoints import load_model
+
+    args = json.loads(args_json)
+    die_with_parent(args["parent"])
+    torch.set_num_threads(args["threads"])
+    device = torch.device(args["device"])
+    image = synthetic_image(*args["size"], args["seed"])
+    ref = HostMaskReference(load_model(args["model"]), device, args["seed"])
+    print(json.dumps(_measure(lambda: ref(image), device, args["runs"], args["warmup"])))
+
+
+def run_speed(
+    model: str | os.PathLike | None = None,
+    *,
+    sizes: Sequence[tuple[int, int]] = ((256, 256),),
+    tiles: Sequence[int] = (128, 256),
+    batch_sizes: Sequence[int] = (1,),
+    precisions: Sequence[str] = ("fp32",),
+    devices: Sequence[str] = ("auto",),
+    threads: int | None = None,
+    runs: int = 3,
+    warmup: int = 1,
+    tile_overlap: int = DEFAULT_OVERLAP,
+    reference: bool = True,
+    sgemm_n: int = 2048,
+    seed: int = 0,
+    on_progress: Progress | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> dict:
+    """Time the tiled denoiser for every combination, and the reference, on synthetic images.
+
+    Per row: median seconds of ``runs`` after ``warmup``, MP/s, effective GFLOP/s
+    (``2 * macs_per_pixel * MP/s``, image pixels only), its fraction of the sgemm
+    rate, peak RSS (reset before each row where Linux allows it) and on CUDA the peak
+    allocated memory; tiled rows also get the speed-up over the reference of the same
+    device and size. Combinations that can't run here (no CUDA, no bf16) become notes.
+    """
+    import torch
+
+    from ..checkpoints import load_model
+    from ..denoiser import Denoiser, pick_device
+    from ..errors import MitdenoiseError
+    from ..registry import resolve_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    notes: list[str] = []
+    model_path = resolve_model(model)
+    net = load_model(model_path)
+    config = net.config
+    macs = macs_per_pixel(config)
+    resolved = []
+    for name in devices:
+        try:
+            resolved.append(pick_device(name))
+        except MitdenoiseError as e:
+            notes.append(f"device {name} skipped: {e}")
+    resolved = list(dict.fromkeys(resolved))
+    combos = [(p, t, b) for p in precisions for t in tiles for b in batch_sizes]
+    if on_total:
+        on_total(len(resolved) * (1 + len(sizes) * (len(combos) + (1 if reference else 0))))
+
+    ceilings = {}
+    rows = []
+    for device in resolved:
+        ceilings[str(device)] = sgemm_gflops(device, sgemm_n)
+        if on_progress:
+            on_progress(f"sgemm {sgemm_n} on {device}")
+        for h, w in sizes:
+            image = synthetic_image(h, w, seed)
+            size_rows = []
+            for precision, tile, batch in combos:
+                try:
+                    den = Denoiser(net, device=str(device), precision=precision, tile=tile, tile_overlap=tile_overlap,
+                                   batch_size=batch, seed=seed)
+                except (MitdenoiseError, ValueError) as e:
+                    notes.append(f"{device} {precision} tile {tile} batch {batch} skipped: {e}")
+                    if on_progress:
+                        on_progress(f"skipped {precision} tile {tile}")
+                    continue
+                row = _measure(lambda: den.denoise_array(image), device, runs, warmup)
+                row.update(kind="tiled", device=str(device), precision=precision, height=h, width=w, tile=tile,
+                           tile_overlap=tile_overlap, batch_size=batch, tiles=den.count_tiles(h, w))
+                size_rows.append(row)
+                if on_progress:
+                    on_progress(f"{h}x{w} tile {tile} batch {batch} {precision} on {device}")
+            if reference:
+                row = measure_reference(model_path, device, (h, w), seed, runs, warmup, torch.get_num_threads())
+                if row is None:
+                    notes.append(f"reference at {h}x{w} on {device} did not finish (out of memory?)")
+                    rows += size_rows
+                    continue
+                row.update(kind="reference", device=str(device), precision="fp32", height=h, width=w, tile=None,
+                           tile_overlap=None, batch_size=1, tiles=1)
+                for other in size_rows:
+                    other["speedup_vs_reference"] = row["median_s"] / other["median_s"]
+                row["speedup_vs_reference"] = 1.0
+                size_rows.append(row)
+                if on_progress:
+                    on_progress(f"{h}x{w} reference on {device}")
+            rows += size_rows
+
+    for row in rows:
+        mp = row["height"] * row["width"] / 1e6
+        row["megapixels"] = mp
+        row["mp_per_s"] = mp / row["median_s"]
+        row["s_per_mp"] = row["median_s"] / mp
+        row["gflops_effective"] = 2 * macs * row["mp_per_s"] * 1e6 / 1e9
+        ceiling = ceilings[row["device"]]["gflops"]
+        row["fraction_of_sgemm"] = row["gflops_effective"] / ceiling if ceiling else None
+    return {
+        "schema": "mitdenoise.bench.speed/1",
+        "config": {
+            "model": None if model is None else str(model), "model_config": json_config(config),
+            "macs_per_pixel": macs, "tflop_per_megapixel": 2 * macs * 1e6 / 1e12,
+            "runs": runs, "warmup": warmup, "threads": torch.get_num_threads(), "seed": seed,
+            "torch": torch.__version__, "peak_rss_per_row": all(r["peak_rss_is_per_row"] for r in rows),
+            "reference": REFERENCE_DESCRIPTION,
+        },
+        "sgemm": ceilings,
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+def json_config(config) -> dict:
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _measure(fn: Callable[[], object], device, runs: int, warmup: int) -> dict:
+    import torch
+
+    gc.collect()
+    per_row = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_runs(fn, device, runs, warmup)
+    row = {
+        "runs": runs,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_is_per_row": per_row,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 1024**2 if device.type == "cuda" else None,
+    }
+    return row
+
+
+def _speedup(row: dict) -> str:
+    return f"{row['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in row else "-"
+
+
+def speed_markdown(results: dict) -> str:
+    """The speed table as Markdown."""
+    lines = [
+        "| device | precision | size | tile | batch | median s | MP/s | s/MP | GFLOP/s | of sgemm "
+        "| peak RSS MiB | CUDA MiB | vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['device']} | {r['precision']} | {r['height']}x{r['width']} | "
+            f"{'whole (reference)' if r['kind'] == 'reference' else r['tile']} | {r['batch_size']} | "
+            f"{r['median_s']:.3f} | {r['mp_per_s']:.4f} | {r['s_per_mp']:.1f} | {r['gflops_effective']:.1f} | "
+            f"{100 * r['fraction_of_sgemm']:.1f}% | {r['peak_rss_mb']:.0f} | "
+            f"{format_number(r['cuda_peak_mb'], 0)} | "
+            f"{_speedup(r)} |"
+        )
+    for dev, s in results["sgemm"].items():
+        lines.append(f"\nsgemm {s['n']}x{s['n']} float32 on {dev}: {s['gflops']:.1f} GFLOP/s (median of {s['runs']}).")
+    c = results["config"]
+    lines.append(f"\nNetwork cost: {c['macs_per_pixel']:,} multiply-adds per pixel "
+                 f"= {c['tflop_per_megapixel']:.2f} TFLOP per megapixel.")
+    lines += [f"- {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_speed_outputs(results: dict, out_dir: str | os.PathLike) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "speed.md").write_text(speed_markdown(results))
+

@@ -1,0 +1,89 @@
+"""What every command shares: the two consoles, one-line errors, warnings and notes, threads,
+and the entry point that turns errors and stop signals into exit codes.
+
+Results go to stdout (``out``), progress and messages to stderr (``err``). Exit codes:
+0 done, 1 failed, 2 a bad option value, 128 + N after stop signal N.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+from typing import NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import Aborted, MitdenoiseError
+
+err = Console(stderr=True)
+out = Console()
+
+
+def error(message: str) -> None:
+    """One ``error: ...`` line on stderr (the program goes on; see :func:`fail`)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One ``error: ...`` line on stderr, then exit with ``code`` (2: a bad option value)."""
+    error(message)
+    raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr."""
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """One ``note: ...`` line on stderr."""
+    err.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """``--threads``: torch's CPU thread count, unless None."""
+    if threads is None:
+        return
+    if threads < 1:
+        fail("--threads must be >= 1", 2)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_app(program: typer.Typer, **kwargs) -> None:
+    """Run a typer app, turning any user-facing error into one line and a non-zero exit, and a
+    second stop signal into 128 + its number (typer makes every KeyboardInterrupt 130).
+
+    After an abort the process ends at once (``os._exit``, once the writers have removed
+    their temp files on the way up): the chunk workers may still hold abandoned work, and
+    waiting for them at interpreter exit could hang. Signals during that exit take their
+    default action for the same reason.
+    """
+    warnings.showwarning = _show_warning
+    try:
+        program(**kwargs)
+    except MitdenoiseError as e:
+        error(str(e))
+        sys.exit(1)
+    except SystemExit as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, Aborted):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + cause.signum)
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line on stderr, like our errors, not Python's file:line and source."""
+    warn(str(message))

@@ -1,0 +1,131 @@
+"""``mitdenoise denoise``: files, folders or globs in, a file or a folder out."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..defaults import DEFAULT_MODEL, DEFAULT_OVERLAP, DEFAULT_TILE
+from ..errors import MitdenoiseError
+from ..stopping import StopFlag
+from .console import err, error, fail, note, set_threads, warn
+
+EPILOG = (
+    "Examples:\n\n"
+    "  mitdenoise denoise noisy.png clean.png\n\n"
+    "  mitdenoise denoise photos/ denoised/ --suffix _dn\n\n"
+    "  mitdenoise denoise 'scans/*.tif' out/ --model masked-denoising --passes 4\n\n"
+    f"The default model is {DEFAULT_MODEL}, our own checkpoint shipped in weights/ (works offline). "
+    "--model masked-denoising uses the authors' released checkpoint (downloaded once); "
+    "`mitdenoise models` lists the others."
+)
+
+
+def denoise_command(
+    paths: Annotated[
+        list[str], typer.Argument(help="Inputs (files, folders, globs) followed by the output file or folder.")
+    ],
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: the shipped default (marked in `mitdenoise models`)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = DEFAULT_TILE,
+    tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = DEFAULT_OVERLAP,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA where supported, else fp32), fp32, or bf16/fp16 on CUDA (fp16 tiles that overflow are redone in fp32).")] = "auto",
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the attention-mask draws (same seed, same output).")] = 0,
+    passes: Annotated[int, typer.Option(help="Average this many independent attention-mask draws.")] = 1,
+    attn_mask_ratio: Annotated[
+        Optional[int], typer.Option(help="Attention-mask ratio in percent for checkpoints that don't carry it; 0 = off.")
+    ] = None,
+    suffix: Annotated[str, typer.Option(help="Added to output file names in folder runs.")] = "",
+    format: Annotated[Optional[str], typer.Option("--format", help="Output format for folder runs (png, tif, ...); default: the input's.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
+    max_pixels: Annotated[
+        Optional[int], typer.Option(min=1, help="Refuse images with more pixels than this (default: Pillow's bomb limit, 89 MP).")
+    ] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="CPU threads (default: every core; 1 when several processes share the cores).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only errors.")] = False,
+) -> None:
+    """Denoise images: files, folders or globs in, a file or a folder out."""
+    from ..batch import plan_jobs
+    from ..denoiser import Denoiser
+    from ..imageio import set_max_pixels
+    from ..registry import validation_warning
+
+    if len(paths) < 2:
+        fail("give at least one input and an output, e.g. mitdenoise denoise in.png out.png", 2)
+    set_threads(threads)
+    if max_pixels is not None:
+        set_max_pixels(max_pixels)
+    try:
+        jobs = plan_jobs(paths[:-1], paths[-1], suffix=suffix, fmt=format)
+        denoiser = Denoiser(
+            model, device=device, precision=precision, tile=tile, tile_overlap=tile_overlap,
+            batch_size=batch_size, passes=passes, seed=seed, attn_mask_ratio=attn_mask_ratio,
+        )
+    except MitdenoiseError as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(str(e), 2)
+    warning = validation_warning(denoiser.validation)
+    if warning and not quiet:
+        warn(warning)
+    if passes > denoiser.passes and not quiet:
+        note(f"--passes {passes} runs one pass: this model has no attention mask, so every draw is the same")
+
+    stop = StopFlag(on_first=lambda: err.print("[yellow]stopping after the current image (signal again to abort it)[/]"))
+    stop.install()
+    summary = _run_with_progress(jobs, denoiser, overwrite, quiet, stop)
+    for _, reason in summary.failed:
+        error(reason)
+    if not quiet:
+        _print_summary(summary, denoiser)
+    if stop.signal is not None:
+        raise typer.Exit(128 + stop.signal)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def _run_with_progress(jobs, denoiser, overwrite: bool, quiet: bool, stop: StopFlag):
+    """Run the jobs with a files bar and a tiles bar on stderr, until ``stop`` is set."""
+    from ..batch import run_jobs
+
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, disable=quiet, transient=True,
+    )
+    files_task = progress.add_task("files", total=len(jobs))
+    tiles_task = progress.add_task("tiles", total=1)
+
+    def on_start(job, pixels):
+        progress.update(tiles_task, description=escape(job.source.name), completed=0, total=None)
+
+    def on_end(job, status):
+        progress.advance(files_task)
+
+    def run_one(image):
+        h, w = image.pixels.shape[:2]
+        progress.update(tiles_task, completed=0, total=denoiser.count_tiles(h, w))
+        return denoiser.denoise_image(image, on_tiles=lambda n: progress.advance(tiles_task, n))
+
+    with progress:
+        return run_jobs(jobs, run_one, overwrite=overwrite, on_start=on_start, on_end=on_end, should_stop=lambda: bool(stop))
+
+
+def _print_summary(summary, denoiser) -> None:
+    rate = summary.seconds / summary.megapixels if summary.megapixels else 0.0
+    parts = [f"denoised {len(summary.done)} file(s), {summary.megapixels:.2f} MP in {summary.seconds:.1f} s"]
+    if summary.megapixels:
+        parts.append(f"{rate:.1f} s/MP on {denoiser.device}")
+    if summary.skipped:
+        parts.append(f"{len(summary.skipped)} skipped (exist; --overwrite replaces)")
+    if summary.failed:
+        parts.append(f"{len(summary.failed)} failed")
+    err.print("; ".join(parts), highlight=False, soft_wrap=True)

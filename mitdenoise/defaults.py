@@ -1,0 +1,17 @@
+"""The defaults that the library and the command line share, defined once.
+
+This module imports nothing, so the CLI can show them in ``--help`` without loading torch.
+"""
+
+DEFAULT_MODEL = "mitdenoise-mild"
+"""Our own checkpoint, shipped in ``weights/`` so the tool works offline: the shipped baseline
+fine-tuned with a mild input mask (0-25 % of the pixels, no attention mask). Why this one and
+not our masked checkpoint: see ``weights/README.md``."""
+
+DEFAULT_TILE = 544
+"""Tile size of ``denoise`` and :class:`~mitdenoise.denoiser.Denoiser`: big tiles overlap less
+(with the default overlap a 1024x1024 image runs as 2x2 tiles), and a pixel costs the same in any
+tile size; what grows is the working set."""
+
+DEFAULT_OVERLAP = 32
+"""Overlap between neighbouring tiles, in pixels: room for the blending ramp."""
