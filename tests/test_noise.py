@@ -162,12 +162,37 @@ def test_derived_rng_depends_on_keys_not_on_call_order():
     assert not np.array_equal(a1, derived_rng(0, 1, "gaussian", 25.0).random(4))
 
 
-def test_estimate_sigma_reads_white_gaussian_noise_on_a_smooth_image():
+def _smooth_image():
     yy, xx = np.mgrid[0:192, 0:192] / 192
-    x = np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * np.sin(3 * yy), 0.6 - 0.3 * xx * yy], axis=-1)
-    for sigma in (5, 15, 30):
-        assert estimate_sigma(gaussian(x, sigma, sigma)) * 255 == pytest.approx(sigma, rel=0.05)
+    return np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * np.sin(3 * yy), 0.6 - 0.3 * xx * yy], axis=-1)
+
+
+@pytest.mark.parametrize("sigma", [1, 2, 5, 15, 30, 50])
+def test_estimate_sigma_reads_white_gaussian_noise_from_1_to_50_on_a_smooth_image(sigma):
+    x = _smooth_image()
+    assert estimate_sigma(gaussian(x, sigma, sigma)) * 255 == pytest.approx(sigma, rel=0.03, abs=0.05)
+    assert estimate_sigma(gaussian(x[..., :1], sigma, sigma)) * 255 == pytest.approx(sigma, rel=0.03, abs=0.05)
+
+
+def test_estimate_sigma_counts_spatially_correlated_noise_and_reads_a_clean_image_as_near_zero():
+    x = _smooth_image()
+    for sigma in (5, 15):
+        assert estimate_sigma(correlated(x, sigma, sigma)) * 255 == pytest.approx(sigma, rel=0.12)
     assert estimate_sigma(x) * 255 < 0.1
+    with pytest.raises(ValueError, match="too small"):
+        estimate_sigma(x[:15, :40])
+
+
+def test_estimate_sigma_on_real_camera_noise_is_within_2_levels_of_the_true_residual(data_dir):
+    """CC15: the true noise is noisy - clean (std 5.5 levels on average); white-noise estimators read ~1."""
+    folder = data_dir / "test" / "cc15"
+    errors = []
+    for path in sorted((folder / "noisy").glob("*.png")):
+        noisy = np.asarray(Image.open(path).convert("RGB"), np.float64)
+        clean = np.asarray(Image.open(folder / "clean" / path.name).convert("RGB"), np.float64)
+        errors.append(estimate_sigma(noisy / 255) * 255 - np.std(noisy - clean))
+    assert len(errors) == 15
+    assert np.mean(np.abs(errors)) < 1.8 and max(np.abs(errors)) < 3.3
 
 
 def test_parse_noise_spec_reads_kinds_levels_and_aliases():
