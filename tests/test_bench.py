@@ -117,6 +117,42 @@ def test_given_noisy_clean_pairs_make_a_row(tmp_path, clean_dir):
     assert res["rows"][0]["results"]["noisy"]["psnr"] == pytest.approx(np.mean(expected))
 
 
+def test_published_outputs_are_a_column_scored_against_the_clean_images(tmp_path, clean_dir):
+    noisy_dir, published = tmp_path / "noisy", tmp_path / "theirs"
+    noisy_dir.mkdir()
+    published.mkdir()
+    expected = []
+    for i in range(2):
+        clean = np.asarray(Image.open(clean_dir / f"img{i}.png"))
+        Image.fromarray(quality.noisy_version(clean, "gaussian", 10, 3, i)).save(noisy_dir / f"img{i}.png")
+        theirs = quality.noisy_version(clean, "gaussian", 4, 5, i)
+        Image.fromarray(theirs).save(published / f"img{i}.png")
+        expected.append(psnr(theirs, clean))
+    res = quality.run_quality(clean_dir, noisy_dir=noisy_dir, models=[], baselines=["noisy"],
+                              published=[("theirs", published)])
+    assert [m["name"] for m in res["methods"]] == ["noisy", "theirs"]
+    assert res["rows"][0]["results"]["theirs"]["psnr"] == pytest.approx(np.mean(expected))
+    assert res["rows"][0]["sigma"]["mean_255"] > 5
+    with pytest.raises(ValueError, match="use them with --noisy and no --noise"):
+        quality.run_quality(clean_dir, noise_spec="gaussian:5", models=[], published=[("theirs", published)])
+    (published / "img1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no output for img1.png"):
+        quality.run_quality(clean_dir, noisy_dir=noisy_dir, models=[], published=[("theirs", published)])
+    with pytest.raises(ValueError, match="NAME=FOLDER"):
+        quality.parse_published(["just-a-folder"])
+
+
+def test_each_strength_is_a_column_and_strength_0_scores_as_the_noisy_input(clean_dir, tiny_model):
+    res = quality.run_quality(clean_dir, noise_spec="gaussian:15", models=[tiny_model], baselines=["noisy"],
+                              strengths=[1, 0.5, 0])
+    names = [m["name"] for m in res["methods"]]
+    assert len(names) == 4 and names[2].endswith(" s0.5") and names[3].endswith(" s0")
+    row = res["rows"][0]["results"]
+    assert row[names[3]]["psnr"] == pytest.approx(row["noisy"]["psnr"])
+    assert row[names[1]]["psnr"] != pytest.approx(row["noisy"]["psnr"])
+    assert "| noise | sigma |" in quality.quality_markdown(res)
+
+
 def test_oracle_sigma_only_for_gaussian_rows_and_missing_bm3d_is_a_note(clean_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bm3d", None)  # import bm3d fails
     res = quality.run_quality(clean_dir, noise_spec="gaussian:20,poisson:2", models=[], baselines=["nlm", "bm3d"],

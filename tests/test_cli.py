@@ -334,6 +334,8 @@ def test_a_folder_denoised_into_itself_with_a_suffix_twice_does_not_denoise_its_
     [
         (["denoise", "a.png", "b.png", "--max-pixels", "0"], "--max-pixels"),
         (["denoise", "a.png", "b.png", "--seed", "99999999999999999999"], "--seed"),
+        (["denoise", "a.png", "b.png", "--strength", "1.5"], "--strength"),
+        (["denoise", "a.png", "b.png", "--strength", "-0.5"], "--strength"),
         (["noise", "a.png", "b.png", "--seed", "-1"], "--seed"),
         (["bench", "speed", "--sgemm-size", "0"], "--sgemm-size"),
         (["bench", "quality", "x/", "--seed", "-1"], "--seed"),

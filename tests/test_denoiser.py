@@ -193,3 +193,32 @@ def test_a_cpu_denoiser_applies_the_allocator_setting(monkeypatch, tiny):
     monkeypatch.setattr(denoiser_module, "keep_freed_buffers_for_reuse", lambda: calls.append(1) or True)
     Denoiser(tiny, device="cpu")
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_strength_0_returns_the_input_bit_for_bit(tiny, dtype, channels):
+    rng = np.random.default_rng(4)
+    top = {np.uint8: 255, np.uint16: 65535, np.float32: 1.0}[dtype]
+    pixels = (rng.random((37, 45, channels)) * top).astype(dtype)
+    out = Denoiser(tiny, strength=0)(pixels)
+    assert out.dtype == dtype and np.array_equal(out, pixels) and out is not pixels
+
+
+def test_strength_is_monotone_and_1_is_the_full_effect(tiny):
+    rng = np.random.default_rng(5)
+    pixels = rng.random((48, 64, 3)).astype(np.float32)
+    full = Denoiser(tiny, attn_mask_ratio=0)(pixels)
+    assert np.array_equal(Denoiser(tiny, attn_mask_ratio=0, strength=1)(pixels), full)
+    changes = []
+    for strength in (0.2, 0.5, 0.8):
+        out = Denoiser(tiny, attn_mask_ratio=0, strength=strength)(pixels)
+        np.testing.assert_allclose(out, pixels + strength * (full - pixels), atol=1e-5)
+        changes.append(np.abs(out - pixels).mean())
+    assert changes[0] < changes[1] < changes[2] < np.abs(full - pixels).mean()
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan"), "1"])
+def test_strength_outside_0_to_1_is_refused(tiny, strength):
+    with pytest.raises(ValueError, match="strength must be a number from 0 to 1"):
+        Denoiser(tiny, strength=strength)

@@ -91,13 +91,20 @@ class Method:
     kind: str  # "noisy", "model", "nlm", "bm3d"
     run: Callable[[np.ndarray, float], np.ndarray]
     info: dict = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] | None = None
+    """Published outputs by image name, for kind "published" (``run`` is not called)."""
 
 
 def model_methods(
-    specs: Sequence[str | None], passes: int = 1, taken: set[str] | None = None, **denoiser_options
+    specs: Sequence[str | None],
+    passes: int = 1,
+    taken: set[str] | None = None,
+    strengths: Sequence[float] = (1.0,),
+    **denoiser_options,
 ) -> list[Method]:
-    """One column per model spec, plus ``"<name> xN"`` with N averaged mask draws when passes > 1
-    (masked models only: a model without the attention mask gives the same output every draw)."""
+    """One column per model spec and strength (``"<name> s0.8"`` below 1), plus ``"<name> xN"`` with
+    N averaged mask draws when passes > 1 (masked models only: a model without the attention mask
+    gives the same output every draw)."""
     from ..checkpoints import load_model
     from ..denoiser import Denoiser
     from ..registry import resolve_model
@@ -108,12 +115,51 @@ def model_methods(
         net = load_model(resolve_model(spec))
         name = _unique(model_label(spec), taken)
         for n in (1, passes) if passes > 1 and net.config.mask_enabled else (1,):
-            den = Denoiser(net, passes=n, **denoiser_options)
-            label = name if n == 1 else _unique(f"{name} x{n}", taken)
-            info = {"model": str(spec) if spec is not None else None, "passes": n, "device": str(den.device),
-                    "precision": den.precision, "tile": den.tile, "seed": den.seed}
-            methods.append(Method(label, "model", lambda x, s, d=den: d.denoise_array(x), info=info))
+            for strength in strengths:
+                den = Denoiser(net, passes=n, strength=strength, **denoiser_options)
+                label = name if n == 1 else f"{name} x{n}"
+                label = label if strength == 1 else f"{label} s{strength:g}"
+                label = name if label == name else _unique(label, taken)
+                info = {"model": str(spec) if spec is not None else None, "passes": n, "strength": strength,
+                        "device": str(den.device), "precision": den.precision, "tile": den.tile, "seed": den.seed}
+                methods.append(Method(label, "model", lambda x, s, d=den: d.denoise_array(x), info=info))
     return methods
+
+
+def published_methods(
+    published: Sequence[tuple[str, Path]], cleans: Sequence[tuple[str, np.ndarray]], crop: int | None,
+    taken: set[str],
+) -> list[Method]:
+    """A column per folder of another method's published outputs for the given noisy images (same
+    file stems as the clean ones): its scores are those files', its time is not measured."""
+    methods = []
+    for label, folder in published:
+        by_stem = {p.stem: p for p in list_images(Path(folder))}
+        outputs = {}
+        for name, clean in cleans:
+            path = by_stem.get(Path(name).stem)
+            if path is None:
+                raise FileNotFoundError(f"no output for {name} in {folder} (published outputs of {label})")
+            image = read_rgb8(path)
+            if image.shape != clean.shape and crop:
+                image = center_crop(image, crop)
+            if image.shape != clean.shape:
+                raise ValueError(f"{path}: {image.shape[:2]}, its clean image {clean.shape[:2]}")
+            outputs[name] = np.ascontiguousarray(image)
+        methods.append(Method(_unique(label, taken), "published", lambda x, s: None,
+                              info={"folder": str(folder)}, outputs=outputs))
+    return methods
+
+
+def parse_published(items: Sequence[str]) -> list[tuple[str, Path]]:
+    """``["mcwnnm=path/to/dir"]`` -> ``[("mcwnnm", Path(...))]``."""
+    pairs = []
+    for item in items:
+        label, sep, folder = item.partition("=")
+        if not sep or not label.strip() or not folder.strip():
+            raise ValueError(f"--published takes NAME=FOLDER, not {item!r}")
+        pairs.append((label.strip(), Path(folder.strip())))
+    return pairs
 
 
 def nlm_denoise(noisy: np.ndarray, sigma255: float) -> np.ndarray:
@@ -248,6 +294,8 @@ def run_quality(
     noise_spec: str | Sequence[tuple[str, float]] | None = None,
     models: Sequence[str | None] = (None,),
     passes: int = 1,
+    strengths: Sequence[float] = (1.0,),
+    published: Sequence[tuple[str, Path]] = (),
     baselines: Sequence[str] = BASELINES,
     seed: int = 0,
     limit: int | None = None,
@@ -289,9 +337,13 @@ def run_quality(
     notes: list[str] = []
     taken: set[str] = set()
     methods = baseline_methods([b for b in baselines if b == "noisy"], notes, taken)
-    methods += model_methods(list(models), passes, taken, device=device, precision=precision, tile=tile,
-                             tile_overlap=tile_overlap, batch_size=batch_size, seed=seed)
+    methods += model_methods(list(models), passes, taken, strengths, device=device, precision=precision,
+                             tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, seed=seed)
     methods += baseline_methods([b for b in baselines if b != "noisy"], notes, taken)
+    if published:
+        if given is None or len(rows) != 1:
+            raise ValueError("published outputs belong to given noisy images: use them with --noisy and no --noise")
+        methods += published_methods(published, cleans, crop, taken)
     if not methods:
         raise ValueError("no methods to run: give --model and/or baselines")
     if on_total:
@@ -313,7 +365,10 @@ def run_quality(
                 grid = {"noisy": _grid_crop(noisy), "clean": _grid_crop(clean), "methods": {}, "psnr": {}}
             for method in methods:
                 start = time.perf_counter()
-                result = method.run(noisy, sigma)
+                if method.kind == "published":
+                    result = method.outputs[name]
+                else:
+                    result = method.run(noisy, sigma)
                 seconds[method.name] += time.perf_counter() - start
                 per_image[method.name].append({"image": name, **image_scores(result, clean)})
                 if index == 0:
@@ -390,8 +445,8 @@ def quality_markdown(results: dict) -> str:
     lines = [
         f"Mean PSNR (dB) / SSIM on 8-bit RGB over {len(results['images'])} image(s); best in bold.",
         "",
-        "| noise | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
+        "| noise | sigma | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     for row in results["rows"]:
         best_p, best_s = best_methods(row, "psnr"), best_methods(row, "ssim")
@@ -400,14 +455,14 @@ def quality_markdown(results: dict) -> str:
             r = row["results"][name]
             p, s = format_number(r["psnr"], 2), format_number(r["ssim"], 4)
             cells.append(f"{'**' + p + '**' if name in best_p else p} / {'**' + s + '**' if name in best_s else s}")
-        lines.append(f"| {row['noise']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['noise']} | {format_number(row['sigma']['mean_255'], 1)} | " + " | ".join(cells) + " |")
     lines += ["", "Y-channel PSNR (dB):", "", "| noise | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in results["rows"]:
         lines.append(f"| {row['noise']} | " + " | ".join(format_number(row["results"][n]["psnr_y"], 2) for n in names) + " |")
     if results["notes"]:
         lines += [""] + [f"- {note}" for note in results["notes"]]
     c = results["config"]
-    lines += ["", f"Seed {c['seed']}, crop {c['crop']}, sigma for nlm/bm3d: "
+    lines += ["", f"Seed {c['seed']}, crop {c['crop']}; sigma (8-bit levels, mean of the row), also given to nlm/bm3d: "
               f"{'true sigma of Gaussian noise, else estimated' if c['oracle_sigma'] else 'estimated from each image'}."]
     return "\n".join(lines) + "\n"
 

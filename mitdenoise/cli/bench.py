@@ -83,6 +83,10 @@ def bench_quality_command(
     ] = None,
     model: ModelsOpt = None,
     passes: Annotated[int, typer.Option(help="Also run each model with this many averaged mask draws (column 'name xN').")] = 1,
+    strength: Annotated[str, typer.Option(help="Comma list of strengths to run each model at, e.g. 1,0.8 (column 'name s0.8').")] = "1",
+    published: Annotated[
+        Optional[list[str]], typer.Option("--published", help="NAME=FOLDER: another method's published outputs for the --noisy images (a column).")
+    ] = None,
     baselines: Annotated[str, typer.Option(help="Comma list of noisy, nlm, bm3d (or none).")] = "noisy,nlm,bm3d",
     oracle_sigma: Annotated[bool, typer.Option("--oracle-sigma", help="Give nlm/bm3d the true sigma of Gaussian noise instead of an estimate.")] = False,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N images.")] = None,
@@ -115,10 +119,18 @@ def bench_quality_command(
     _check_out_dir(out_dir)
     set_threads(threads)
     try:
+        strengths = [float(v) for v in strength.replace(" ", "").split(",") if v]
+    except ValueError:
+        strengths = []
+    if not strengths or not all(0 <= v <= 1 for v in strengths):
+        fail(f"--strength takes numbers from 0 to 1 separated by commas, not {strength!r}", 2)
+    try:
         names = quality.parse_baselines(baselines)
+        published_dirs = quality.parse_published(published or [])
         with _Bar(quiet, "quality") as bar:
             results = quality.run_quality(
                 clean, noisy_dir=noisy, noise_spec=noise, models=_models(model), passes=passes, baselines=names,
+                strengths=strengths, published=published_dirs,
                 seed=seed, limit=limit, crop=crop, oracle_sigma=oracle_sigma, device=device, precision=precision,
                 tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, on_progress=bar.step, on_total=bar.total,
             )
@@ -151,6 +163,7 @@ def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) ->
                   caption=f"best in bold; Y-channel PSNR and per-image values in {escape(str(out_dir / 'results.json'))}",
                   caption_justify="left")
     table.add_column("noise")
+    table.add_column("sigma", justify="right")
     for name in names:
         table.add_column(escape(name), justify="right")
     for row in results["rows"]:
@@ -160,7 +173,7 @@ def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) ->
             r = row["results"][name]
             p, s = format_number(r["psnr"], 2), format_number(r["ssim"], 4)
             cells.append(f"{_bold(p, name in best_p)} / {_bold(s, name in best_s)}")
-        table.add_row(escape(row["noise"]), *cells)
+        table.add_row(escape(row["noise"]), format_number(row["sigma"]["mean_255"], 1), *cells)
     out.print(table, highlight=False)
 
 

@@ -42,6 +42,9 @@ def denoise_command(
     attn_mask_ratio: Annotated[
         Optional[int], typer.Option(help="Attention-mask ratio in percent for checkpoints that don't carry it; 0 = off.")
     ] = None,
+    strength: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="How much of the model's change to keep: 0 = the input unchanged, 1 = full effect.")
+    ] = 1.0,
     suffix: Annotated[str, typer.Option(help="Added to output file names in folder runs.")] = "",
     format: Annotated[Optional[str], typer.Option("--format", help="Output format for folder runs (png, tif, ...); default: the input's.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
@@ -69,6 +72,7 @@ def denoise_command(
         denoiser = Denoiser(
             model, device=device, precision=precision, tile=tile, tile_overlap=tile_overlap,
             batch_size=batch_size, passes=passes, seed=seed, attn_mask_ratio=attn_mask_ratio,
+            strength=strength,
         )
     except MitdenoiseError as e:
         fail(str(e))
