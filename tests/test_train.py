@@ -143,6 +143,19 @@ def test_a_sigma_range_draws_each_patchs_noise_level_within_it_and_a_single_sigm
         TrainConfig(noise_sigma=[1, 2, 3])
 
 
+def test_clip_noisy_off_leaves_noise_past_black_and_white_and_on_keeps_the_stream(images):
+    imgs, _ = load_images(find_images(images["train"].parent), min_size=16)
+    kw = dict(patch_size=16, batch_size=8, steps=4, seed=3, noise_sigma=40, mask_ratio=(0, 0))
+    clipped, _ = PatchBatches(imgs, **kw)[2]
+    raw, clean = PatchBatches(imgs, **kw, clip_noisy=False)[2]
+    assert clipped.min() >= 0 and clipped.max() <= 1
+    assert raw.min() < 0 or raw.max() > 1
+    assert torch.equal(raw.clamp(0, 1), clipped)
+    assert TrainConfig(clip_noisy=False).clip_noisy is False
+    with pytest.raises(ValueError, match="clip_noisy must be true or false"):
+        TrainConfig(clip_noisy="no")
+
+
 def test_validation_noise_is_seeded_gaussian_15_and_the_authors_poisson_2(images):
     from mitdenoise import noise
 

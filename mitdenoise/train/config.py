@@ -46,6 +46,9 @@ class TrainConfig:
     """Gaussian sigma (of 255); ``[low, high]`` draws each patch's sigma uniformly from that range
     (a blind model, one network for every noise level)."""
     input_mask: tuple[int, int] = (80, 90)
+    clip_noisy: bool = True
+    """Clip noisy patches to [0, 1], as the authors do. Off, the network never sees clipped noise,
+    so it does not learn to push values near black and white outwards (a colour shift on photos)."""
     seed: int = 1
     workers: int | None = None
     """DataLoader worker processes; None: 0 on CPU (the model is the bottleneck), up to 8 on CUDA."""
@@ -178,6 +181,8 @@ def _check_types(config: TrainConfig) -> None:
             fail("noise_sigma", "a number or [low, high]")
     elif not _is_number(sigma):
         fail("noise_sigma", "a number or [low, high]")
+    if not isinstance(config.clip_noisy, bool):
+        fail("clip_noisy", "true or false")
     for name in _TEXTS:
         if not isinstance(getattr(config, name), str):
             fail(name, "a string")

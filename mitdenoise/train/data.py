@@ -86,6 +86,7 @@ class PatchBatches(Dataset):
         seed: int,
         noise_sigma: float | tuple[float, float],
         mask_ratio: tuple[int, int],
+        clip_noisy: bool = True,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -100,6 +101,7 @@ class PatchBatches(Dataset):
         low, high = noise_sigma if isinstance(noise_sigma, (tuple, list)) else (noise_sigma, noise_sigma)
         self.sigma_range = (low / 255.0, high / 255.0)
         self.mask_ratio = tuple(mask_ratio)
+        self.clip_noisy = clip_noisy
 
     def __len__(self) -> int:
         return self.steps
@@ -122,7 +124,9 @@ class PatchBatches(Dataset):
         low, high = self.sigma_range
         sigma = low if low == high else low + (high - low) * float(torch.rand((), generator=g))
         noisy = clean + torch.randn(clean.shape, generator=g) * sigma if sigma else clean.clone()
-        noisy = input_mask(noisy.clamp_(0.0, 1.0), self.mask_ratio, generator=g)
+        if self.clip_noisy:
+            noisy = noisy.clamp_(0.0, 1.0)
+        noisy = input_mask(noisy, self.mask_ratio, generator=g)
         return noisy, clean
 
 

@@ -349,6 +349,7 @@ def _patch_batches(images: list, config: TrainConfig, d: Dist) -> PatchBatches:
         seed=config.seed,
         noise_sigma=config.noise_sigma,
         mask_ratio=config.input_mask,
+        clip_noisy=config.clip_noisy,
         rank=d.rank,
         world_size=d.world_size,
     )
