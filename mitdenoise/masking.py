@@ -57,3 +57,16 @@ def draw_keep_mask(
     else:
         ratio = int(torch.randint(low, high + 1, (1,), generator=generator, device=device).item()) / 100
     return (torch.rand(shape, generator=generator, device=device) >= ratio).float()
+
+
+def ramped(ratio_range: tuple[int, int], step: int, ramp: int) -> tuple[int, int]:
+    """A mask ratio range scaled by ``min(1, step / ramp)``: a curriculum from no mask to ``ratio_range``.
+
+    ``ramp`` <= 0 gives ``ratio_range`` from the first step. A pure function of the step, so a
+    resumed run draws the masks an uninterrupted one would.
+    """
+    low, high = ratio_range
+    if ramp <= 0 or step >= ramp:
+        return (int(low), int(high))
+    t = max(step, 0) / ramp
+    return (round(low * t), round(high * t))

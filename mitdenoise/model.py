@@ -417,6 +417,7 @@ class SwinIR(nn.Module):
         shortcut: bool = True,
         chunked: bool = True,
         draw_mask: KeepMaskDrawer = draw_keep_mask,
+        mask_ratio: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Denoise ``x``; ``generator`` makes the attention mask reproducible.
 
@@ -428,7 +429,8 @@ class SwinIR(nn.Module):
         that pin the routes to it). ``chunked=False`` has every block take all its windows
         at once, and ``draw_mask`` draws the attention keep-masks instead of
         :func:`~mitdenoise.masking.draw_keep_mask`: the speed reference runs the network as
-        the authors' code does.
+        the authors' code does. ``mask_ratio`` replaces the config's attention-mask ratio for
+        this call (training's curriculum ramps it up).
         """
         h, w = x.shape[-2:]
         ws = self.config.window_size
@@ -436,7 +438,7 @@ class SwinIR(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
         x = x - self.mean
-        ratio = self.config.attn_mask_ratio
+        ratio = self.config.attn_mask_ratio if mask_ratio is None else tuple(mask_ratio)
         fused = shortcut and x.device.type == "cuda" and not torch.is_grad_enabled()
         chunk = attention_chunk(x.device.type, fused) if chunked else None
         shortcut = shortcut and x.device.type == "cpu" and not torch.is_grad_enabled()

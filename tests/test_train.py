@@ -156,6 +156,54 @@ def test_clip_noisy_off_leaves_noise_past_black_and_white_and_on_keeps_the_strea
         TrainConfig(clip_noisy="no")
 
 
+def test_a_mask_ramp_rises_linearly_from_no_mask_to_the_setting():
+    from mitdenoise.masking import ramped
+
+    assert [ramped((80, 90), step, 100) for step in (0, 50, 99, 100, 5000)] == [(0, 0), (40, 45), (79, 89), (80, 90), (80, 90)]
+    assert ramped((75, 75), 0, 0) == (75, 75)
+
+
+def test_the_input_mask_follows_the_ramp_by_step(images):
+    imgs, _ = load_images(find_images(images["train"].parent), min_size=16)
+    kw = dict(patch_size=16, batch_size=8, steps=200, seed=3, noise_sigma=15, mask_ratio=(80, 90), mask_ramp=100)
+    share = [float((PatchBatches(imgs, **kw)[step][0] == MASKED_VALUE)[:, 0].float().mean()) for step in (0, 50, 150)]
+    assert share[0] == 0 and 0.3 < share[1] < 0.55 and 0.75 < share[2] < 0.95
+    assert torch.equal(PatchBatches(imgs, **kw)[150][0], PatchBatches(imgs, **{**kw, "mask_ramp": 0})[150][0])
+
+
+def test_the_attention_mask_ratio_given_to_forward_replaces_the_configs():
+    from mitdenoise.model import SwinIR
+
+    torch.manual_seed(0)
+    masked = SwinIR(TINY)
+    plain = SwinIR(ModelConfig(**{**TINY.__dict__, "attn_mask_ratio": (0, 0)}))
+    plain.load_state_dict(masked.state_dict())
+    x = torch.rand(1, 3, 16, 16)
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(masked(x, g(), mask_ratio=(0, 0)), plain(x, g()))
+        assert not torch.equal(masked(x, g()), plain(x, g()))
+        assert torch.equal(plain(x, g(), mask_ratio=(75, 75)), masked(x, g()))
+
+
+def test_training_steps_pass_the_ramped_attention_mask_ratio(images, tmp_path, monkeypatch):
+    from mitdenoise.model import SwinIR
+
+    seen = []
+    forward = SwinIR.forward
+
+    def spy(self, x, generator=None, **kw):
+        if torch.is_grad_enabled():
+            seen.append(kw.get("mask_ratio"))
+        return forward(self, x, generator, **kw)
+
+    monkeypatch.setattr(SwinIR, "forward", spy)
+    config = tiny_config(images, tmp_path / "run", iterations=4, mask_ramp=2, milestones=())
+    assert train(config, quiet=True).exit_code == 0
+    assert seen == [(0, 0), (38, 38), (75, 75), (75, 75)]
+    assert load_model(tmp_path / "run" / EXPORT_NAME).config.attn_mask_ratio == (75, 75)
+
+
 def test_validation_noise_is_seeded_gaussian_15_and_the_authors_poisson_2(images):
     from mitdenoise import noise
 

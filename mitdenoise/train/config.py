@@ -46,6 +46,10 @@ class TrainConfig:
     """Gaussian sigma (of 255); ``[low, high]`` draws each patch's sigma uniformly from that range
     (a blind model, one network for every noise level)."""
     input_mask: tuple[int, int] = (80, 90)
+    mask_ramp: int = 0
+    """Iterations over which both mask ratios rise linearly from 0 to their settings (a curriculum,
+    e.g. from a trained baseline, which the full masks at once undo); 0 = the full masks from the start.
+    The exported model keeps the final attention-mask ratio for inference."""
     clip_noisy: bool = True
     """Clip noisy patches to [0, 1], as the authors do. Off, the network never sees clipped noise,
     so it does not learn to push values near black and white outwards (a colour shift on photos)."""
@@ -92,6 +96,8 @@ class TrainConfig:
         low, high = self.input_mask
         if not 0 <= low <= high < 100:
             problems.append(f"input_mask must satisfy 0 <= low <= high < 100, not {self.input_mask}")
+        if self.mask_ramp < 0:
+            problems.append("mask_ramp must be >= 0")
         if isinstance(self.noise_sigma, (list, tuple)):
             object.__setattr__(self, "noise_sigma", tuple(float(s) for s in self.noise_sigma))
             if not 0 <= self.noise_sigma[0] <= self.noise_sigma[1]:
@@ -153,7 +159,7 @@ class TrainConfig:
         return base.replace(**data)
 
 
-_INTS = ("patch_size", "batch_size", "iterations", "seed", "checkpoint_every", "log_every", "val_every",
+_INTS = ("patch_size", "batch_size", "iterations", "seed", "mask_ramp", "checkpoint_every", "log_every", "val_every",
          "val_images", "val_crop", "val_seed")
 _NUMBERS = ("lr", "gamma", "ema_decay")
 _TEXTS = ("out", "preset", "device", "precision")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import imageio
 from ..errors import MitdenoiseError
-from ..masking import input_mask
+from ..masking import input_mask, ramped
 
 IMAGE_SUFFIXES = imageio.SUPPORTED_SUFFIXES
 
@@ -87,6 +87,7 @@ class PatchBatches(Dataset):
         noise_sigma: float | tuple[float, float],
         mask_ratio: tuple[int, int],
         clip_noisy: bool = True,
+        mask_ramp: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -102,6 +103,7 @@ class PatchBatches(Dataset):
         self.sigma_range = (low / 255.0, high / 255.0)
         self.mask_ratio = tuple(mask_ratio)
         self.clip_noisy = clip_noisy
+        self.mask_ramp = mask_ramp
 
     def __len__(self) -> int:
         return self.steps
@@ -126,7 +128,7 @@ class PatchBatches(Dataset):
         noisy = clean + torch.randn(clean.shape, generator=g) * sigma if sigma else clean.clone()
         if self.clip_noisy:
             noisy = noisy.clamp_(0.0, 1.0)
-        noisy = input_mask(noisy, self.mask_ratio, generator=g)
+        noisy = input_mask(noisy, ramped(self.mask_ratio, step, self.mask_ramp), generator=g)
         return noisy, clean
 
 

@@ -33,6 +33,7 @@ from ..checkpoints import TRAIN_CHECKPOINT_NAME, TRAIN_EXPORT_NAME, load_model, 
 from ..denoiser import pick_device
 from ..errors import DeviceError, MitdenoiseError, TrainSetupError
 from ..imageio import blocked_folder
+from ..masking import ramped
 from ..model import SwinIR
 from ..registry import resolve_model
 from ..stopping import StopFlag
@@ -249,8 +250,9 @@ class Run:
         """One optimisation step on a batch, then the EMA update; returns the (detached) loss."""
         noisy = noisy.to(self.device, non_blocking=True)
         clean = clean.to(self.device, non_blocking=True)
+        ratio = ramped(self.config.model.attn_mask_ratio, self.iteration, self.config.mask_ramp)
         with autocast:
-            out = self.net(noisy, generator=generator)
+            out = self.net(noisy, generator=generator, mask_ratio=ratio)
         loss = F.l1_loss(out.float(), clean)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -350,6 +352,7 @@ def _patch_batches(images: list, config: TrainConfig, d: Dist) -> PatchBatches:
         noise_sigma=config.noise_sigma,
         mask_ratio=config.input_mask,
         clip_noisy=config.clip_noisy,
+        mask_ramp=config.mask_ramp,
         rank=d.rank,
         world_size=d.world_size,
     )
