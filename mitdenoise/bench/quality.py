@@ -94,23 +94,31 @@ class Method:
 
 
 def model_methods(
-    specs: Sequence[str | None], passes: int = 1, taken: set[str] | None = None, **denoiser_options
+    specs: Sequence[str | None], passes: int = 1, taken: set[str] | None = None,
+    notes: list[str] | None = None, **denoiser_options
 ) -> list[Method]:
     """One column per model spec, plus ``"<name> xN"`` with N averaged mask draws when passes > 1
-    (masked models only: a model without the attention mask gives the same output every draw)."""
+    (masked models only: a model without the attention mask gives the same output every draw).
+    None is the default model, or its fallback where it can't be had (named so, with a note)."""
     from ..checkpoints import load_model
     from ..denoiser import Denoiser
-    from ..registry import resolve_model
+    from ..registry import resolve_default, resolve_model
 
     taken = set() if taken is None else taken
     methods = []
     for spec in specs:
-        net = load_model(resolve_model(spec))
+        if spec is None:
+            path, spec, notice = resolve_default()
+            if notice and notes is not None:
+                notes.append(notice)
+        else:
+            path = resolve_model(spec)
+        net = load_model(path)
         name = _unique(model_label(spec), taken)
         for n in (1, passes) if passes > 1 and net.config.mask_enabled else (1,):
             den = Denoiser(net, passes=n, **denoiser_options)
             label = name if n == 1 else _unique(f"{name} x{n}", taken)
-            info = {"model": str(spec) if spec is not None else None, "passes": n, "device": str(den.device),
+            info = {"model": str(spec), "passes": n, "device": str(den.device),
                     "precision": den.precision, "tile": den.tile, "seed": den.seed}
             methods.append(Method(label, "model", lambda x, s, d=den: d.denoise_array(x), info=info))
     return methods
@@ -289,7 +297,7 @@ def run_quality(
     notes: list[str] = []
     taken: set[str] = set()
     methods = baseline_methods([b for b in baselines if b == "noisy"], notes, taken)
-    methods += model_methods(list(models), passes, taken, device=device, precision=precision, tile=tile,
+    methods += model_methods(list(models), passes, taken, notes, device=device, precision=precision, tile=tile,
                              tile_overlap=tile_overlap, batch_size=batch_size, seed=seed)
     methods += baseline_methods([b for b in baselines if b != "noisy"], notes, taken)
     if not methods:
