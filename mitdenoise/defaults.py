@@ -3,10 +3,17 @@
 This module imports nothing, so the CLI can show them in ``--help`` without loading torch.
 """
 
-DEFAULT_MODEL = "mitdenoise-mild"
+DEFAULT_MODEL = "masked-denoising"
+"""The authors' masked-training checkpoint (attention mask 75 % at inference): taken from the
+cache, else downloaded on first use. Where it can't be had, :data:`FALLBACK_MODEL` runs instead."""
+
+FALLBACK_MODEL = "mitdenoise-mild"
 """Our own checkpoint, shipped in ``weights/`` so the tool works offline: the shipped baseline
-fine-tuned with a mild input mask (0-25 % of the pixels, no attention mask). Why this one and
-not our masked checkpoint: see ``weights/README.md``."""
+fine-tuned with a mild input mask (0-25 % of the pixels, no attention mask); see ``weights/README.md``."""
+
+DEFAULT_MODEL_TIMEOUT_S = 5.0
+"""Connect and read timeout of the default model's download when nobody asked for it by name:
+past it (and with no retries) the fallback runs, so a machine without a network doesn't wait."""
 
 DEFAULT_TILE = 544
 """Tile size of ``denoise`` and :class:`~mitdenoise.denoiser.Denoiser`: big tiles overlap less

@@ -13,7 +13,7 @@ from .checkpoints import load_model, read_validation
 from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from .errors import DeviceError, ModelLoadError
 from .model import SwinIR
-from .registry import resolve_model
+from .registry import resolve_default, resolve_model
 from .tiling import count_tiles, denoise_tiled, denoise_tiled_on_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -67,8 +67,15 @@ def pick_device(name: str = "auto") -> torch.device:
 class Denoiser:
     """Denoise images with a SwinIR checkpoint (masked-training or baseline), tile by tile.
 
-    >>> d = Denoiser("weights/mitdenoise-masked.safetensors")   # or a registry name, or a SwinIR
+    >>> d = Denoiser()        # or a registry name, an hf:// file, a path, or a SwinIR
     >>> clean = d(noisy)      # NumPy (H, W[, C]) uint8/uint16/float32, or a PIL image
+    >>> d.model_name, d.notice
+
+    Without a model it runs the default, the authors' masked checkpoint (from the cache, else
+    downloaded now); where that can't be had it runs the shipped fallback and says so in
+    ``notice`` (None otherwise). ``offline=True`` never opens a connection: the cache or the
+    fallback, and a named model that is not here already is an error. ``model_name`` is the
+    registry name, hf:// address or path that ran (None for a network passed in).
 
     A masked model keeps its attention mask on (the method needs it at inference); ``seed``
     makes its draws reproducible, ``passes`` averages that many independent draws. A model
@@ -86,6 +93,7 @@ class Denoiser:
         self,
         model: str | os.PathLike | SwinIR | None = None,
         *,
+        offline: bool = False,
         device: str = "auto",
         precision: str = "auto",
         tile: int = DEFAULT_TILE,
@@ -119,8 +127,12 @@ class Denoiser:
                 net = SwinIR(type(model.config)(**{**model.config.__dict__, **overrides}))
                 net.load_state_dict(model.state_dict())
             self.validation = None
+            self.model_name, self.notice = None, None
         else:
-            path = resolve_model(model)
+            if model is None:
+                path, self.model_name, self.notice = resolve_default(offline)
+            else:
+                path, self.model_name, self.notice = resolve_model(model, offline=offline), str(model), None
             net = load_model(path, **overrides)
             self.validation = read_validation(path)
         self.model = net.to(self.device).eval()

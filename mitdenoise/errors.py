@@ -1,5 +1,7 @@
 """Errors a user can see: each carries a one-line message the CLI prints as is."""
 
+from __future__ import annotations
+
 
 class MitdenoiseError(Exception):
     """Base class: the message is meant for the user, on one line, naming the file and the reason."""
@@ -15,6 +17,17 @@ class ImageWriteError(MitdenoiseError):
 
 class ModelLoadError(MitdenoiseError):
     """A checkpoint could not be found, read, verified or matched to a network."""
+
+
+class ModelUnavailableError(ModelLoadError):
+    """A downloadable model can't be had here and now: offline, unreachable, no answer, an HTTP
+    error, a failed checksum or conversion, a cache that can't be written. The default model falls
+    back to the shipped one on this error only; a model asked for by name fails with it.
+    ``reason`` is the short cause, for the fallback's notice."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class DeviceError(MitdenoiseError):

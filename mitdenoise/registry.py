@@ -4,9 +4,11 @@ Registry names point at our shipped checkpoints (``weights/``, works offline) or
 authors' files on GitHub. Those are downloaded once into the Hugging Face cache
 (``<HF_HUB_CACHE>/mitdenoise/``), verified against their git blob id, converted to
 safetensors (:func:`mitdenoise.checkpoints.convert_checkpoint`) and used from there
-afterwards; ``hf://`` files go through ``huggingface_hub.hf_hub_download`` into the
-same cache. ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are
-read when used (not at import), so a changed environment is honoured.
+afterwards; ``hf://`` files go through ``huggingface_hub.hf_hub_download`` into the same
+cache. The default model is the authors' masked checkpoint, with a shipped one standing in
+where it can't be had (:func:`resolve_default`). ``HF_HOME``, ``HF_HUB_CACHE``,
+``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are read when used (not at import), so a changed
+environment is honoured.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from safetensors.torch import safe_open
 
 from . import checkpoints
 from .checkpoints import CONFIG_KEY, SOURCE_BLOB_KEY, SOURCE_KEY, convert_checkpoint, first_line, git_blob_id, human_size
-from .defaults import DEFAULT_MODEL
-from .errors import ModelLoadError
+from .defaults import DEFAULT_MODEL, DEFAULT_MODEL_TIMEOUT_S, FALLBACK_MODEL
+from .errors import ModelLoadError, ModelUnavailableError
 from .model import ModelConfig
 
 
@@ -83,29 +85,8 @@ REGISTRY: dict[str, ModelEntry] = {
     e.name: e
     for e in (
         ModelEntry(
-            name="mitdenoise",
-            description="our masked-training checkpoint, shipped with mitdenoise (works offline; undertrained)",
-            license=OUR_LICENSE,
-            citation=OUR_CITATION,
-            path="mitdenoise-masked.safetensors",
-        ),
-        ModelEntry(
-            name="mitdenoise-baseline",
-            description="our baseline: the same network and budget trained without masks (works offline)",
-            license=OUR_LICENSE,
-            citation=OUR_CITATION,
-            path="mitdenoise-baseline.safetensors",
-        ),
-        ModelEntry(
-            name="mitdenoise-mild",
-            description="our baseline fine-tuned with a mild input mask, 0-25 % (works offline)",
-            license=OUR_LICENSE,
-            citation=OUR_CITATION,
-            path="mitdenoise-mild.safetensors",
-        ),
-        ModelEntry(
             name="masked-denoising",
-            description="the authors' released model: input mask 80-90 %, attention mask 75 %",
+            description="the authors' masked-training model",
             license=AUTHORS_LICENSE,
             citation=PAPER_CITATION,
             github_repo=AUTHORS_REPO,
@@ -116,8 +97,22 @@ REGISTRY: dict[str, ModelEntry] = {
             attn_mask_ratio=(75, 75),
         ),
         ModelEntry(
+            name="mitdenoise-mild",
+            description="ours: the baseline + a mild input mask",
+            license=OUR_LICENSE,
+            citation=OUR_CITATION,
+            path="mitdenoise-mild.safetensors",
+        ),
+        ModelEntry(
+            name="mitdenoise-baseline",
+            description="ours, trained without masks",
+            license=OUR_LICENSE,
+            citation=OUR_CITATION,
+            path="mitdenoise-baseline.safetensors",
+        ),
+        ModelEntry(
             name="masked-denoising-baseline",
-            description="the authors' baseline: same network trained without masks",
+            description="the authors' baseline, no masks",
             license=AUTHORS_LICENSE,
             citation=PAPER_CITATION,
             github_repo=AUTHORS_REPO,
@@ -129,6 +124,15 @@ REGISTRY: dict[str, ModelEntry] = {
         ),
     )
 }
+
+REMOVED_MODELS = {
+    name: (
+        f"model {name!r} was removed: our undertrained masked checkpoint made images worse (weights/README.md "
+        f"keeps its numbers); use {DEFAULT_MODEL}, the authors' masked checkpoint (the default)"
+    )
+    for name in ("mitdenoise", "mitdenoise-masked")
+}
+"""Names that are gone, and the one line that says so and what to use instead."""
 
 HF_SCHEME = "hf://"
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
@@ -181,29 +185,55 @@ SHIPPED_DIRS = (Path(__file__).resolve().parent / "_shipped", Path(__file__).res
 """Where the shipped checkpoint is: inside an installed wheel, or weights/ of a source tree."""
 
 
-def shipped_checkpoint(name: str = DEFAULT_MODEL) -> Path:
-    """The file of a shipped registry entry (the default model unless ``name`` says otherwise)."""
+def shipped_checkpoint(name: str = FALLBACK_MODEL) -> Path:
+    """The file of a shipped registry entry (the fallback model unless ``name`` says otherwise)."""
     candidates = [d / REGISTRY[name].path for d in SHIPPED_DIRS]
     return next((p for p in candidates if p.is_file()), candidates[-1])
 
 
-def resolve_model(spec: str | os.PathLike | None) -> Path:
+def resolve_default(offline: bool = False, *, progress: bool = True) -> tuple[Path, str, str | None]:
+    """The model to run when none was named: ``(file, registry name, notice or None)``.
+
+    The default (:data:`DEFAULT_MODEL`, the authors' masked checkpoint) from the cache, else
+    downloaded now, with a short timeout and no retries since nobody asked for it by name.
+    Where it can't be had (``offline``, ``HF_HUB_OFFLINE``, unreachable, no answer, an HTTP
+    error, a failed checksum or conversion, a cache that can't be written: any
+    :class:`ModelUnavailableError`), the shipped :data:`FALLBACK_MODEL` runs, and the notice
+    is one line naming both and how to get the default. ``offline`` never opens a connection.
+    """
+    try:
+        path = fetch(DEFAULT_MODEL, progress=progress, offline=offline, timeout=DEFAULT_MODEL_TIMEOUT_S, retries=0)
+        return path, DEFAULT_MODEL, None
+    except ModelUnavailableError as e:
+        reason = e.reason
+    notice = (
+        f"using {FALLBACK_MODEL} (shipped), not the default {DEFAULT_MODEL} (the authors' masked checkpoint): "
+        f"{reason}; get it with `mitdenoise download {DEFAULT_MODEL}`"
+    )
+    return _shipped(FALLBACK_MODEL), FALLBACK_MODEL, notice
+
+
+def resolve_model(spec: str | os.PathLike | None, *, offline: bool = False) -> Path:
     """A local file for a model spec, fetching it on first use.
 
-    ``spec``: None (the default model), a registry name (a shipped file from ``weights/``,
-    or the authors' file, downloaded, verified and converted once, then read from the cache),
-    ``hf://owner/repo/path/file.safetensors[@revision]``, or a path.
+    ``spec``: None (the default model, or its fallback: :func:`resolve_default`, which also
+    says which ran), a registry name (a shipped file from ``weights/``, or the authors' file,
+    downloaded, verified and converted once, then read from the cache),
+    ``hf://owner/repo/path/file.safetensors[@revision]``, or a path. ``offline`` never opens
+    a connection: a file that is not here already is an error.
     """
     if spec is None:
-        return _shipped(DEFAULT_MODEL)
+        return resolve_default(offline)[0]
     if isinstance(spec, os.PathLike):
         return _local(Path(spec))
     spec = str(spec)
     if spec.startswith(HF_SCHEME):
-        return download_hf(spec)
+        return download_hf(spec, offline=offline)
     if spec in REGISTRY:
-        return fetch(spec)
+        return fetch(spec, offline=offline)
     path = Path(spec).expanduser()
+    if spec in REMOVED_MODELS and not path.is_file():
+        raise ModelLoadError(REMOVED_MODELS[spec])
     if path.exists() or _looks_like_path(spec):
         return _local(path)
     raise ModelLoadError(
@@ -216,6 +246,8 @@ def download(spec: str, *, force: bool = False, progress: bool = True) -> Path:
     """``mitdenoise download``: fetch a registry model or an hf:// file into the cache, return its path."""
     if spec.startswith(HF_SCHEME):
         return download_hf(spec, force=force)
+    if spec in REMOVED_MODELS:
+        raise ModelLoadError(REMOVED_MODELS[spec])
     if spec not in REGISTRY:
         raise ModelLoadError(
             f"unknown model {spec!r}: not one of: {', '.join(REGISTRY)} (or {HF_SCHEME}owner/repo/file.safetensors)"
@@ -276,12 +308,23 @@ def _cached_metadata(entry: ModelEntry) -> dict[str, str] | None:
     return metadata
 
 
-def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
+def fetch(
+    name: str,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    offline: bool = False,
+    timeout: float | None = None,
+    retries: int = 2,
+) -> Path:
     """The converted checkpoint of a registry entry: from the cache, else downloaded now.
 
     A download goes to a temporary file, is checked against the entry's git blob id,
     converted to safetensors (config in its metadata) and only then put in place;
-    anything that fails leaves nothing behind. A cache hit makes no network request.
+    anything that fails leaves nothing behind. A cache hit makes no network request, and
+    ``offline`` (or HF_HUB_OFFLINE) makes none at all. ``timeout`` (seconds to connect and
+    between bytes; default huggingface_hub's download timeout) and ``retries`` (of 429/5xx
+    answers) bound the wait. Not getting the file raises :class:`ModelUnavailableError`.
     """
     entry = REGISTRY.get(name)
     if entry is None:
@@ -292,13 +335,13 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
     if not force and (metadata := _cached_metadata(entry)) is not None:
         _restamp_if_stale(entry, metadata)
         return target
-    if offline_mode():
+    if offline or offline_mode():
+        why = "offline use was asked for" if offline else "offline mode is on (HF_HUB_OFFLINE)"
         if is_cached(entry):  # only reached with force
-            raise ModelLoadError(
-                f"cannot download model '{entry.name}' again: offline mode is on (HF_HUB_OFFLINE); "
-                f"the cached copy {target} is still there"
+            raise ModelUnavailableError(
+                f"cannot download model '{entry.name}' again: {why}; the cached copy {target} is still there", why
             )
-        raise ModelLoadError(_unavailable(entry, "offline mode is on (HF_HUB_OFFLINE)"))
+        raise ModelUnavailableError(_unavailable(entry, why), f"it is not in the cache and {why}")
 
     from huggingface_hub.utils import WeakFileLock
 
@@ -307,22 +350,24 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
         lock = cache_dir() / ".locks" / f"{entry.name}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ModelLoadError(f"cannot use the cache {cache_dir()}: {first_line(e)}") from None
+        why = f"cannot use the cache {cache_dir()}: {first_line(e)}"
+        raise ModelUnavailableError(why, why) from None
     with WeakFileLock(lock):
         if not force and (metadata := _cached_metadata(entry)) is not None:  # another process got it meanwhile
             _restamp_if_stale(entry, metadata)
             return target
         tmp = target.with_name(f".{entry.git_blob}.{uuid.uuid4().hex[:8]}.pth.incomplete")
         try:
-            cut_short = _download(entry, tmp, progress=progress)
+            cut_short = _download(entry, tmp, progress=progress, timeout=timeout, retries=retries)
             _verify(entry, tmp, cut_short)
             try:
                 convert_checkpoint(tmp, target, config=entry.config, extra_metadata=_source_metadata(entry),
                                    **entry.known)
             except ModelLoadError as e:
                 reason = str(e).split(": ", 1)[-1]
-                raise ModelLoadError(
-                    f"model '{entry.name}' from {entry.url} passed its checksum but cannot be converted: {reason}"
+                raise ModelUnavailableError(
+                    f"model '{entry.name}' from {entry.url} passed its checksum but cannot be converted: {reason}",
+                    f"the download passed its checksum but cannot be converted ({reason})",
                 ) from None
             if _bars_enabled(progress):
                 from rich.console import Console
@@ -363,15 +408,16 @@ def _unavailable(entry: ModelEntry, reason: str) -> str:
     )
 
 
-def _download(entry: ModelEntry, dest: Path, *, progress: bool) -> str | None:
+def _download(entry: ModelEntry, dest: Path, *, progress: bool, timeout: float | None, retries: int) -> str | None:
     """Stream ``entry.url`` into ``dest`` with a progress bar on stderr.
 
     Uses huggingface_hub's shared HTTP client (``get_session`` through
     ``http_stream_backoff``): the proxy, certificate and offline settings a user gave
     huggingface_hub apply here too, redirects (GitHub -> raw.githubusercontent.com)
-    are followed, and 429/5xx answers are retried with backoff. A transfer cut short
-    is not an error here: the checksum that follows rejects it (the returned note
-    says how short it was).
+    are followed, and 429/5xx answers are retried ``retries`` times with backoff. A
+    transfer cut short (or stalled past ``timeout``) is not an error here: the checksum
+    that follows rejects it (the returned note says how short it was). Every failure
+    is a :class:`ModelUnavailableError`.
     """
     import httpx2  # huggingface_hub's HTTP library; get_session() returns an httpx2.Client
     from huggingface_hub import constants
@@ -379,55 +425,65 @@ def _download(entry: ModelEntry, dest: Path, *, progress: bool) -> str | None:
     from huggingface_hub.utils import http_stream_backoff
 
     url = entry.url
+    host = httpx2.URL(url).host
+    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT if timeout is None else timeout
     received = 0
     cut_short = None
     try:
         with http_stream_backoff(
             "GET",
             url,
-            max_retries=2,
+            max_retries=retries,
             retry_on_exceptions=(),
             retry_on_status_codes=(429, 500, 502, 503, 504),
-            timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+            timeout=timeout,
         ) as response:
             if response.status_code != 200:
-                raise ModelLoadError(
-                    f"cannot download model '{entry.name}' from {url}: HTTP {response.status_code} "
-                    f"{response.reason_phrase}".rstrip()
+                status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+                raise ModelUnavailableError(
+                    f"cannot download model '{entry.name}' from {url}: {status}", f"{host} answered {status}"
                 )
             total = _content_length(response)
             if total is not None and total > checkpoints.MAX_CHECKPOINT_BYTES:
-                raise ModelLoadError(
+                raise ModelUnavailableError(
                     f"refusing to download model '{entry.name}' from {url}: {human_size(total)} is over the "
-                    f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} limit for a checkpoint"
+                    f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} limit for a checkpoint",
+                    f"the file on {host} is over the size limit for a checkpoint",
                 )
             with _DownloadBar(entry.name, total, enabled=progress) as advance, dest.open("wb") as f:
                 try:
                     for chunk in response.iter_bytes(chunk_size=1 << 20):
                         received += len(chunk)
                         if received > checkpoints.MAX_CHECKPOINT_BYTES:
-                            raise ModelLoadError(
+                            raise ModelUnavailableError(
                                 f"refusing to download model '{entry.name}' from {url}: more than "
                                 f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} (the limit for a checkpoint); "
-                                "the partial file was deleted"
+                                "the partial file was deleted",
+                                f"the file on {host} is over the size limit for a checkpoint",
                             )
                         f.write(chunk)
                         advance(len(chunk))
                 except (httpx2.TransportError, httpx2.StreamError):
-                    # truncated: the checksum will reject it
+                    # truncated or stalled: the checksum will reject it
                     of = f" of {total}" if total is not None else ""
                     cut_short = f"the transfer was cut short after {received}{of} bytes"
     except OfflineModeIsEnabled:
-        raise ModelLoadError(_unavailable(entry, "offline mode is on (HF_HUB_OFFLINE)")) from None
+        why = "offline mode is on (HF_HUB_OFFLINE)"
+        raise ModelUnavailableError(_unavailable(entry, why), f"it is not in the cache and {why}") from None
     except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.ProxyError) as e:
-        host = httpx2.URL(url).host
-        raise ModelLoadError(_unavailable(entry, f"cannot connect to {host} ({first_line(e)})")) from None
+        why = f"cannot connect to {host} ({first_line(e)})"
+        raise ModelUnavailableError(_unavailable(entry, why), why) from None
+    except httpx2.TimeoutException:
+        why = f"no answer from {host} within {timeout:g} s"
+        raise ModelUnavailableError(_unavailable(entry, why), why) from None
     except httpx2.HTTPError as e:
-        raise ModelLoadError(
-            f"cannot download model '{entry.name}' from {url}: {first_line(e)}; nothing was kept, try again"
+        raise ModelUnavailableError(
+            f"cannot download model '{entry.name}' from {url}: {first_line(e)}; nothing was kept, try again",
+            f"the download from {host} failed ({first_line(e)})",
         ) from None
     except OSError as e:
-        raise ModelLoadError(f"cannot write to the cache {dest.parent}: {first_line(e)}") from None
+        why = f"cannot write to the cache {dest.parent}: {first_line(e)}"
+        raise ModelUnavailableError(why, why) from None
     return cut_short
 
 
@@ -446,9 +502,10 @@ def _verify(entry: ModelEntry, path: Path, cut_short: str | None = None) -> None
         size = path.stat().st_size
         path.unlink(missing_ok=True)
         note = f" ({cut_short})" if cut_short else ""
-        raise ModelLoadError(
+        raise ModelUnavailableError(
             f"checksum mismatch for model '{entry.name}' downloaded from {entry.url}{note}: got git blob {actual} "
-            f"({size} bytes), expected {entry.git_blob}; the download was deleted; try again"
+            f"({size} bytes), expected {entry.git_blob}; the download was deleted; try again",
+            f"the download failed its checksum{note} and was deleted",
         )
 
 
@@ -518,12 +575,12 @@ def parse_hf_spec(spec: str) -> tuple[str, str, str, str | None]:
     return uri.type, uri.id, uri.path_in_repo, uri.revision
 
 
-def download_hf(spec: str, *, force: bool = False) -> Path:
+def download_hf(spec: str, *, force: bool = False, offline: bool = False) -> Path:
     """A Hub file, through ``huggingface_hub.hf_hub_download`` (its cache, locks, offline mode, endpoint).
 
     With a branch or tag as revision the Hub is asked whether the file changed (one
     HEAD request); a 40-hex commit revision already cached makes no request; offline
-    or unreachable, the cached copy is used.
+    or unreachable, the cached copy is used. ``offline`` (or HF_HUB_OFFLINE) makes no request.
     """
     import httpx2
     from huggingface_hub import hf_hub_download, hf_hub_url
@@ -539,7 +596,7 @@ def download_hf(spec: str, *, force: bool = False) -> Path:
     from . import __version__
 
     repo_type, repo_id, filename, revision = parse_hf_spec(spec)
-    offline = offline_mode()
+    asked, offline = offline, offline or offline_mode()
     try:
         path = hf_hub_download(
             repo_id,
@@ -554,7 +611,9 @@ def download_hf(spec: str, *, force: bool = False) -> Path:
             library_version=__version__,
         )
     except LocalEntryNotFoundError:
-        reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else f"cannot reach {hf_endpoint()}"
+        reason = f"cannot reach {hf_endpoint()}"
+        if offline:
+            reason = "offline use was asked for" if asked else "offline mode is on (HF_HUB_OFFLINE)"
         url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=hf_endpoint())
         raise ModelLoadError(
             f"cannot get {spec}: {reason}, and it is not in the cache ({hub_cache_dir()}); "
@@ -594,6 +653,7 @@ def model_status(entry: ModelEntry) -> dict:
     return {
         "name": entry.name,
         "default": entry.name == DEFAULT_MODEL,
+        "fallback": entry.name == FALLBACK_MODEL,
         "shipped": entry.shipped,
         "description": entry.description,
         "source": source,
@@ -627,6 +687,6 @@ def validation_warning(record: dict | None) -> str | None:
         return None
     return (
         f"this model made its validation images worse ({', '.join(worse)}; iteration {record['iteration']}): "
-        f"it is undertrained. Better: the default model ({DEFAULT_MODEL}, shipped, no attention mask) "
-        "or --model masked-denoising (the authors' released checkpoint)"
+        f"it is undertrained. Better: the default, {DEFAULT_MODEL} (the authors' released checkpoint), "
+        f"or {FALLBACK_MODEL} (shipped, works offline)"
     )

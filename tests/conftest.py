@@ -75,3 +75,29 @@ def pillows_pixel_limit_restored():
     before = Image.MAX_IMAGE_PIXELS
     yield
     Image.MAX_IMAGE_PIXELS = before
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nobody listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def no_internet_and_an_empty_cache(tmp_path_factory, monkeypatch):
+    """Every test runs offline (HF_HUB_OFFLINE=1, and both endpoints at a closed local port in case a
+    test turns offline mode off) with an empty Hugging Face cache of its own: no test reaches the
+    internet or the user's cache. The download tests opt in through test_weights.py's server."""
+    home = tmp_path_factory.mktemp("hf-home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nowhere = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MITDENOISE_GITHUB_ENDPOINT", nowhere)
+    monkeypatch.setenv("HF_ENDPOINT", nowhere)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    yield home

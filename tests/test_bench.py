@@ -51,9 +51,9 @@ def test_columns_of_training_runs_are_named_by_their_run_folder():
 
     labels = [quality.model_label(p) for p in (
         f"runs/ft-ctrl/{EXPORT_NAME}", f"runs/ft-mild/{EXPORT_NAME}", f"runs/ft-mild/{CHECKPOINT_NAME}",
-        "weights/mitdenoise-baseline.safetensors", "mitdenoise", EXPORT_NAME,
+        "weights/mitdenoise-baseline.safetensors", "mitdenoise-mild", EXPORT_NAME,
     )]
-    assert labels == ["ft-ctrl/ema", "ft-mild/ema", "ft-mild/last", "mitdenoise-baseline", "mitdenoise", "ema"]
+    assert labels == ["ft-ctrl/ema", "ft-mild/ema", "ft-mild/last", "mitdenoise-baseline", "mitdenoise-mild", "ema"]
 
 
 @pytest.mark.slow
@@ -204,6 +204,21 @@ def test_speed_reports_mp_per_s_the_reference_row_and_the_sgemm_ceiling(tmp_path
     assert tiled["gflops_effective"] == pytest.approx(2 * res["config"]["macs_per_pixel"] * tiled["mp_per_s"] / 1e3)
     assert json.loads((tmp_path / "speed.json").read_text())["rows"][1]["kind"] == "reference"
     assert "whole (reference)" in (tmp_path / "speed.md").read_text()
+
+
+def test_bench_json_names_the_model_that_ran_the_fallback_with_its_notice_offline(clean_dir, tiny_model):
+    from mitdenoise.registry import FALLBACK_MODEL
+
+    res = quality.run_quality(clean_dir, noise_spec="gaussian:15", models=[None, tiny_model], baselines=[], crop=16,
+                              limit=1, tile=64)
+    assert [(m["name"], m["model"]) for m in res["methods"]] == [
+        (FALLBACK_MODEL, FALLBACK_MODEL), ("official_tiny_random", tiny_model)
+    ]
+    (notice,) = res["notes"]
+    assert notice.startswith("using mitdenoise-mild (shipped), not the default masked-denoising")
+    res = speed.run_speed(None, sizes=[(16, 16)], tiles=[16], runs=1, warmup=0, devices=["cpu"], sgemm_n=16,
+                          reference=False)
+    assert res["config"]["model"] == FALLBACK_MODEL and res["notes"] == [notice]
 
 
 def test_bench_quality_cli_prints_json_and_rejects_bad_specs(tmp_path, clean_dir):

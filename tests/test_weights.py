@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import socket
+import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,7 +46,13 @@ class Origin:
         self.github: dict[str, bytes] = {}  # "/owner/repo/raw/commit/path" -> bytes
         self.hub: dict[tuple[str, str], bytes] = {}  # (repo_id, filename) -> bytes
         self.requests: list[str] = []
+        self.connections = 0  # accepted TCP connections, requests or not
         self.tamper: str | None = None  # "flip" a byte, "short" (consistent length), "truncate" (connection cut)
+        # "silent": read the request, never answer; "partial-then-hang": send the headers and half the
+        # body, then neither more nor a close
+        self.stall: str | None = None
+        self.stalled = threading.Event()  # set once a stalled answer has sent what it will send
+        self.release = threading.Event()  # set at teardown: stalled handlers end
         self.url = ""
 
     def serve_github(self, repo: str, path: str, content: bytes) -> None:
@@ -85,6 +92,11 @@ def make_handler(origin: Origin):
 
         def serve(self, with_body: bool) -> None:
             origin.requests.append(f"{self.command} {self.path}")
+            if origin.stall == "silent":
+                origin.stalled.set()
+                origin.release.wait(60)
+                self.close_connection = True
+                return
             content, headers = origin.lookup(self.path.split("?")[0])
             if content is None:
                 self.send_response(404)
@@ -103,6 +115,16 @@ def make_handler(origin: Origin):
             elif origin.tamper == "truncate":
                 data = data[: len(data) // 2]
                 self.close_connection = True
+            if origin.stall == "partial-then-hang":
+                self.send_response(200)
+                self.send_header("Content-Length", str(declared))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                origin.stalled.set()
+                origin.release.wait(60)
+                self.close_connection = True
+                return
             self.send_response(200)
             for key, value in headers.items():
                 self.send_header(key, value)
@@ -139,7 +161,17 @@ def origin(fixtures_dir, hf_home, monkeypatch):
     from huggingface_hub.utils import close_session
 
     state = Origin()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+
+    class CountingServer(ThreadingHTTPServer):
+        def verify_request(self, request, client_address) -> bool:
+            state.connections += 1
+            return True
+
+        def handle_error(self, request, client_address) -> None:
+            if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+                super().handle_error(request, client_address)  # a client that hung up is no news
+
+    server = CountingServer(("127.0.0.1", 0), make_handler(state))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -147,6 +179,7 @@ def origin(fixtures_dir, hf_home, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", state.url)
     close_session()  # a client built before NO_PROXY was set would keep its proxies
     yield state
+    state.release.set()
     server.shutdown()
     server.server_close()
     close_session()
@@ -190,7 +223,8 @@ def test_registry_pins_the_authors_files_by_commit_and_git_blob(monkeypatch):
     assert baseline.url.endswith(f"/haoyuc/MaskedDenoising/raw/{COMMIT}/model_zoo/baseline.pth")
     assert baseline.git_blob == "bd7ab9e05a0e45c32991a8c375ecd331d569768e"
     assert (baseline.attn_mask_ratio, baseline.global_residual) == ((0, 0), False)
-    assert REGISTRY[registry.DEFAULT_MODEL].shipped
+    assert registry.DEFAULT_MODEL == "masked-denoising" and registry.FALLBACK_MODEL == "mitdenoise-mild"
+    assert REGISTRY[registry.FALLBACK_MODEL].shipped and not REGISTRY[registry.DEFAULT_MODEL].shipped
     for entry in REGISTRY.values():
         assert entry.license and "Masked Image Training" in entry.citation
     monkeypatch.setenv("MITDENOISE_GITHUB_ENDPOINT", "http://127.0.0.1:9/")
@@ -205,7 +239,22 @@ def test_git_blob_id_is_what_git_computes(tmp_path):
 def test_unknown_name_lists_the_known_ones(hf_home):
     with pytest.raises(ModelLoadError) as info:
         resolve_model("nope")
-    assert str(info.value).startswith("unknown model 'nope': not a file and not one of: mitdenoise, mitdenoise-baseline, mitdenoise-mild, masked-denoising,")
+    assert str(info.value).startswith(
+        "unknown model 'nope': not a file and not one of: masked-denoising, mitdenoise-mild, mitdenoise-baseline, "
+        "masked-denoising-baseline"
+    )
+
+
+@pytest.mark.parametrize("old", ["mitdenoise", "mitdenoise-masked"])
+def test_the_removed_masked_checkpoints_names_say_why_and_what_to_use(old, hf_home):
+    for call in (resolve_model, registry.download):
+        with pytest.raises(ModelLoadError) as info:
+            call(old)
+        assert str(info.value) == (
+            f"model '{old}' was removed: our undertrained masked checkpoint made images worse "
+            "(weights/README.md keeps its numbers); use masked-denoising, the authors' masked checkpoint (the default)"
+        )
+    assert old not in REGISTRY
 
 
 def test_missing_path_says_file_not_found(tmp_path):
@@ -528,17 +577,17 @@ def test_convert_keeps_a_checkpoints_validation_record_unless_the_config_changes
     model keeps it; a file with another attention mask is another model and drops it."""
     import shutil
 
-    src = tmp_path / "masked.safetensors"
-    shutil.copy(shipped_checkpoint("mitdenoise"), src)
+    src = tmp_path / "mild.safetensors"
+    shutil.copy(shipped_checkpoint("mitdenoise-mild"), src)
     record = read_validation(src)
     assert record is not None and record["iteration"] > 0
     assert cli("convert", str(src), str(tmp_path / "copy.safetensors")).exit_code == 0
     assert read_validation(tmp_path / "copy.safetensors") == record
     assert cli("convert", str(src), str(src), "--force").exit_code == 0
     assert read_validation(src) == record
-    assert cli("convert", str(src), str(tmp_path / "off.safetensors"), "--attn-mask-ratio", "0").exit_code == 0
-    assert read_validation(tmp_path / "off.safetensors") is None
-    assert load_model(tmp_path / "off.safetensors").config.attn_mask_ratio == (0, 0)
+    assert cli("convert", str(src), str(tmp_path / "on.safetensors"), "--attn-mask-ratio", "75").exit_code == 0
+    assert read_validation(tmp_path / "on.safetensors") is None
+    assert load_model(tmp_path / "on.safetensors").config.attn_mask_ratio == (75, 75)
 
 
 @pytest.mark.parametrize(
@@ -576,11 +625,12 @@ def test_convert_refuses_to_overwrite_and_odd_outputs(cli, fixtures_dir, tmp_pat
 def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir, monkeypatch):
     register_fixture(monkeypatch, fixtures_dir, origin, "fixture-tiny", "official_tiny_random.pth")
     rows = {row["name"]: row for row in json.loads(cli("models", "--json").stdout)}
-    assert {"mitdenoise", "masked-denoising", "masked-denoising-baseline", "fixture-tiny"} <= set(rows)
-    assert rows["mitdenoise-mild"]["default"] and not rows["fixture-tiny"]["cached"]
-    assert rows["mitdenoise"]["cached"] and not rows["mitdenoise"]["default"]
-    assert [name for name, row in rows.items() if row["default"]] == ["mitdenoise-mild"]
-    assert [name for name, row in rows.items() if row["shipped"]] == ["mitdenoise", "mitdenoise-baseline", "mitdenoise-mild"]
+    assert {"mitdenoise-mild", "masked-denoising", "masked-denoising-baseline", "fixture-tiny"} <= set(rows)
+    assert "mitdenoise" not in rows and not rows["fixture-tiny"]["cached"]
+    assert rows["mitdenoise-mild"]["cached"] and not rows["masked-denoising"]["cached"]
+    assert [name for name, row in rows.items() if row["default"]] == ["masked-denoising"]
+    assert [name for name, row in rows.items() if row["fallback"]] == ["mitdenoise-mild"]
+    assert [name for name, row in rows.items() if row["shipped"]] == ["mitdenoise-mild", "mitdenoise-baseline"]
     assert rows["mitdenoise-mild"]["source"] == "shipped: weights/mitdenoise-mild.safetensors"
     assert rows["masked-denoising"]["git_blob"] == "deafdf08ce4e6f69170f6f31bb3a32da9dee8cf5"
     assert origin.requests == []  # listing never goes online
@@ -593,10 +643,10 @@ def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir,
     assert rows["fixture-tiny"]["size"] == path.stat().st_size
 
     table = cli("models").stdout
-    for text in ("name", "source", "size", "cached", "licence", "masked-denoising-baseline", "fixture-tiny",
-                 "mitdenoise-mild (default)", "hf://owner/repo"):
+    for text in ("name", "what it is", "size", "cached", "masked-denoising-baseline", "fixture-tiny",
+                 "masked-denoising (default)", "mitdenoise-mild (fallback)", "hf://owner/repo", "--json"):
         assert text in table
-    assert [line.split("│")[4].strip() for line in table.splitlines() if line.startswith("│ mitdenoise")] == ["shipped"] * 3
+    assert [line.split()[-1] for line in table.splitlines() if line.startswith(" mitdenoise-")] == ["shipped"] * 2
 
 
 def test_download_command_errors_are_one_line(cli, hf_home, monkeypatch):

@@ -100,19 +100,27 @@ def model_methods(
     passes: int = 1,
     taken: set[str] | None = None,
     strengths: Sequence[float] = (1.0,),
+    notes: list[str] | None = None,
     **denoiser_options,
 ) -> list[Method]:
     """One column per model spec and strength (``"<name> s0.8"`` below 1), plus ``"<name> xN"`` with
     N averaged mask draws when passes > 1 (masked models only: a model without the attention mask
-    gives the same output every draw)."""
+    gives the same output every draw). None is the default model, or its fallback where it can't
+    be had (named so, with a note)."""
     from ..checkpoints import load_model
     from ..denoiser import Denoiser
-    from ..registry import resolve_model
+    from ..registry import resolve_default, resolve_model
 
     taken = set() if taken is None else taken
     methods = []
     for spec in specs:
-        net = load_model(resolve_model(spec))
+        if spec is None:
+            path, spec, notice = resolve_default()
+            if notice and notes is not None:
+                notes.append(notice)
+        else:
+            path = resolve_model(spec)
+        net = load_model(path)
         name = _unique(model_label(spec), taken)
         for n in (1, passes) if passes > 1 and net.config.mask_enabled else (1,):
             for strength in strengths:
@@ -120,8 +128,8 @@ def model_methods(
                 label = name if n == 1 else f"{name} x{n}"
                 label = label if strength == 1 else f"{label} s{strength:g}"
                 label = name if label == name else _unique(label, taken)
-                info = {"model": str(spec) if spec is not None else None, "passes": n, "strength": strength,
-                        "device": str(den.device), "precision": den.precision, "tile": den.tile, "seed": den.seed}
+                info = {"model": str(spec), "passes": n, "strength": strength, "device": str(den.device),
+                        "precision": den.precision, "tile": den.tile, "seed": den.seed}
                 methods.append(Method(label, "model", lambda x, s, d=den: d.denoise_array(x), info=info))
     return methods
 
@@ -337,7 +345,7 @@ def run_quality(
     notes: list[str] = []
     taken: set[str] = set()
     methods = baseline_methods([b for b in baselines if b == "noisy"], notes, taken)
-    methods += model_methods(list(models), passes, taken, strengths, device=device, precision=precision,
+    methods += model_methods(list(models), passes, taken, strengths, notes, device=device, precision=precision,
                              tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, seed=seed)
     methods += baseline_methods([b for b in baselines if b != "noisy"], notes, taken)
     if published:

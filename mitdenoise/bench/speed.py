@@ -263,12 +263,16 @@ def run_speed(
     from ..checkpoints import load_model
     from ..denoiser import Denoiser, pick_device
     from ..errors import MitdenoiseError
-    from ..registry import resolve_model
+    from ..registry import resolve_default, resolve_model
 
     if threads is not None:
         torch.set_num_threads(threads)
     notes: list[str] = []
-    model_path = resolve_model(model)
+    if model is None:
+        model_path, model, notice = resolve_default()
+        notes += [notice] if notice else []
+    else:
+        model_path = resolve_model(model)
     net = load_model(model_path)
     config = net.config
     macs = macs_per_pixel(config)
@@ -334,7 +338,7 @@ def run_speed(
     return {
         "schema": "mitdenoise.bench.speed/1",
         "config": {
-            "model": None if model is None else str(model), "model_config": json_config(config),
+            "model": str(model), "model_config": json_config(config),
             "macs_per_pixel": macs, "tflop_per_megapixel": 2 * macs * 1e6 / 1e12,
             "runs": runs, "warmup": warmup, "threads": torch.get_num_threads(), "seed": seed,
             "torch": torch.__version__, "peak_rss_per_row": all(r["peak_rss_is_per_row"] for r in rows),

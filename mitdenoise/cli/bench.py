@@ -59,7 +59,7 @@ class _Bar:
 
 ModelsOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--model", "-m", help="Model spec (registry name, hf://..., or a .pth/.safetensors path); repeat for several. Default: the shipped model."),
+    typer.Option("--model", "-m", help="Model spec (registry name, hf://..., or a .pth/.safetensors path); repeat for several. Default: the default model (offline: its fallback)."),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the result files.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
@@ -106,7 +106,7 @@ def bench_quality_command(
 
     Writes results.json, results.md and grid_<noise>.png into --out.
 
-    Example:  mitdenoise bench quality data/kodak24 --noise gaussian:15,poisson:2 --crop 256 --limit 4 -m mitdenoise -m masked-denoising --passes 4
+    Example:  mitdenoise bench quality data/kodak24 --noise gaussian:15,poisson:2 --crop 256 --limit 4 -m mitdenoise-mild -m masked-denoising --passes 4
     """
     from ..bench import quality
 
@@ -190,7 +190,7 @@ def _models(specs: Optional[list[str]]) -> list[Optional[str]]:
 
 def bench_speed_command(
     model: Annotated[
-        Optional[str], typer.Option("--model", "-m", help="Model spec. Default: the shipped model.")
+        Optional[str], typer.Option("--model", "-m", help="Model spec. Default: the default model (offline: its fallback).")
     ] = None,
     sizes: Annotated[str, typer.Option(help="Image sizes, N or HxW, comma separated.")] = "256,512",
     tiles: Annotated[str, typer.Option(help="Tile sizes, comma separated.")] = "256,544",
@@ -304,7 +304,7 @@ def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> N
 
 def bench_default_command(
     ctx: typer.Context,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model spec. Default: the shipped model.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model spec. Default: the default model (offline: its fallback).")] = None,
     threads: ThreadsOpt = None,
     out_dir: OutOpt = DEFAULT_OUT,
     as_json: JsonOpt = False,

@@ -44,6 +44,11 @@ def note(message: str) -> None:
     err.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def notice(message: str) -> None:
+    """One ``notice: ...`` line on stderr: something ran other than what the user may expect."""
+    err.print(f"[yellow]notice:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def set_threads(threads: Optional[int]) -> None:
     """``--threads``: torch's CPU thread count, unless None."""
     if threads is None:

@@ -8,19 +8,19 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..defaults import DEFAULT_MODEL, DEFAULT_OVERLAP, DEFAULT_TILE
+from ..defaults import DEFAULT_MODEL, DEFAULT_OVERLAP, DEFAULT_TILE, FALLBACK_MODEL
 from ..errors import MitdenoiseError
 from ..stopping import StopFlag
-from .console import err, error, fail, note, set_threads, warn
+from .console import err, error, fail, note, notice, set_threads, warn
 
 EPILOG = (
     "Examples:\n\n"
     "  mitdenoise denoise noisy.png clean.png\n\n"
     "  mitdenoise denoise photos/ denoised/ --suffix _dn\n\n"
     "  mitdenoise denoise 'scans/*.tif' out/ --model masked-denoising --passes 4\n\n"
-    f"The default model is {DEFAULT_MODEL}, our own checkpoint shipped in weights/ (works offline). "
-    "--model masked-denoising uses the authors' released checkpoint (downloaded once); "
-    "`mitdenoise models` lists the others."
+    f"The default model is {DEFAULT_MODEL}, the authors' masked-training checkpoint (downloaded once, "
+    f"then cached). Offline, or where it can't be had, {FALLBACK_MODEL} (shipped) runs instead and a "
+    "notice says so; `mitdenoise models` lists the others."
 )
 
 
@@ -30,8 +30,11 @@ def denoise_command(
     ],
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: the shipped default (marked in `mitdenoise models`)."),
+        typer.Option("--model", "-m", help="Checkpoint: a registry name, hf://owner/repo/file, or a .pth/.safetensors path. Default: the default, else the fallback (marked in `mitdenoise models`)."),
     ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Never connect: the cache or the shipped fallback (as HF_HUB_OFFLINE=1).")
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = DEFAULT_TILE,
     tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = DEFAULT_OVERLAP,
@@ -70,7 +73,7 @@ def denoise_command(
     try:
         jobs = plan_jobs(paths[:-1], paths[-1], suffix=suffix, fmt=format)
         denoiser = Denoiser(
-            model, device=device, precision=precision, tile=tile, tile_overlap=tile_overlap,
+            model, offline=offline, device=device, precision=precision, tile=tile, tile_overlap=tile_overlap,
             batch_size=batch_size, passes=passes, seed=seed, attn_mask_ratio=attn_mask_ratio,
             strength=strength,
         )
@@ -78,6 +81,8 @@ def denoise_command(
         fail(str(e))
     except ValueError as e:
         fail(str(e), 2)
+    if denoiser.notice and not quiet:
+        notice(denoiser.notice)
     warning = validation_warning(denoiser.validation)
     if warning and not quiet:
         warn(warning)
@@ -125,7 +130,8 @@ def _run_with_progress(jobs, denoiser, overwrite: bool, quiet: bool, stop: StopF
 
 def _print_summary(summary, denoiser) -> None:
     rate = summary.seconds / summary.megapixels if summary.megapixels else 0.0
-    parts = [f"denoised {len(summary.done)} file(s), {summary.megapixels:.2f} MP in {summary.seconds:.1f} s"]
+    parts = [f"denoised {len(summary.done)} file(s) with {escape(str(denoiser.model_name))}, "
+             f"{summary.megapixels:.2f} MP in {summary.seconds:.1f} s"]
     if summary.megapixels:
         parts.append(f"{rate:.1f} s/MP on {denoiser.device}")
     if summary.skipped:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -20,10 +21,11 @@ from .console import err, fail, out
 def models_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON (for scripts).")] = False,
 ) -> None:
-    """List the models --model accepts by name: source, size, cached or not, licence.
+    """List the models --model accepts by name: what each is, its size, cached or not.
 
-    Also accepted: hf://owner/repo/path/file.safetensors[@revision], or a path to a
-    .pth/.safetensors file.
+    The default (downloaded on first use) and the fallback (shipped, runs where the default
+    can't be had) are marked. Also accepted: hf://owner/repo/path/file.safetensors[@revision],
+    or a path to a .pth/.safetensors file. Sources, checksums and licences: --json.
 
     Example:  mitdenoise models --json
     """
@@ -34,18 +36,25 @@ def models_command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(caption=escape("Also: hf://owner/repo/file.safetensors[@revision], or a .pth/.safetensors path."),
-                  caption_justify="left")
-    for column in ("name", "source", "size", "cached", "licence"):
-        table.add_column(column, overflow="fold")
+    # Four short columns, so a row fits an 80-column terminal in one or two lines.
+    table = Table(caption=escape("Also: hf://owner/repo/file.safetensors[@revision], or a .pth/.safetensors path. "
+                                 "Sources and licences: mitdenoise models --json"),
+                  caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is", ratio=1)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("cached", no_wrap=True)
     for row in rows:
-        name = row["name"] + (" (default)" if row["default"] else "")
+        name = escape(row["name"])
+        if row["default"]:
+            name += " (default)"
+        elif row["fallback"]:
+            name += " (fallback)"
         if row["shipped"]:
             cached = "shipped" if row["cached"] else "missing"
         else:
             cached = "yes" if row["cached"] else "no"
-        table.add_row(escape(name), escape(row["source"]), human_size(row["size"]), cached,
-                      escape(row["license"]))
+        table.add_row(name, escape(row["description"]), human_size(row["size"]), cached)
     out.print(table, highlight=False)
 
 
