@@ -447,6 +447,17 @@ def best_methods(row: dict, key: str, exclude: Sequence[str] = ()) -> set[str]:
     return {m for m, v in values.items() if v == top or (math.isinf(top) and math.isinf(v))}
 
 
+def score_cells(row: dict, names: Sequence[str], bold: Callable[[str], str]) -> list[str]:
+    """``"PSNR / SSIM"`` per method of a table row, the row's best of each marked by ``bold``."""
+    best_p, best_s = best_methods(row, "psnr"), best_methods(row, "ssim")
+    cells = []
+    for name in names:
+        r = row["results"][name]
+        p, s = format_number(r["psnr"], 2), format_number(r["ssim"], 4)
+        cells.append(f"{bold(p) if name in best_p else p} / {bold(s) if name in best_s else s}")
+    return cells
+
+
 def quality_markdown(results: dict) -> str:
     """The table as Markdown: PSNR (dB) / SSIM on RGB, best of each row in bold."""
     names = [m["name"] for m in results["methods"]]
@@ -457,12 +468,7 @@ def quality_markdown(results: dict) -> str:
         "|---|---|" + "---|" * len(names),
     ]
     for row in results["rows"]:
-        best_p, best_s = best_methods(row, "psnr"), best_methods(row, "ssim")
-        cells = []
-        for name in names:
-            r = row["results"][name]
-            p, s = format_number(r["psnr"], 2), format_number(r["ssim"], 4)
-            cells.append(f"{'**' + p + '**' if name in best_p else p} / {'**' + s + '**' if name in best_s else s}")
+        cells = score_cells(row, names, lambda text: f"**{text}**")
         lines.append(f"| {row['noise']} | {format_number(row['sigma']['mean_255'], 1)} | " + " | ".join(cells) + " |")
     lines += ["", "Y-channel PSNR (dB):", "", "| noise | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in results["rows"]:

@@ -154,7 +154,7 @@ def _print_notes_or_json(results: dict, as_json: bool, quiet: bool) -> bool:
 
 def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
     from ..bench.common import format_number
-    from ..bench.quality import best_methods
+    from ..bench.quality import score_cells
 
     if _print_notes_or_json(results, as_json, quiet):
         return
@@ -167,18 +167,9 @@ def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) ->
     for name in names:
         table.add_column(escape(name), justify="right")
     for row in results["rows"]:
-        best_p, best_s = best_methods(row, "psnr"), best_methods(row, "ssim")
-        cells = []
-        for name in names:
-            r = row["results"][name]
-            p, s = format_number(r["psnr"], 2), format_number(r["ssim"], 4)
-            cells.append(f"{_bold(p, name in best_p)} / {_bold(s, name in best_s)}")
+        cells = score_cells(row, names, lambda text: f"[bold]{text}[/]")
         table.add_row(escape(row["noise"]), format_number(row["sigma"]["mean_255"], 1), *cells)
     out.print(table, highlight=False)
-
-
-def _bold(text: str, on: bool) -> str:
-    return f"[bold]{text}[/]" if on else text
 
 
 def _models(specs: Optional[list[str]]) -> list[Optional[str]]:
