@@ -6,6 +6,7 @@ here is deterministic on a given machine and the file stays well under two minut
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -365,6 +366,39 @@ def test_resuming_gives_bitwise_the_weights_of_an_uninterrupted_run(images, tmp_
     assert (tmp_path / "part" / "config.json").is_file()
     events = [r["event"] for r in run_log(tmp_path / "part")]
     assert events[0] == "start" and "resume" in events and events[-1] == "end"
+
+
+def test_a_run_moved_to_another_machine_resumes_there_with_its_data_at_a_new_path(images, tmp_path):
+    """The documented move: copy the run folder, point --data at the images' new place, --resume.
+
+    The checkpoint carries a CUDA RNG state, as one written on a GPU machine does; the CPU ignores it.
+    """
+    whole = tiny_config(images, tmp_path / "whole", iterations=8)
+    train(whole, quiet=True)
+    first_machine = tmp_path / "first"
+    data = first_machine / "data"
+    shutil.copytree(images["train"].parent, data)
+    train(tiny_config(images, first_machine / "run", iterations=3, data=str(data)), quiet=True)
+    state = _states(first_machine / "run")
+    state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, first_machine / "run" / CHECKPOINT_NAME)
+
+    second_machine = tmp_path / "second"
+    second_machine.mkdir()
+    shutil.move(first_machine / "run", second_machine / "run")
+    shutil.move(data, second_machine / "images")
+    shutil.rmtree(first_machine)
+    args = [sys.executable, "-m", "mitdenoise.train", "--out", str(second_machine / "run"), "--resume",
+            "--data", str(second_machine / "images"), "--iterations", "8", "--device", "cpu", "--quiet"]
+    moved = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    a, b = _states(tmp_path / "whole"), _states(second_machine / "run")
+    assert b["iteration"] == 8
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    saved = json.loads((second_machine / "run" / "config.json").read_text())
+    assert saved["data"] == str(second_machine / "images") and saved["out"] == str(second_machine / "run")
 
 
 def test_refuses_to_overwrite_a_run_or_resume_a_missing_one_or_a_different_network(images, tmp_path):
