@@ -91,6 +91,13 @@ def test_quality_writes_json_markdown_and_grids_with_every_row_and_method(tmp_pa
         assert row["results"]["noisy"]["psnr"] == pytest.approx(np.mean(direct), abs=1e-9)
 
 
+def test_the_default_rows_are_light_gaussian_noise_then_the_papers_four(clean_dir):
+    res = quality.run_quality(clean_dir, models=[], baselines=["noisy"], limit=1, crop=64)
+    assert [r["noise"] for r in res["rows"]] == ["gaussian:5", "gaussian:15", "poisson:2", "speckle:0.024", "saltpepper:0.002"]
+    psnrs = [r["results"]["noisy"]["psnr"] for r in res["rows"]]
+    assert psnrs[0] > psnrs[1] + 8  # sigma 5 is 9.5 dB lighter than 15 before clipping
+
+
 def test_synthetic_noise_does_not_depend_on_row_order(clean_dir):
     def noisy_psnrs(spec):
         res = quality.run_quality(clean_dir, noise_spec=spec, models=[], baselines=["noisy"])

@@ -34,7 +34,8 @@ from ..defaults import DEFAULT_OVERLAP
 from .common import Progress, format_number, synthetic_image
 
 BASELINES = ("noisy", "nlm", "bm3d")
-DEFAULT_NOISES = "gaussian:15,poisson:2,speckle:0.024,saltpepper:0.002"
+DEFAULT_NOISES = "gaussian:5,gaussian:15,poisson:2,speckle:0.024,saltpepper:0.002"
+"""The paper's four test noises, after light Gaussian noise: camera photos at low ISO are about that light."""
 NLM_H_PER_SIGMA = 0.7
 """h = hColor = 0.7 sigma (8-bit units): best on average over sigma 10..50 (docs/benchmarks.md)."""
 GRID_CROP = 128

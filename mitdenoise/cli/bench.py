@@ -79,7 +79,7 @@ def bench_quality_command(
     ] = None,
     noise: Annotated[
         Optional[str],
-        typer.Option("--noise", "-n", help="Synthetic noises as kind:level items, e.g. gaussian:15,poisson:2,speckle:0.024,saltpepper:0.002,correlated:15,mixture:15. Default: the paper's four, unless --noisy is given."),
+        typer.Option("--noise", "-n", help="Synthetic noises as kind:level items, e.g. gaussian:15,poisson:2,speckle:0.024,saltpepper:0.002,correlated:15,mixture:15. Default: light Gaussian 5 and the paper's four, unless --noisy is given."),
     ] = None,
     model: ModelsOpt = None,
     passes: Annotated[int, typer.Option(help="Also run each model with this many averaged mask draws (column 'name xN').")] = 1,
