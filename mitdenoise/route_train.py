@@ -6,8 +6,7 @@ the one piece with a backward by hand is the masked queries' (:class:`_MaskedQue
 
 - each block gathers its windows straight from the previous block's output (shift,
   partition, and an order inside every window that lists its kept tokens first, in
-  one gather) and hands them on in that order; the gather's backward is the inverse
-  gather (:func:`permute`), not a scatter-add;
+  one gather) and hands them on in that order;
 - windows with about as many kept tokens go together in chunks, and ``norm1`` and
   ``qkv`` run on the listed tokens only: a window's kept tokens, padded with masked
   ones to the chunk's largest count;
@@ -43,26 +42,6 @@ REST_FLOOR = 1e-30
 masked queries whose weights sum below it take the plain attention."""
 MAX_BIAS_SPREAD = 60.0
 """Above this spread of the position bias, blocks attend over every token (see :func:`bias_spread`)."""
-
-
-class _Permute(torch.autograd.Function):
-    """``x.index_select(dim, index)`` for a permutation ``index``; backward gathers by its inverse."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.dim = dim
-        ctx.save_for_backward(inverse)
-        return x.index_select(dim, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(ctx.dim, inverse), None, None, None
-
-
-def permute(x: torch.Tensor, index: torch.Tensor, dim: int = 0, inverse: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` along ``dim`` in the order of the permutation ``index``, with a gather for a backward."""
-    return _Permute.apply(x, dim, index, inverse_permutation(index) if inverse is None else inverse)
 
 
 class _ShortRowSoftmax(torch.autograd.Function):
@@ -271,10 +250,10 @@ class _MaskedQueries(torch.autograd.Function):
         torch.mul(d_out, inverse.unsqueeze(-1), out=d_rows[:, :hd])
         d_rows[:, hd] = -(d_out * out).sum(-1) * inverse
         d_rows[:, hd + 1] = 0.0
-        d_sums = torch.zeros(heads, n, bw, hd + 2, dtype=v.dtype, device=v.device)
-        flat = d_sums.view(-1, hd + 2)
-        flat.index_copy_(0, layout.masked_rows, d_rows)
-        flat[:, hd + 1].index_copy_(0, layout.listed_rows, d_rest_sums.reshape(-1))
+        d_listed_rows = torch.zeros(heads * bw * nk, hd + 2, dtype=v.dtype, device=v.device)
+        d_listed_rows[:, hd + 1] = d_rest_sums.reshape(-1)
+        d_sums = torch.empty(heads, n, bw, hd + 2, dtype=v.dtype, device=v.device)  # every row written below
+        d_sums.view(-1, hd + 2).index_copy_(0, layout.masked_rows, d_rows).index_copy_(0, layout.listed_rows, d_listed_rows)
         d_values, d_exp_bias = layout.by_kind_backward(exp_bias, values, d_sums)
         # Listed keys: values [w v, w, 0] at their positions.
         d_listed = d_values.view(heads, n * bw, hd + 2).index_select(1, layout.listed_keys).view(heads, bw, nk, hd + 2)
@@ -352,7 +331,7 @@ def masked_query_attention(attn, qkv, pos, kinds, biases, n: int) -> torch.Tenso
     heads, bw, n_listed, hd = q.shape
     rows, exp_bias, row_max = biases.rows, biases.exp_bias, biases.row_max
     q_bias, k_bias, v_bias = attn.qkv.bias.view(3, heads, hd)
-    c = (k @ (q_bias * attn.scale).view(heads, 1, hd, 1)).squeeze(-1)  # (heads, bw, nk)
+    c = (k * q_bias.view(heads, 1, 1, hd)).sum(-1) * attn.scale  # (heads, bw, nk)
     c_rest = (k_bias * q_bias).sum(-1, keepdim=True) * attn.scale  # (heads, 1)
     layout = MaskedLayout(pos, kinds, n_listed, heads, len(exp_bias))
     masked_out, rest_sums, ok = _MaskedQueries.apply(c, v, c_rest, v_bias, exp_bias, layout)
@@ -418,7 +397,7 @@ def block_forward(block, flat: torch.Tensor, rows: torch.Tensor | None, size: tu
         order = order.gather(1, pos)
     out_rows = order.flatten()
     source = out_rows if rows is None else inverse_permutation(rows).index_select(0, out_rows)
-    windows = permute(flat, source).view(len(order), n, c)
+    windows = flat.index_select(0, source).view(len(order), n, c)
     masks = ctx.cached(("shift_masks", ws, shift, str(flat.device)), lambda: kind_shift_masks(ws, shift, flat.device))
     biases = block_biases(block.attn, masks if shift else None)
     step = ctx.chunk_windows or len(order)
@@ -441,7 +420,7 @@ def residual_group_forward(blocks, x: torch.Tensor, size: tuple[int, int], ctx) 
     flat, rows = x.reshape(-1, x.shape[-1]), None
     for block in blocks:
         flat, rows = block_forward(block, flat, rows, size, ctx)
-    return permute(flat, inverse_permutation(rows)).view(x.shape)
+    return flat.index_select(0, inverse_permutation(rows)).view(x.shape)
 
 
 def draw_keep_masks(model, x: torch.Tensor, ratio: tuple[int, int], generator) -> list[torch.Tensor | None]:

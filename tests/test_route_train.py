@@ -158,16 +158,8 @@ def test_the_route_is_taken_on_the_cpu_in_fp32_under_autograd_only(monkeypatch):
     assert not model_module.train_route_applies(torch.zeros(1, device="meta"))
 
 
-def test_permute_and_short_row_softmax_have_the_gradients_of_what_they_replace():
+def test_short_row_softmax_has_the_values_and_gradients_of_softmax():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 5, 4, generator=g, requires_grad=True)
-    index = torch.randperm(5, generator=g)
-    weights = torch.randn(6, 5, 4, generator=g)
-    (route_train.permute(x, index, 1) * weights).sum().backward()
-    grad = x.grad.clone()
-    x.grad = None
-    (x.index_select(1, index) * weights).sum().backward()
-    assert torch.equal(grad, x.grad)
     for width in (7, 20):
         y = torch.randn(9, width, generator=g, requires_grad=True)
         w = torch.randn(9, width, generator=g)
