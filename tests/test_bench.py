@@ -385,20 +385,21 @@ def test_bench_train_times_both_routes_alternating_and_writes_json_and_markdown(
     from mitdenoise.bench import train_speed
 
     order = []
-    step = train_speed.plain_step
-    monkeypatch.setattr(train_speed, "plain_step", lambda *a: order.append("plain") or step(*a))
+    step = train_speed.one_forward_step
+    monkeypatch.setattr(train_speed, "one_forward_step", lambda *a, **k: order.append(k["shortcut"]) or step(*a, **k))
     toml = tmp_path / "net.toml"
     toml.write_text("[model]\nembed_dim = 12\ndepths = [2]\nnum_heads = [2]\n")
     out = tmp_path / "r"
     result = runner.invoke(cli(), ["bench", "train", "--model-config", str(toml), "--batch", "2", "--patch-size", "16",
                                    "--iterations", "2", "--warmup", "1", "--attn-mask", "50,90", "--threads", "1",
-                                   "--sgemm-size", "64", "-o", str(out), "--json", "-q"])
+                                   "--sgemm-size", "64", "--one-forward", "-o", str(out), "--json", "-q"])
     assert result.exit_code == 0, result.output
     results = json.loads(result.stdout)
     assert results == json.loads((out / "train-speed.json").read_text())
-    plain, route = results["rows"]
-    assert (plain["route"], route["route"]) == ("plain", "route") and len(order) == 3
-    assert len(plain["times_s"]) == len(route["times_s"]) == 2
+    plain, route, whole = results["rows"]
+    assert (plain["route"], route["route"], whole["route"]) == ("plain", "route", "route, one forward")
+    assert order == [False, True] * 3  # alternating, after one warm-up each
+    assert len(plain["times_s"]) == len(route["times_s"]) == len(whole["times_s"]) == 2
     assert route["speedup_vs_plain"] == pytest.approx(plain["median_s"] / route["median_s"])
     config = results["config"]
     assert config["model_config"]["embed_dim"] == 12 and config["attn_mask"] == [50, 90]

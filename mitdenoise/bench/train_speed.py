@@ -26,7 +26,8 @@ from .speed import json_config, macs_per_pixel, sgemm_gflops
 
 ROUTE_DESCRIPTION = (
     "plain: the model's modules on torch's intra-op threads (training before route_train); "
-    "route: train's own step, route_train with the batch in parts on single-thread workers"
+    "route: train's own step, route_train with the batch in parts on single-thread workers; "
+    "route, one forward: route_train with the whole batch on intra-op threads"
 )
 
 
@@ -45,13 +46,14 @@ def network_config(model_config: str | os.PathLike | None, attn_mask: tuple[int,
     return dataclasses.replace(config, attn_mask_ratio=tuple(attn_mask)), source
 
 
-def plain_step(run, noisy, clean, generator, ratio) -> None:
-    """``Run.step`` as it was before the training route: one forward through the model's modules."""
+def one_forward_step(run, noisy, clean, generator, ratio, shortcut: bool) -> None:
+    """``Run.step`` with the whole batch in one forward: the plain route (``shortcut`` False), as
+    training ran before the training route, or the training route on intra-op threads."""
     import torch.nn.functional as F
 
     from ..train.loop import ema_update
 
-    out = run.model(noisy, generator=generator, shortcut=False, mask_ratio=ratio)
+    out = run.model(noisy, generator=generator, shortcut=shortcut, mask_ratio=ratio)
     loss = F.l1_loss(out, clean)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -71,6 +73,7 @@ def run_train_speed(
     attn_mask: tuple[int, int] = (75, 75),
     input_mask: tuple[int, int] = (80, 90),
     sgemm_n: int = 2048,
+    one_forward: bool = False,
     seed: int = 0,
     on_progress: Progress | None = None,
     on_total: Callable[[int], None] | None = None,
@@ -78,8 +81,10 @@ def run_train_speed(
     """Time ``iterations`` training steps of each route after ``warmup`` untimed ones, alternating.
 
     Per route: the step times, their median, patches/s, effective GFLOP/s and its share of the
-    sgemm rate; the route's row also its speed-up over the plain route. Also the data pipeline's
-    time for a batch (``PatchBatches``, which training runs on the main thread on the CPU).
+    sgemm rate; the route's row also its speed-up over the plain route. ``one_forward`` adds a
+    third: the route with the whole batch in one forward on intra-op threads (no parts). Also the
+    data pipeline's time for a batch (``PatchBatches``, which training runs on the main thread on
+    the CPU).
     """
     import torch
 
@@ -95,7 +100,8 @@ def run_train_speed(
     train_config = TrainConfig(model=config, batch_size=batch, patch_size=patch, input_mask=tuple(input_mask),
                                seed=seed, lr=1e-4, milestones=())
     device = torch.device("cpu")
-    runs = {name: Run.build(train_config, device, None) for name in ("plain", "route")}  # seeded: same weights
+    names = ("plain", "route", "route, one forward") if one_forward else ("plain", "route")
+    runs = {name: Run.build(train_config, device, None) for name in names}  # seeded: same weights
     image = synthetic_image(max(256, patch), max(256, patch), seed)
     data = PatchBatches([image], patch_size=patch, batch_size=batch, steps=warmup + iterations + 3, seed=seed,
                         noise_sigma=15.0, mask_ratio=tuple(input_mask))
@@ -106,7 +112,7 @@ def run_train_speed(
         data[step]
         data_times.append(time.perf_counter() - start)
     if on_total:
-        on_total(1 + 2 * (warmup + iterations))
+        on_total(1 + len(names) * (warmup + iterations))
     ceiling = sgemm_gflops(device, sgemm_n)
     if on_progress:
         on_progress(f"sgemm {sgemm_n}")
@@ -114,10 +120,12 @@ def run_train_speed(
     ratio = tuple(attn_mask)
     no_autocast = torch.autocast("cpu", enabled=False)
     steps = {
-        "plain": lambda run, g: plain_step(run, noisy, clean, g, ratio),
+        "plain": lambda run, g: one_forward_step(run, noisy, clean, g, ratio, shortcut=False),
         "route": lambda run, g: run.step(noisy, clean, g, no_autocast),
+        "route, one forward": lambda run, g: one_forward_step(run, noisy, clean, g, ratio, shortcut=True),
     }
-    times: dict[str, list[float]] = {"plain": [], "route": []}
+    steps = {name: steps[name] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + iterations):
         for name, step in steps.items():
             generator = torch.Generator().manual_seed(seed + i)  # both routes draw the same masks
@@ -140,7 +148,8 @@ def run_train_speed(
             "patches_per_s": batch / median, "gflops_effective": gflops,
             "fraction_of_sgemm": gflops / ceiling["gflops"] if ceiling["gflops"] else None,
         })
-    rows[1]["speedup_vs_plain"] = rows[0]["median_s"] / rows[1]["median_s"]
+    for row in rows[1:]:
+        row["speedup_vs_plain"] = rows[0]["median_s"] / row["median_s"]
     return {
         "schema": "mitdenoise.bench.train/1",
         "config": {

@@ -318,6 +318,7 @@ def bench_train_command(
     input_mask: Annotated[str, typer.Option(help="Input-mask ratio in percent, N or LOW,HIGH; 0 for off.")] = "80,90",
     threads: ThreadsOpt = None,
     sgemm_size: Annotated[int, typer.Option(min=1, help="Size of the sgemm that measures the FLOP ceiling.")] = 2048,
+    one_forward: Annotated[bool, typer.Option("--one-forward", help="Also time the training route with the whole batch in one forward on intra-op threads (no parts).")] = False,
     seed: SeedOpt = 0,
     out_dir: OutOpt = DEFAULT_OUT,
     as_json: JsonOpt = False,
@@ -340,7 +341,7 @@ def bench_train_command(
         with _Bar(quiet, "train speed") as bar:
             results = train_speed.run_train_speed(
                 model_config, threads=threads, batch=batch, patch=patch_size, iterations=iterations, warmup=warmup,
-                attn_mask=attn, input_mask=masked, sgemm_n=sgemm_size, seed=seed,
+                attn_mask=attn, input_mask=masked, sgemm_n=sgemm_size, one_forward=one_forward, seed=seed,
                 on_progress=bar.step, on_total=bar.total,
             )
         train_speed.write_train_speed_outputs(results, out_dir)
