@@ -202,9 +202,10 @@ class _MaskedQueries(torch.autograd.Function):
     (heads, bw, nk), for the rest key's bias; and whether every masked query's weights
     summed to more than :data:`REST_FLOOR` (if not, the outputs are not to be used).
 
-    Autograd through the same steps stores every intermediate of the (heads, N, windows,
-    hd + 2) GEMM operands; by hand, the backward needs one zero fill and two GEMMs, and
-    the rest key's gradient is a weighted sum over the masked rows alone.
+    Autograd through the same steps keeps and passes over every intermediate of the
+    (heads, N, windows, hd + 2) GEMM operands; by hand, the backward writes the GEMM's
+    gradient once and runs two GEMMs, and the rest key's gradient is a weighted sum over
+    the masked rows alone.
     """
 
     @staticmethod
@@ -226,7 +227,7 @@ class _MaskedQueries(torch.autograd.Function):
         listed[..., hd] = weight
         listed[..., hd + 1] = 0.0
         values.view(heads, n * bw, hd + 2).index_copy_(1, layout.listed_keys, listed.view(heads, bw * nk, hd + 2))
-        sums = layout.by_kind(exp_bias, values, transpose=False)
+        sums = layout.by_kind(exp_bias, values)
         flat = sums.view(-1, hd + 2)
         rest_rows = flat.index_select(0, layout.masked_rows)  # (bw * (N - nk) * heads, hd + 2)
         denominator = rest_rows[:, hd]
@@ -286,15 +287,12 @@ class MaskedLayout:
         self.edges = [(k, w) for k in range(1, kind_count) if len(w := (kinds == k).nonzero().flatten())]
         self.edge_windows = torch.cat([w for _, w in self.edges]) if self.edges else None
 
-    def by_kind(self, exp_bias: torch.Tensor, values: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """``exp_bias[kind] @ values`` (``.mT`` of it if ``transpose``) for the windows of each kind;
-        values (heads, N, bw, hd + 2)."""
+    def by_kind(self, exp_bias: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``exp_bias[kind] @ values`` for the windows of each kind; values (heads, N, bw, hd + 2)."""
         heads, n, bw, width = values.shape
-        first = exp_bias[0].mT if transpose else exp_bias[0]
-        out = torch.matmul(first, values.view(heads, n, -1)).view(heads, n, bw, width)
+        out = torch.matmul(exp_bias[0], values.view(heads, n, -1)).view(heads, n, bw, width)
         for kind, windows in self.edges:
-            matrix = exp_bias[kind].mT if transpose else exp_bias[kind]
-            part = torch.matmul(matrix, values.index_select(2, windows).view(heads, n, -1))
+            part = torch.matmul(exp_bias[kind], values.index_select(2, windows).view(heads, n, -1))
             out.index_copy_(2, windows, part.view(heads, n, -1, width))
         return out
 
@@ -474,7 +472,7 @@ def backward_in_parts(model, x, target, loss_fn, generator, ratio: tuple[int, in
         with torch.enable_grad():
             out = model(x[first:stop], draw_mask=draw, mask_ratio=ratio)
             loss = loss_fn(out, target[first:stop]) * ((stop - first) / len(x))
-            return loss.detach(), torch.autograd.grad(loss, params)
+            return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
 
     results = list(pool.map(run, range(n_parts)))
     for i, p in enumerate(params):
