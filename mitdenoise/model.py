@@ -5,11 +5,11 @@ checkpoints load as they are. The one addition is the attention keep-mask: insid
 every window attention the input tokens are zeroed at random with probability
 ``r`` (75 % for the released model), at training and at inference alike.
 
-The modules here compute the authors' formulation (the plain route), which training
-takes. Inference takes faster routes to the same numbers, functions over these
-modules: :mod:`mitdenoise.route_cpu` on the CPU, :mod:`mitdenoise.route_fused` on
-CUDA, :mod:`mitdenoise.triton_block` on CUDA under bf16/fp16 autocast;
-:meth:`SwinIR.forward` picks one.
+The modules here compute the authors' formulation (the plain route). Faster routes
+to the same numbers are functions over these modules: for inference
+:mod:`mitdenoise.route_cpu` on the CPU, :mod:`mitdenoise.route_fused` on CUDA,
+:mod:`mitdenoise.triton_block` on CUDA under bf16/fp16 autocast; for training on the
+CPU in fp32 :mod:`mitdenoise.route_train`. :meth:`SwinIR.forward` picks one.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import route_cpu, route_fused
+from . import route_cpu, route_fused, route_train
 from .checks import is_int
 from .masking import draw_keep_mask
 from .windows import EdgeShiftMask, relative_position_index, window_chunks, window_partition, window_reverse
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 CPU_ATTENTION_CHUNK = 128
-"""Windows a block takes at a time on the CPU: a chunk's attention scores stay in cache."""
+"""Windows a block takes at a time on the CPU (every route): a chunk's attention scores stay in cache."""
 LAYOUT_CACHE_ENTRIES = 32
 """Shift masks and window orders kept per network (two per image size seen)."""
 
@@ -279,6 +279,8 @@ class ResidualGroup(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: ForwardContext) -> torch.Tensor:
         if ctx.masked_shortcut:
             return route_cpu.residual_group_forward(self.blocks, x, size, ctx)
+        if ctx.train_route:
+            return route_train.residual_group_forward(self.blocks, x, size, ctx)
         for block in self.blocks:
             x = block(x, size, ctx)
         return x
@@ -340,6 +342,17 @@ def attention_chunk(device_type: str, fused: bool) -> int | None:
     return route_fused.FUSED_WINDOWS if fused else None
 
 
+def train_route_applies(x: torch.Tensor) -> bool:
+    """Whether a forward on ``x`` takes the training route (:mod:`mitdenoise.route_train`):
+    on the CPU, under autograd, in fp32 without autocast."""
+    return (
+        x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
 class ForwardContext:
     """Per-forward state shared by all layers: the route taken, the mask draws and cached layouts."""
 
@@ -353,8 +366,11 @@ class ForwardContext:
         fused_attention: bool = False,
         kernel_dtype: torch.dtype | None = None,
         draw_mask: KeepMaskDrawer = draw_keep_mask,
+        train_route: bool = False,
     ) -> None:
         self.ratio = ratio
+        self.train_route = train_route
+        """Set: the residual groups take the CPU training route (route_train.py)."""
         self.masked_shortcut = masked_shortcut
         """Set: the residual groups take the CPU route (route_cpu.py)."""
         self.fused_attention = fused_attention
@@ -422,9 +438,11 @@ class SwinIR(nn.Module):
         """Denoise ``x``; ``generator`` makes the attention mask reproducible.
 
         On CPU without autograd, the residual groups take the CPU route
-        (:mod:`mitdenoise.route_cpu`); on CUDA without autograd, attention takes a fused
-        kernel (:mod:`mitdenoise.route_fused`), or under bf16/fp16 autocast each Swin block
-        is one Triton kernel (:func:`mitdenoise.triton_block.autocast_dtype`).
+        (:mod:`mitdenoise.route_cpu`), and under autograd in fp32 the training route
+        (:mod:`mitdenoise.route_train`, :func:`train_route_applies`); on CUDA without
+        autograd, attention takes a fused kernel (:mod:`mitdenoise.route_fused`), or under
+        bf16/fp16 autocast each Swin block is one Triton kernel
+        (:func:`mitdenoise.triton_block.autocast_dtype`).
         ``shortcut=False`` forces the plain computation (the speed reference and the tests
         that pin the routes to it). ``chunked=False`` has every block take all its windows
         at once, and ``draw_mask`` draws the attention keep-masks instead of
@@ -441,13 +459,16 @@ class SwinIR(nn.Module):
         ratio = self.config.attn_mask_ratio if mask_ratio is None else tuple(mask_ratio)
         fused = shortcut and x.device.type == "cuda" and not torch.is_grad_enabled()
         chunk = attention_chunk(x.device.type, fused) if chunked else None
+        train_route = shortcut and train_route_applies(x)
         shortcut = shortcut and x.device.type == "cpu" and not torch.is_grad_enabled()
         kernel_dtype = None
         if fused and torch.is_autocast_enabled("cuda"):
             from . import triton_block  # only here: importing Triton takes a while, and fp32 never needs it
 
             kernel_dtype = triton_block.autocast_dtype(self.config, x.device)
-        ctx = ForwardContext(ratio, generator, self._layout_cache, chunk, shortcut, fused, kernel_dtype, draw_mask)
+        ctx = ForwardContext(
+            ratio, generator, self._layout_cache, chunk, shortcut, fused, kernel_dtype, draw_mask, train_route
+        )
         if ctx.channels_last:  # the tokens' own layout: no transposes around the convs
             x = x.contiguous(memory_format=torch.channels_last)
         first = self.conv_first(x)

@@ -384,3 +384,43 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_bench_train_times_both_routes_alternating_and_writes_json_and_markdown(tmp_path, monkeypatch):
+    """Tiny network from a training TOML: both routes timed the asked number of times, the route's
+    row has its speed-up over the plain one, the effective rate counts 3 x the forward's work."""
+    from mitdenoise.bench import train_speed
+
+    order = []
+    step = train_speed.one_forward_step
+    monkeypatch.setattr(train_speed, "one_forward_step", lambda *a, **k: order.append(k["shortcut"]) or step(*a, **k))
+    toml = tmp_path / "net.toml"
+    toml.write_text("[model]\nembed_dim = 12\ndepths = [2]\nnum_heads = [2]\n")
+    out = tmp_path / "r"
+    result = runner.invoke(cli(), ["bench", "train", "--model-config", str(toml), "--batch", "2", "--patch-size", "16",
+                                   "--iterations", "2", "--warmup", "1", "--attn-mask", "50,90", "--threads", "1",
+                                   "--sgemm-size", "64", "--one-forward", "-o", str(out), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.stdout)
+    assert results == json.loads((out / "train-speed.json").read_text())
+    plain, route, whole = results["rows"]
+    assert (plain["route"], route["route"], whole["route"]) == ("plain", "route", "route, one forward")
+    assert order == [False, True] * 3  # alternating, after one warm-up each
+    assert len(plain["times_s"]) == len(route["times_s"]) == len(whole["times_s"]) == 2
+    assert route["speedup_vs_plain"] == pytest.approx(plain["median_s"] / route["median_s"])
+    config = results["config"]
+    assert config["model_config"]["embed_dim"] == 12 and config["attn_mask"] == [50, 90]
+    assert config["gflop_per_step"] == pytest.approx(6 * speed.macs_per_pixel(train_speed.network_config(toml, (50, 90))[0]) * 16 * 16 * 2 / 1e9)
+    assert plain["gflops_effective"] == pytest.approx(config["gflop_per_step"] / plain["median_s"])
+    assert "| route |" in (out / "train-speed.md").read_text()
+
+
+def test_bench_train_refuses_bad_mask_ratios_and_defaults_to_the_shipped_network():
+    from mitdenoise.bench import train_speed
+    from mitdenoise.registry import FALLBACK_MODEL
+
+    result = runner.invoke(cli(), ["bench", "train", "--attn-mask", "75,50"])
+    assert result.exit_code == 2 and "--attn-mask takes a percentage" in result.stderr
+    config, source = train_speed.network_config(None, (75, 75))
+    assert (config.embed_dim, config.depths, config.num_heads, config.attn_mask_ratio) == (48, (4, 4), (6, 6), (75, 75))
+    assert FALLBACK_MODEL in source

@@ -205,6 +205,28 @@ def test_training_steps_pass_the_ramped_attention_mask_ratio(images, tmp_path, m
     assert load_model(tmp_path / "run" / EXPORT_NAME).config.attn_mask_ratio == (75, 75)
 
 
+def test_cpu_fp32_training_takes_the_training_route_with_the_batch_in_parts_and_bf16_the_plain_route(
+    images, tmp_path, monkeypatch
+):
+    from mitdenoise import route_train
+    from mitdenoise.train import loop
+
+    parts, groups = [], []
+    in_parts, group_forward = loop.backward_in_parts, route_train.residual_group_forward
+    monkeypatch.setattr(loop, "backward_in_parts", lambda *a: parts.append(r := in_parts(*a)) or r)
+    monkeypatch.setattr(route_train, "residual_group_forward", lambda *a: groups.append(1) or group_forward(*a))
+    assert train(tiny_config(images, tmp_path / "fp32", iterations=2, threads=2), quiet=True).exit_code == 0
+    assert len(parts) == 2 and all(loss is not None for loss in parts)
+    assert len(groups) == 2 * 2  # each step: one residual group in each of two parts
+    parts.clear(), groups.clear()
+    assert train(tiny_config(images, tmp_path / "one", iterations=2), quiet=True).exit_code == 0
+    assert parts == [None, None] and len(groups) == 2  # one thread: one forward, through the route
+    parts.clear(), groups.clear()
+    config = tiny_config(images, tmp_path / "bf16", iterations=2, threads=2, precision="bf16")
+    assert train(config, quiet=True).exit_code == 0
+    assert parts == [] and groups == []  # bf16 autocast: the model's modules
+
+
 def test_validation_noise_is_seeded_gaussian_15_and_the_authors_poisson_2(images):
     from mitdenoise import noise
 

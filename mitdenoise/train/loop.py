@@ -34,7 +34,8 @@ from ..denoiser import pick_device
 from ..errors import DeviceError, MitdenoiseError, TrainSetupError
 from ..imageio import blocked_folder
 from ..masking import ramped
-from ..model import SwinIR
+from ..model import SwinIR, train_route_applies
+from ..route_train import backward_in_parts
 from ..registry import resolve_model
 from ..stopping import StopFlag
 from .checkpoint import (
@@ -247,15 +248,24 @@ class Run:
             )
 
     def step(self, noisy: torch.Tensor, clean: torch.Tensor, generator: torch.Generator, autocast) -> torch.Tensor:
-        """One optimisation step on a batch, then the EMA update; returns the (detached) loss."""
+        """One optimisation step on a batch, then the EMA update; returns the (detached) loss.
+
+        On the CPU in fp32 the network takes the training route (:mod:`mitdenoise.route_train`),
+        and without DDP the batch goes in parts to single-thread workers
+        (:func:`~mitdenoise.route_train.backward_in_parts`) where there are several threads.
+        """
         noisy = noisy.to(self.device, non_blocking=True)
         clean = clean.to(self.device, non_blocking=True)
         ratio = ramped(self.config.model.attn_mask_ratio, self.iteration, self.config.mask_ramp)
-        with autocast:
-            out = self.net(noisy, generator=generator, mask_ratio=ratio)
-        loss = F.l1_loss(out.float(), clean)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with autocast:  # the route is fp32: under bf16 autocast the model's modules run
+            in_parts = self.net is self.model and train_route_applies(noisy)  # DDP's hooks want one backward
+        loss = backward_in_parts(self.model, noisy, clean, F.l1_loss, generator, ratio) if in_parts else None
+        if loss is None:
+            with autocast:
+                out = self.net(noisy, generator=generator, mask_ratio=ratio)
+            loss = F.l1_loss(out.float(), clean)
+            loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         ema_update(self.ema, self.model, self.config.ema_decay)
