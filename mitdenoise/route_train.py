@@ -274,7 +274,12 @@ class _MaskedQueries(torch.autograd.Function):
 class MaskedLayout:
     """Where a chunk's tokens sit in :class:`_MaskedQueries`' (heads, N, windows, hd + 2) sums:
     rows of the listed keys by position, rows of the masked queries and of the listed ones in
-    the windows' token order, and the windows of each kind (all one kind unshifted)."""
+    the windows' token order, and the windows of each kind (all one kind unshifted).
+
+    Also the gathers that put rows written side by side into position order (one
+    ``index_select`` copies rows of a few floats faster than ``index_copy_`` writes them):
+    ``key_sources`` for the GEMM's operand (the listed keys' rows, then one rest row a
+    window) and ``sum_sources`` for the sums' gradient (the masked rows, then the listed)."""
 
     def __init__(self, pos: torch.Tensor, kinds: torch.Tensor, n_listed: int, heads: int, kind_count: int) -> None:
         bw, n = pos.shape
