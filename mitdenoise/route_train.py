@@ -215,18 +215,17 @@ class _MaskedQueries(torch.autograd.Function):
         top = torch.maximum(c.amax(-1), c_rest)  # (heads, bw): any shift leaves the results as they are
         weight = (c - top.unsqueeze(-1)).exp_()
         rest_weight = (c_rest - top).exp_()
-        # Per head, key position and window: [w_j v_j, w_j, 1 if j is in the rest].
-        values = torch.empty(heads, n, bw, hd + 2, dtype=v.dtype, device=v.device)
-        rest = torch.empty(heads, bw, hd + 2, dtype=v.dtype, device=v.device)
-        torch.mul(rest_weight.unsqueeze(-1), v_bias.unsqueeze(1), out=rest[..., :hd])
-        rest[..., hd] = rest_weight
-        rest[..., hd + 1] = 1.0
-        values.copy_(rest.unsqueeze(1).expand(-1, n, -1, -1))
-        listed = torch.empty(heads, bw, nk, hd + 2, dtype=v.dtype, device=v.device)
+        # Per head, key position and window: [w_j v_j, w_j, 1 if j is in the rest]; the listed keys'
+        # rows, then each window's rest row, gathered into position order.
+        rows = torch.empty(heads, bw * (nk + 1), hd + 2, dtype=v.dtype, device=v.device)
+        listed, rest = rows[:, : bw * nk].view(heads, bw, nk, hd + 2), rows[:, bw * nk :]
         torch.mul(v, weight.unsqueeze(-1), out=listed[..., :hd])
         listed[..., hd] = weight
         listed[..., hd + 1] = 0.0
-        values.view(heads, n * bw, hd + 2).index_copy_(1, layout.listed_keys, listed.view(heads, bw * nk, hd + 2))
+        torch.mul(rest_weight.unsqueeze(-1), v_bias.unsqueeze(1), out=rest[..., :hd])
+        rest[..., hd] = rest_weight
+        rest[..., hd + 1] = 1.0
+        values = rows.index_select(1, layout.key_sources).view(heads, n, bw, hd + 2)
         sums = layout.by_kind(exp_bias, values)
         flat = sums.view(-1, hd + 2)
         rest_rows = flat.index_select(0, layout.masked_rows)  # (bw * (N - nk) * heads, hd + 2)
@@ -247,14 +246,15 @@ class _MaskedQueries(torch.autograd.Function):
         n = exp_bias.shape[-1]
         d_out = d_out.reshape(-1, hd)
         inverse = rest_rows[:, hd].reciprocal()
-        d_rows = torch.empty_like(rest_rows)
+        # The masked rows' gradients, then the listed rows', gathered into the sums' order.
+        d_all = torch.empty(n * bw * heads, hd + 2, dtype=v.dtype, device=v.device)
+        d_rows, d_listed_rows = d_all[: len(rest_rows)], d_all[len(rest_rows) :]
         torch.mul(d_out, inverse.unsqueeze(-1), out=d_rows[:, :hd])
         d_rows[:, hd] = -(d_out * out).sum(-1) * inverse
         d_rows[:, hd + 1] = 0.0
-        d_listed_rows = torch.zeros(heads * bw * nk, hd + 2, dtype=v.dtype, device=v.device)
+        d_listed_rows[:, : hd + 1] = 0.0
         d_listed_rows[:, hd + 1] = d_rest_sums.reshape(-1)
-        d_sums = torch.empty(heads, n, bw, hd + 2, dtype=v.dtype, device=v.device)  # every row written below
-        d_sums.view(-1, hd + 2).index_copy_(0, layout.masked_rows, d_rows).index_copy_(0, layout.listed_rows, d_listed_rows)
+        d_sums = d_all.index_select(0, layout.sum_sources).view(heads, n, bw, hd + 2)
         d_values, d_exp_bias = layout.by_kind_backward(exp_bias, values, d_sums)
         # Listed keys: values [w v, w, 0] at their positions.
         d_listed = d_values.view(heads, n * bw, hd + 2).index_select(1, layout.listed_keys).view(heads, bw, nk, hd + 2)
@@ -274,7 +274,12 @@ class _MaskedQueries(torch.autograd.Function):
 class MaskedLayout:
     """Where a chunk's tokens sit in :class:`_MaskedQueries`' (heads, N, windows, hd + 2) sums:
     rows of the listed keys by position, rows of the masked queries and of the listed ones in
-    the windows' token order, and the windows of each kind (all one kind unshifted)."""
+    the windows' token order, and the windows of each kind (all one kind unshifted).
+
+    Also the gathers that put rows written side by side into position order (one
+    ``index_select`` copies rows of a few floats faster than ``index_copy_`` writes them):
+    ``key_sources`` for the GEMM's operand (the listed keys' rows, then one rest row a
+    window) and ``sum_sources`` for the sums' gradient (the masked rows, then the listed)."""
 
     def __init__(self, pos: torch.Tensor, kinds: torch.Tensor, n_listed: int, heads: int, kind_count: int) -> None:
         bw, n = pos.shape
@@ -284,6 +289,11 @@ class MaskedLayout:
         head = torch.arange(heads, device=pos.device) * (n * bw)
         self.masked_rows = (by_position[:, n_listed:, None] + head).flatten()  # (bw, N - nk, heads)
         self.listed_rows = (by_position[None, :, :n_listed] + head.view(-1, 1, 1)).flatten()  # (heads, bw, nk)
+        self.sum_sources = inverse_permutation(torch.cat([self.masked_rows, self.listed_rows]))
+        key_rows = torch.arange(bw * n_listed, device=pos.device).view(bw, n_listed)
+        sources = (bw * n_listed + window).view(bw, 1).expand(-1, n).clone()  # rest rows after the listed
+        sources.scatter_(1, pos[:, :n_listed], key_rows)  # (bw, N) by position
+        self.key_sources = sources.t().flatten()  # (N, bw): where each (position, window) row comes from
         self.edges = [(k, w) for k in range(1, kind_count) if len(w := (kinds == k).nonzero().flatten())]
         self.edge_windows = torch.cat([w for _, w in self.edges]) if self.edges else None
 

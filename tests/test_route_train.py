@@ -168,3 +168,27 @@ def test_short_row_softmax_has_the_values_and_gradients_of_softmax():
         grad, y.grad = y.grad.clone(), None
         (y.softmax(-1) * w).sum().backward()
         assert (fast - y.softmax(-1)).abs().max() < 1e-6 and (grad - y.grad).abs().max() < 1e-6
+
+
+def test_masked_layouts_gathers_put_every_row_where_it_belongs():
+    """``key_sources`` takes each (position, window) row from its listed key or its window's rest row;
+    ``sum_sources`` puts the masked and the listed rows at the rows ``masked_rows`` and
+    ``listed_rows`` name, and covers every row once."""
+    g = torch.Generator().manual_seed(0)
+    bw, n, nk, heads = 5, 16, 6, 3
+    pos = torch.stack([torch.randperm(n, generator=g) for _ in range(bw)])
+    layout = route_train.MaskedLayout(pos, torch.zeros(bw, dtype=torch.long), nk, heads, 1)
+
+    rows = torch.arange(bw * (nk + 1))  # the listed keys' rows (bw, nk), then one rest row a window
+    keys = rows.index_select(0, layout.key_sources).view(n, bw)
+    for w in range(bw):
+        for slot in range(n):
+            expected = w * nk + slot if slot < nk else bw * nk + w
+            assert keys[pos[w, slot], w] == expected
+
+    written = torch.arange(n * bw * heads)  # the masked rows, then the listed rows
+    gathered = written.index_select(0, layout.sum_sources)
+    placed = torch.full_like(written, -1)
+    placed.index_copy_(0, torch.cat([layout.masked_rows, layout.listed_rows]), written)
+    assert torch.equal(gathered, placed)
+    assert torch.equal(gathered.sort().values, written)
