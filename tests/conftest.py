@@ -56,15 +56,25 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
-@pytest.fixture
-def two_threads():
-    """Torch on 2 threads (this project's CPU) for the test, restored after."""
+def _torch_threads(n: int):
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(n)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def two_threads():
+    """Torch on 2 threads (this project's CPU) for the test, restored after."""
+    yield from _torch_threads(2)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on 1 thread for the test (timings and sums that must not depend on threads), restored after."""
+    yield from _torch_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -19,14 +19,6 @@ from mitdenoise.model import ModelConfig, SwinIR
 SMALL = ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 3))
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_network(ratio, seed: int = 0) -> SwinIR:
     """SMALL with ``ratio``, its position biases spread (a misplaced bias shows)."""
     torch.manual_seed(seed)

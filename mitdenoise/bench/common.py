@@ -1,9 +1,12 @@
-"""What both benchmarks share: the made-up test image, number formatting, the progress callback type."""
+"""What the benchmarks share: the made-up test image, number formatting, the progress callback type, the sgemm line and the result files."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -44,3 +47,19 @@ def format_number(value: float | None, digits: int) -> str:
     if math.isinf(value):
         return "inf"
     return f"{value:.{digits}f}"
+
+
+def sgemm_lines(results: dict) -> list[str]:
+    """One line per device: the sgemm ceiling a benchmark measured beside its runs."""
+    return [
+        f"\nsgemm {s['n']}x{s['n']} float32 on {dev}: {s['gflops']:.1f} GFLOP/s (median of {s['runs']})."
+        for dev, s in results["sgemm"].items()
+    ]
+
+
+def write_results(results: dict, out_dir: str | os.PathLike, stem: str, markdown: str) -> None:
+    """``<stem>.json`` (the results) and ``<stem>.md`` (``markdown``) in ``out_dir``, made if missing."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)

@@ -17,13 +17,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from ..imageio import from_float, to_float
 from ..defaults import DEFAULT_OVERLAP
-from .common import Progress, format_number, synthetic_image
+from .common import Progress, format_number, sgemm_lines, synthetic_image, write_results
 
 MACS_PER_PIXEL_RELEASED = 959_445
 """Multiply-adds per pixel of the released network (see shared fixtures README): 1.92 TFLOP per megapixel."""
@@ -397,8 +396,7 @@ def speed_markdown(results: dict) -> str:
             f"{format_number(r['cuda_peak_mb'], 0)} | "
             f"{_speedup(r)} |"
         )
-    for dev, s in results["sgemm"].items():
-        lines.append(f"\nsgemm {s['n']}x{s['n']} float32 on {dev}: {s['gflops']:.1f} GFLOP/s (median of {s['runs']}).")
+    lines += sgemm_lines(results)
     c = results["config"]
     lines.append(f"\nNetwork cost: {c['macs_per_pixel']:,} multiply-adds per pixel "
                  f"= {c['tflop_per_megapixel']:.2f} TFLOP per megapixel.")
@@ -407,8 +405,4 @@ def speed_markdown(results: dict) -> str:
 
 
 def write_speed_outputs(results: dict, out_dir: str | os.PathLike) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "speed.md").write_text(speed_markdown(results))
-
+    write_results(results, out_dir, "speed", speed_markdown(results))

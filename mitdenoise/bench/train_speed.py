@@ -14,14 +14,12 @@ sgemm ceiling of :mod:`.speed`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from .common import Progress, synthetic_image
+from .common import Progress, sgemm_lines, synthetic_image, write_results
 from .speed import json_config, macs_per_pixel, sgemm_gflops
 
 ROUTE_DESCRIPTION = (
@@ -182,8 +180,7 @@ def train_speed_markdown(results: dict) -> str:
             f"| {r['route']} | {r['median_s']:.3f} | {r['patches_per_s']:.2f} | {r['gflops_effective']:.1f} | "
             f"{100 * r['fraction_of_sgemm']:.1f}% | {r.get('speedup_vs_plain', 1.0):.2f}x |"
         )
-    for dev, s in results["sgemm"].items():
-        lines.append(f"\nsgemm {s['n']}x{s['n']} float32 on {dev}: {s['gflops']:.1f} GFLOP/s (median of {s['runs']}).")
+    lines += sgemm_lines(results)
     lines.append(f"GFLOP/s counts {c['gflop_per_step']:.2f} GFLOP a step (3 x the plain forward's "
                  f"{c['macs_per_pixel']:,} multiply-adds per pixel). Data pipeline: "
                  f"{results['data_ms_per_batch']:.1f} ms a batch.")
@@ -192,7 +189,4 @@ def train_speed_markdown(results: dict) -> str:
 
 
 def write_train_speed_outputs(results: dict, out_dir: str | os.PathLike) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train-speed.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "train-speed.md").write_text(train_speed_markdown(results))
+    write_results(results, out_dir, "train-speed", train_speed_markdown(results))
