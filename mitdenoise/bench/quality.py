@@ -16,7 +16,6 @@ unless ``oracle_sigma`` gives them the true sigma of Gaussian noise.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -31,7 +30,7 @@ from ..checkpoints import TRAIN_CHECKPOINT_NAME, TRAIN_EXPORT_NAME
 from ..imageio import SUPPORTED_SUFFIXES, center_crop, from_float, read_rgb8, to_float, to_rgb8
 from ..metrics import psnr, ssim
 from ..defaults import DEFAULT_OVERLAP
-from .common import Progress, format_number, synthetic_image
+from .common import Progress, format_number, synthetic_image, write_results
 
 BASELINES = ("noisy", "nlm", "bm3d")
 DEFAULT_NOISES = "gaussian:5,gaussian:15,poisson:2,speckle:0.024,saltpepper:0.002"
@@ -525,8 +524,7 @@ def write_quality_outputs(results: dict, out_dir: str | os.PathLike) -> dict:
         make_grid(panels).save(path)
         files.append(path.name)
     results["grids"] = files
-    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-    (out / "results.md").write_text(quality_markdown(results))
+    write_results(results, out, "results", quality_markdown(results))
     return results
 
 
