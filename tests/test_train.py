@@ -25,7 +25,7 @@ from mitdenoise.errors import MitdenoiseError, TrainSetupError
 from mitdenoise.masking import MASKED_VALUE, input_mask
 from mitdenoise.model import ModelConfig
 from mitdenoise.train import PRESETS, TrainConfig, resolve_config, train
-from mitdenoise.train.data import PatchBatches, augment, augment_inverse, find_images, load_images
+from mitdenoise.train.data import YCBCR_TO_RGB, PatchBatches, augment, augment_inverse, correlated_noise, find_images, load_images
 from mitdenoise.train.loop import CHECKPOINT_NAME, EXPORT_NAME
 from mitdenoise.train.validation import synthetic_sets
 
@@ -155,6 +155,42 @@ def test_clip_noisy_off_leaves_noise_past_black_and_white_and_on_keeps_the_strea
     assert TrainConfig(clip_noisy=False).clip_noisy is False
     with pytest.raises(ValueError, match="clip_noisy must be true or false"):
         TrainConfig(clip_noisy="no")
+
+
+def test_correlated_noise_has_the_asked_level_and_is_coarser_in_colour_than_in_brightness():
+    g = torch.Generator().manual_seed(0)
+    fields = torch.stack([correlated_noise(64, 10.0, g) for _ in range(300)])
+    assert fields.shape == (300, 3, 64, 64)
+    assert abs(float(fields.pow(2).mean().sqrt()) - 10.0) < 0.3  # per-channel RMS std is sigma
+    ycc = torch.einsum("ij,njhw->nihw", torch.linalg.inv(YCBCR_TO_RGB), fields)
+
+    def neighbour_correlation(x):  # over patches and pixels, per component
+        return ((x[..., 1:] * x[..., :-1]).mean(dim=(0, 2, 3)) / x.pow(2).mean(dim=(0, 2, 3))).tolist()
+
+    luma, cb, cr = neighbour_correlation(ycc)
+    assert 0.2 < luma < 0.7 and 0.5 < cb < 0.9 and 0.5 < cr < 0.9 and min(cb, cr) > luma + 0.1
+    per_patch = [neighbour_correlation(f[None])[0] for f in ycc[:, :1]]
+    assert min(per_patch) < 0.1 and max(per_patch) > 0.6, "the blur is drawn per patch, from none to about 1 px"
+    assert torch.equal(correlated_noise(16, 5.0, torch.Generator().manual_seed(3)),
+                       correlated_noise(16, 5.0, torch.Generator().manual_seed(3)))
+
+
+def test_a_share_of_patches_gets_correlated_noise_in_its_own_sigma_range(images):
+    imgs, _ = load_images(find_images(images["train"].parent), min_size=16)
+    kw = dict(patch_size=16, batch_size=8, steps=40, seed=3, noise_sigma=30, mask_ratio=(0, 0), clip_noisy=False)
+    assert torch.equal(PatchBatches(imgs, **kw)[5][0], PatchBatches(imgs, **kw, correlated_share=0.0)[5][0])
+    mixed = PatchBatches(imgs, **kw, correlated_share=0.5, correlated_sigma=(2, 6))
+    stds = [float(s) for step in range(40) for s in ((mixed[step][0] - mixed[step][1]) * 255).flatten(1).std(dim=1)]
+    light = [s for s in stds if s < 12]  # white sigma-30 patches read about 30
+    assert 0.35 < len(light) / len(stds) < 0.65
+    assert min(light) > 1 and max(light) < 8
+    assert TrainConfig(correlated_noise=0.5, correlated_sigma=[2, 6]).correlated_sigma == (2.0, 6.0)
+    with pytest.raises(ValueError, match=r"correlated_noise must be a share in \[0, 1\]"):
+        TrainConfig(correlated_noise=1.5)
+    with pytest.raises(ValueError, match="correlated_sigma must be"):
+        TrainConfig(correlated_sigma=[1, 2, 3])
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        TrainConfig(correlated_sigma=[0, 5])
 
 
 def test_a_mask_ramp_rises_linearly_from_no_mask_to_the_setting():

@@ -53,6 +53,13 @@ class TrainConfig:
     clip_noisy: bool = True
     """Clip noisy patches to [0, 1], as the authors do. Off, the network never sees clipped noise,
     so it does not learn to push values near black and white outwards (a colour shift on photos)."""
+    correlated_noise: float = 0.0
+    """Share of patches (0-1) whose Gaussian noise has a camera's structure instead of being white:
+    spatially correlated, coarser and at its own level in colour (``data.correlated_noise``), with
+    sigma drawn from ``correlated_sigma``. Meant for photos, whose noise a white-noise model
+    leaves as coarse colour blotches."""
+    correlated_sigma: tuple[float, float] = (1.0, 15.0)
+    """``[low, high]``: the correlated noise's sigma (of 255, RMS over the three channels), drawn per patch."""
     seed: int = 1
     workers: int | None = None
     """DataLoader worker processes; None: 0 on CPU (the model is the bottleneck), up to 8 on CUDA."""
@@ -104,6 +111,11 @@ class TrainConfig:
                 problems.append(f"noise_sigma [low, high] must satisfy 0 <= low <= high, not {list(self.noise_sigma)}")
         elif self.noise_sigma < 0:
             problems.append("noise_sigma must be >= 0")
+        object.__setattr__(self, "correlated_sigma", tuple(float(s) for s in self.correlated_sigma))
+        if not 0 <= self.correlated_noise <= 1:
+            problems.append(f"correlated_noise must be a share in [0, 1], not {self.correlated_noise}")
+        if not 0 < self.correlated_sigma[0] <= self.correlated_sigma[1]:
+            problems.append(f"correlated_sigma [low, high] must satisfy 0 < low <= high, not {list(self.correlated_sigma)}")
         if self.workers is not None and self.workers < 0:
             problems.append("workers must be >= 0")
         if self.threads is not None and self.threads < 1:
@@ -161,7 +173,7 @@ class TrainConfig:
 
 _INTS = ("patch_size", "batch_size", "iterations", "seed", "mask_ramp", "checkpoint_every", "log_every", "val_every",
          "val_images", "val_crop", "val_seed")
-_NUMBERS = ("lr", "gamma", "ema_decay")
+_NUMBERS = ("lr", "gamma", "ema_decay", "correlated_noise")
 _TEXTS = ("out", "preset", "device", "precision")
 
 
@@ -187,6 +199,9 @@ def _check_types(config: TrainConfig) -> None:
             fail("noise_sigma", "a number or [low, high]")
     elif not _is_number(sigma):
         fail("noise_sigma", "a number or [low, high]")
+    pair = config.correlated_sigma
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_is_number(s) for s in pair):
+        fail("correlated_sigma", "[low, high]")
     if not isinstance(config.clip_noisy, bool):
         fail("clip_noisy", "true or false")
     for name in _TEXTS:

@@ -73,6 +73,53 @@ def derive_seed(*parts: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+#: JPEG's (BT.601 full-range) YCbCr back to RGB: columns are what a unit of Y, Cb, Cr adds to R, G, B.
+YCBCR_TO_RGB = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
+#: Ranges the correlated noise's shape is drawn from, uniformly, per patch (see ``correlated_noise``).
+LUMA_BLUR = (0.0, 1.0)
+CHROMA_BLUR = (0.0, 2.0)
+CHROMA_RATIO = (0.3, 1.2)
+
+
+def _unit_blur(x: torch.Tensor, std: float, border: int) -> torch.Tensor:
+    """Gaussian blur of a (N, H, W) white field, cropped by ``border`` on every side, scaled back to unit std."""
+    if std < 0.05:
+        return x[:, border : x.shape[1] - border, border : x.shape[2] - border]
+    radius = border
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / std) ** 2)
+    k = k / k.sum()
+    gain = float((k * k).sum())  # the separable blur's output std for unit white input
+    n = x.shape[0]
+    x = torch.nn.functional.conv2d(x[:, None], k.view(1, 1, 1, -1))
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1))
+    return x.view(n, x.shape[2], x.shape[3]) / gain
+
+
+def correlated_noise(size: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """(3, size, size) Gaussian noise with a camera's structure, per-channel RMS std ``sigma``.
+
+    A camera's sRGB noise is not white: demosaicking correlates neighbouring pixels, and the
+    colour pipeline and JPEG's chroma subsampling leave the colour part coarser than the
+    brightness part and at its own level. So the noise is drawn in YCbCr: white Gaussian fields
+    for Y, Cb and Cr, Y blurred by a Gaussian of std in ``LUMA_BLUR`` px, Cb and Cr by one in
+    ``CHROMA_BLUR``, each scaled back to unit std; chroma's level is ``CHROMA_RATIO`` times the
+    luma's; then to RGB, scaled so the three channels' mean variance is ``sigma**2``. Still
+    Gaussian noise (a linear map of white noise): no real noise, no camera model is learnt from.
+    """
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    luma_blur, chroma_blur, ratio = uniform(*LUMA_BLUR), uniform(*CHROMA_BLUR), uniform(*CHROMA_RATIO)
+    border = max(1, int(np.ceil(3 * CHROMA_BLUR[1])))
+    white = torch.randn((3, size + 2 * border, size + 2 * border), generator=generator)
+    ycc = torch.cat([_unit_blur(white[:1], luma_blur, border), _unit_blur(white[1:], chroma_blur, border)])
+    ycc[1:] *= ratio
+    rgb = torch.einsum("ij,jhw->ihw", YCBCR_TO_RGB, ycc)
+    variance = float((YCBCR_TO_RGB**2 @ torch.tensor([1.0, ratio**2, ratio**2])).mean())
+    return rgb * (sigma / variance**0.5)
+
+
 class PatchBatches(Dataset):
     """Item ``step`` is this rank's share of the global batch of that step: (noisy+masked, clean), (B, 3, P, P) float32."""
 
@@ -87,6 +134,8 @@ class PatchBatches(Dataset):
         noise_sigma: float | tuple[float, float],
         mask_ratio: tuple[int, int],
         clip_noisy: bool = True,
+        correlated_share: float = 0.0,
+        correlated_sigma: tuple[float, float] = (1.0, 15.0),
         mask_ramp: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -103,6 +152,8 @@ class PatchBatches(Dataset):
         self.sigma_range = (low / 255.0, high / 255.0)
         self.mask_ratio = tuple(mask_ratio)
         self.clip_noisy = clip_noisy
+        self.correlated_share = correlated_share
+        self.correlated_sigma = (correlated_sigma[0] / 255.0, correlated_sigma[1] / 255.0)
         self.mask_ramp = mask_ramp
 
     def __len__(self) -> int:
@@ -123,9 +174,14 @@ class PatchBatches(Dataset):
         mode = int(torch.randint(8, (1,), generator=g))
         crop = torch.from_numpy(np.ascontiguousarray(image[top : top + p, left : left + p]))
         clean = augment(crop.permute(2, 0, 1).float().div_(255.0), mode).contiguous()
-        low, high = self.sigma_range
-        sigma = low if low == high else low + (high - low) * float(torch.rand((), generator=g))
-        noisy = clean + torch.randn(clean.shape, generator=g) * sigma if sigma else clean.clone()
+        if self.correlated_share and float(torch.rand((), generator=g)) < self.correlated_share:
+            low, high = self.correlated_sigma
+            sigma = low + (high - low) * float(torch.rand((), generator=g))
+            noisy = clean + correlated_noise(p, sigma, g)
+        else:
+            low, high = self.sigma_range
+            sigma = low if low == high else low + (high - low) * float(torch.rand((), generator=g))
+            noisy = clean + torch.randn(clean.shape, generator=g) * sigma if sigma else clean.clone()
         if self.clip_noisy:
             noisy = noisy.clamp_(0.0, 1.0)
         noisy = input_mask(noisy, ramped(self.mask_ratio, step, self.mask_ramp), generator=g)

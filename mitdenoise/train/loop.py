@@ -362,6 +362,8 @@ def _patch_batches(images: list, config: TrainConfig, d: Dist) -> PatchBatches:
         noise_sigma=config.noise_sigma,
         mask_ratio=config.input_mask,
         clip_noisy=config.clip_noisy,
+        correlated_share=config.correlated_noise,
+        correlated_sigma=config.correlated_sigma,
         mask_ramp=config.mask_ramp,
         rank=d.rank,
         world_size=d.world_size,
