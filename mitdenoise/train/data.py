@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import imageio
 from ..errors import MitdenoiseError
 from ..masking import input_mask, ramped
+from ..metrics import gaussian_window
 
 IMAGE_SUFFIXES = imageio.SUPPORTED_SUFFIXES
 
@@ -81,14 +82,16 @@ CHROMA_BLUR = (0.0, 2.0)
 CHROMA_RATIO = (0.3, 1.2)
 
 
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    """A draw from U(low, high); none (the stream untouched) when the range is one value."""
+    return low if low == high else low + (high - low) * float(torch.rand((), generator=generator))
+
+
 def _unit_blur(x: torch.Tensor, std: float, border: int) -> torch.Tensor:
     """Gaussian blur of a (N, H, W) white field, cropped by ``border`` on every side, scaled back to unit std."""
-    if std < 0.05:
+    if std < 0.05:  # under a twentieth of a pixel the blur is the identity
         return x[:, border : x.shape[1] - border, border : x.shape[2] - border]
-    radius = border
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / std) ** 2)
-    k = k / k.sum()
+    k = torch.from_numpy(gaussian_window(std, border)).float()
     gain = float((k * k).sum())  # the separable blur's output std for unit white input
     n = x.shape[0]
     x = torch.nn.functional.conv2d(x[:, None], k.view(1, 1, 1, -1))
@@ -107,10 +110,7 @@ def correlated_noise(size: int, sigma: float, generator: torch.Generator) -> tor
     luma's; then to RGB, scaled so the three channels' mean variance is ``sigma**2``. Still
     Gaussian noise (a linear map of white noise): no real noise, no camera model is learnt from.
     """
-    def uniform(low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand((), generator=generator))
-
-    luma_blur, chroma_blur, ratio = uniform(*LUMA_BLUR), uniform(*CHROMA_BLUR), uniform(*CHROMA_RATIO)
+    luma_blur, chroma_blur, ratio = (_uniform(generator, *r) for r in (LUMA_BLUR, CHROMA_BLUR, CHROMA_RATIO))
     border = max(1, int(np.ceil(3 * CHROMA_BLUR[1])))
     white = torch.randn((3, size + 2 * border, size + 2 * border), generator=generator)
     ycc = torch.cat([_unit_blur(white[:1], luma_blur, border), _unit_blur(white[1:], chroma_blur, border)])
@@ -175,12 +175,9 @@ class PatchBatches(Dataset):
         crop = torch.from_numpy(np.ascontiguousarray(image[top : top + p, left : left + p]))
         clean = augment(crop.permute(2, 0, 1).float().div_(255.0), mode).contiguous()
         if self.correlated_share and float(torch.rand((), generator=g)) < self.correlated_share:
-            low, high = self.correlated_sigma
-            sigma = low + (high - low) * float(torch.rand((), generator=g))
-            noisy = clean + correlated_noise(p, sigma, g)
+            noisy = clean + correlated_noise(p, _uniform(g, *self.correlated_sigma), g)
         else:
-            low, high = self.sigma_range
-            sigma = low if low == high else low + (high - low) * float(torch.rand((), generator=g))
+            sigma = _uniform(g, *self.sigma_range)
             noisy = clean + torch.randn(clean.shape, generator=g) * sigma if sigma else clean.clone()
         if self.clip_noisy:
             noisy = noisy.clamp_(0.0, 1.0)
