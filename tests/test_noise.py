@@ -12,6 +12,7 @@ from mitdenoise.noise import (
     apply_noise,
     correlated,
     derived_rng,
+    estimate_noise,
     estimate_sigma,
     gaussian,
     mixture,
@@ -226,3 +227,23 @@ def test_parse_noise_spec_names_the_bad_item(spec, message):
 def test_registry_names_match_the_issue():
     assert list(NOISES) == ["gaussian", "correlated", "poisson", "speckle", "saltpepper", "mixture"]
     assert noise.noise_label("speckle", 0.024) == "speckle:0.024"
+
+
+@pytest.mark.parametrize("sigma", [2, 5, 15, 30])
+def test_estimate_noise_reads_white_noise_as_white_at_its_level(sigma):
+    estimate = estimate_noise(gaussian(_smooth_image(), sigma, sigma))
+    assert estimate.white_sigma * 255 == pytest.approx(sigma, rel=0.1)
+    assert estimate.sigma * 255 == pytest.approx(sigma, rel=0.03, abs=0.05)
+    assert abs(estimate.correlation) < 0.1
+
+
+@pytest.mark.parametrize("sigma", [3, 8])
+def test_estimate_noise_reads_camera_structured_noise_as_correlated_with_little_white_part(sigma):
+    estimate = estimate_noise(correlated(_smooth_image(), sigma, sigma))
+    assert estimate.correlation > 0.5
+    assert estimate.white_sigma < 0.25 * estimate.sigma
+    assert estimate.sigma * 255 == pytest.approx(sigma, rel=0.15)
+
+
+def test_estimate_noise_of_a_clean_image_is_zero_and_uncorrelated():
+    assert estimate_noise(np.full((64, 64, 3), 0.5)) == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
