@@ -26,6 +26,7 @@ from . import checkpoints
 from .checkpoints import CONFIG_KEY, SOURCE_BLOB_KEY, SOURCE_KEY, convert_checkpoint, first_line, git_blob_id, human_size
 from .defaults import DEFAULT_MODEL, DEFAULT_MODEL_TIMEOUT_S, FALLBACK_MODEL
 from .errors import ModelLoadError, ModelUnavailableError
+from .hub import HF_SCHEME, download_hf, hf_endpoint, hub_cache_dir, is_true, offline_mode
 from .model import ModelConfig
 
 
@@ -134,30 +135,10 @@ REMOVED_MODELS = {
 }
 """Names that are gone, and the one line that says so and what to use instead."""
 
-HF_SCHEME = "hf://"
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
 
 
 # --- the environment, read when used ------------------------------------------------------------
-
-
-def _is_true(value: str | None) -> bool:
-    return value is not None and value.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_cache_dir() -> Path:
-    """``huggingface_hub.constants.HF_HUB_CACHE``, by the same rules, from the environment as it is now.
-
-    (huggingface_hub reads the environment once, at import; reading it here on each
-    call keeps HF_HOME/HF_HUB_CACHE changes made later, e.g. by tests, effective.)
-    """
-    env = os.environ
-    home = env.get("HF_HOME") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
-    )
-    home = os.path.expandvars(os.path.expanduser(home))
-    hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    return Path(os.path.expandvars(os.path.expanduser(hub)))
 
 
 def cache_dir() -> Path:
@@ -165,18 +146,9 @@ def cache_dir() -> Path:
     return hub_cache_dir() / "mitdenoise"
 
 
-def offline_mode() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), as huggingface_hub reads it, but now."""
-    return _is_true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
-
-
 def github_endpoint() -> str:
     """Base URL of GitHub; MITDENOISE_GITHUB_ENDPOINT replaces it (a mirror, or a test server)."""
     return (os.environ.get("MITDENOISE_GITHUB_ENDPOINT") or "https://github.com").rstrip("/")
-
-
-def hf_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 # --- resolving a model spec to a local file -----------------------------------------------------
@@ -510,7 +482,7 @@ def _verify(entry: ModelEntry, path: Path, cut_short: str | None = None) -> None
 
 
 def _bars_enabled(progress: bool) -> bool:
-    return progress and not _is_true(os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
+    return progress and not is_true(os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
 
 
 class _DownloadBar:
@@ -541,100 +513,6 @@ class _DownloadBar:
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
-
-
-# --- hf:// files --------------------------------------------------------------------------------
-
-
-def parse_hf_spec(spec: str) -> tuple[str, str, str, str | None]:
-    """(repo_type, repo_id, filename, revision) of ``hf://owner/repo/path/file[@revision]``.
-
-    huggingface_hub's own form ``hf://owner/repo@revision/path/file`` (and the
-    ``datasets/``, ``spaces/`` prefixes) is accepted too.
-    """
-    from huggingface_hub import parse_hf_uri
-    from huggingface_hub.errors import HfUriError
-
-    body = spec[len(HF_SCHEME):]
-    expected = f"expected {HF_SCHEME}owner/repo/path/to/file.safetensors[@revision]"
-    try:
-        uri = None
-        if "@" in body:
-            head, revision = body.split("@", 1)
-            trailing = parse_hf_uri(HF_SCHEME + head)
-            if trailing.path_in_repo:  # the revision follows the file name
-                uri = dataclasses.replace(trailing, revision=revision)
-        if uri is None:
-            uri = parse_hf_uri(spec)
-    except HfUriError as e:
-        raise ModelLoadError(f"invalid model {spec!r}: {first_line(e).rstrip('.')}; {expected}") from None
-    if uri.type == "bucket":
-        raise ModelLoadError(f"invalid model {spec!r}: buckets are not supported; {expected}")
-    if not uri.path_in_repo:
-        raise ModelLoadError(f"invalid model {spec!r}: it names a repository but no file; {expected}")
-    return uri.type, uri.id, uri.path_in_repo, uri.revision
-
-
-def download_hf(spec: str, *, force: bool = False, offline: bool = False) -> Path:
-    """A Hub file, through ``huggingface_hub.hf_hub_download`` (its cache, locks, offline mode, endpoint).
-
-    With a branch or tag as revision the Hub is asked whether the file changed (one
-    HEAD request); a 40-hex commit revision already cached makes no request; offline
-    or unreachable, the cached copy is used. ``offline`` (or HF_HUB_OFFLINE) makes no request.
-    """
-    import httpx2
-    from huggingface_hub import hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from . import __version__
-
-    repo_type, repo_id, filename, revision = parse_hf_spec(spec)
-    asked, offline = offline, offline or offline_mode()
-    try:
-        path = hf_hub_download(
-            repo_id,
-            filename,
-            repo_type=repo_type,
-            revision=revision,
-            cache_dir=hub_cache_dir(),
-            endpoint=hf_endpoint(),
-            local_files_only=offline,
-            force_download=force and not offline,
-            library_name="mitdenoise",
-            library_version=__version__,
-        )
-    except LocalEntryNotFoundError:
-        reason = f"cannot reach {hf_endpoint()}"
-        if offline:
-            reason = "offline use was asked for" if asked else "offline mode is on (HF_HUB_OFFLINE)"
-        url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision, endpoint=hf_endpoint())
-        raise ModelLoadError(
-            f"cannot get {spec}: {reason}, and it is not in the cache ({hub_cache_dir()}); "
-            f"run `mitdenoise download {spec}` when online, or download {url} yourself and pass --model PATH"
-        ) from None
-    except GatedRepoError:
-        raise ModelLoadError(
-            f"cannot get {spec}: {repo_id} is gated; accept its terms on the Hub and log in (`hf auth login`)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(
-            f"cannot get {spec}: repository {repo_id} not found on {hf_endpoint()} "
-            "(or private: log in with `hf auth login`)"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelLoadError(f"cannot get {spec}: revision {revision!r} not found in {repo_id}") from None
-    except EntryNotFoundError:
-        raise ModelLoadError(f"cannot get {spec}: no file {filename!r} in {repo_id}") from None
-    except (HfHubHTTPError, httpx2.HTTPError, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot get {spec}: {first_line(e)}") from None
-    return Path(path)
 
 
 # --- listing ------------------------------------------------------------------------------------

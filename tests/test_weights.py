@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mitdenoise import checkpoints, registry
+from mitdenoise import checkpoints, hub, registry
 from mitdenoise.errors import ModelLoadError
 from mitdenoise.model import ModelConfig
 from mitdenoise.checkpoints import git_blob_id, load_model, read_validation
@@ -429,8 +429,8 @@ def test_hf_revision_after_the_file_or_after_the_repo(origin, fixtures_dir, hf_h
     origin.requests.clear()
     assert resolve_model(f"hf://someone/mit-test@{HUB_COMMIT}/tiny.safetensors") == path
     assert origin.requests == []  # a pinned commit already cached: no request
-    assert registry.parse_hf_spec("hf://o/r/a/b.safetensors@refs/pr/3") == ("model", "o/r", "a/b.safetensors", "refs/pr/3")
-    assert registry.parse_hf_spec("hf://datasets/o/r@v1/b.pth") == ("dataset", "o/r", "b.pth", "v1")
+    assert hub.parse_hf_spec("hf://o/r/a/b.safetensors@refs/pr/3") == ("model", "o/r", "a/b.safetensors", "refs/pr/3")
+    assert hub.parse_hf_spec("hf://datasets/o/r@v1/b.pth") == ("dataset", "o/r", "b.pth", "v1")
 
 
 def test_hf_errors_are_one_line(origin, hf_home, monkeypatch):
