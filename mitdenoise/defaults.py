@@ -7,9 +7,10 @@ DEFAULT_MODEL = "masked-denoising"
 """The authors' masked-training checkpoint (attention mask 75 % at inference): taken from the
 cache, else downloaded on first use. Where it can't be had, :data:`FALLBACK_MODEL` runs instead."""
 
-FALLBACK_MODEL = "mitdenoise-mild"
-"""Our own checkpoint, shipped in ``weights/`` so the tool works offline: the shipped baseline
-fine-tuned with a mild input mask (0-25 % of the pixels, no attention mask); see ``weights/README.md``."""
+FALLBACK_MODEL = "mitdenoise-auto"
+"""Our own model, shipped in ``weights/`` so the tool works offline: it reads the image's noise and
+runs ``mitdenoise-mild`` on light white noise, ``mitdenoise-camera`` and a non-local second stage on
+camera and heavy noise (:mod:`mitdenoise.adaptive`); see ``weights/README.md``."""
 
 DEFAULT_MODEL_TIMEOUT_S = 5.0
 """Connect and read timeout of the default model's download when nobody asked for it by name:

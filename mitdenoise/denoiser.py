@@ -13,7 +13,7 @@ from .checkpoints import load_model, read_validation
 from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from .errors import DeviceError, ModelLoadError
 from .model import SwinIR
-from .registry import resolve_default, resolve_model
+from .registry import PIPELINES, resolve_default, resolve_model
 from .tiling import count_tiles, denoise_tiled, denoise_tiled_on_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -121,6 +121,7 @@ class Denoiser:
             # eager bf16 autocast on the CPU is far slower than fp32 (docs/benchmarks.md)
             raise DeviceError(f"--precision {precision} is for CUDA; on the CPU use fp32 (half precision is slower there)")
         overrides = {} if attn_mask_ratio is None else {"attn_mask_ratio": (attn_mask_ratio, attn_mask_ratio)}
+        roles = None  # the networks of a route over several (registry.PIPELINES), by role
         if isinstance(model, SwinIR):
             net = model
             if overrides:
@@ -131,10 +132,17 @@ class Denoiser:
         else:
             if model is None:
                 path, self.model_name, self.notice = resolve_default(offline)
+            elif str(model) in PIPELINES:
+                path, self.model_name, self.notice = None, str(model), None
             else:
                 path, self.model_name, self.notice = resolve_model(model, offline=offline), str(model), None
-            net = load_model(path, **overrides)
-            self.validation = read_validation(path)
+            if path is None:
+                roles = {role: load_model(resolve_model(name)) for role, name in PIPELINES[self.model_name].items()}
+                net = roles["camera"]
+                self.validation = None
+            else:
+                net = load_model(path, **overrides)
+                self.validation = read_validation(path)
         self.model = net.to(self.device).eval()
         self.config = net.config
         self.precision = precision
@@ -145,6 +153,12 @@ class Denoiser:
         self.strength = float(strength)
         self.seed = seed
         self._generator = torch.Generator(device=self.device)
+        self.last_plan = None
+        self._networks = None
+        if roles is not None:
+            options = dict(device=device, precision=precision, tile=tile, tile_overlap=tile_overlap,
+                           batch_size=batch_size, seed=seed)
+            self._networks = {role: Denoiser(role_net, **options) for role, role_net in roles.items()}
 
     def __call__(self, image):
         """Denoise a NumPy array or a PIL image; returns the same kind, size and depth."""
@@ -172,12 +186,26 @@ class Denoiser:
             raise ValueError(f"the image has no pixels (shape {pixels.shape})")
         if self.strength == 0:
             return pixels.copy()
+        if self._networks is not None:
+            return self._denoise_adaptive(pixels, on_tiles)
         self._generator.manual_seed(self.seed)
         grid = dict(tile=self.tile, overlap=self.tile_overlap, window=self.config.window_size,
                     batch_size=self.batch_size, on_tiles=on_tiles)
         if self.device.type == "cuda":
             return denoise_tiled_on_device(pixels, self._run_tensor, device=self.device, **grid)
         return denoise_tiled(pixels, self._run_tiles, to_float=imageio.to_float, from_float=imageio.from_float, **grid)
+
+    def _denoise_adaptive(self, pixels: np.ndarray, on_tiles: Callable[[int], None] | None) -> np.ndarray:
+        """A route over several networks (:mod:`mitdenoise.adaptive`): read the noise, then run the plan."""
+        from .adaptive import plan_image, run_plan
+
+        x = imageio.to_float(pixels, np.float32)
+        self.last_plan = plan = plan_image(x)
+        networks = {role: (lambda p, d=d: d.denoise_array(p, on_tiles)) for role, d in self._networks.items()}
+        y = run_plan(plan, x, networks, self.device)
+        if self.strength != 1:
+            y = x + np.float32(self.strength) * (y - x)
+        return imageio.from_float(y, pixels.dtype)
 
     def denoise_image(self, image: imageio.Image, on_tiles: Callable[[int], None] | None = None) -> imageio.Image:
         """Denoise the colour channels; alpha and colour profile pass through untouched."""

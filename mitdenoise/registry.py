@@ -105,6 +105,13 @@ REGISTRY: dict[str, ModelEntry] = {
             path="mitdenoise-mild.safetensors",
         ),
         ModelEntry(
+            name="mitdenoise-camera",
+            description="ours: blind, white + camera-structured noise",
+            license=OUR_LICENSE,
+            citation=OUR_CITATION,
+            path="mitdenoise-camera.safetensors",
+        ),
+        ModelEntry(
             name="mitdenoise-baseline",
             description="ours, trained without masks",
             license=OUR_LICENSE,
@@ -125,6 +132,11 @@ REGISTRY: dict[str, ModelEntry] = {
         ),
     )
 }
+
+PIPELINES: dict[str, dict[str, str]] = {
+    "mitdenoise-auto": {"white": "mitdenoise-mild", "camera": "mitdenoise-camera"},
+}
+"""Shipped routes over several shipped networks (:mod:`mitdenoise.adaptive`): name -> role -> entry."""
 
 REMOVED_MODELS = {
     name: (
@@ -157,13 +169,13 @@ SHIPPED_DIRS = (Path(__file__).resolve().parent / "_shipped", Path(__file__).res
 """Where the shipped checkpoint is: inside an installed wheel, or weights/ of a source tree."""
 
 
-def shipped_checkpoint(name: str = FALLBACK_MODEL) -> Path:
-    """The file of a shipped registry entry (the fallback model unless ``name`` says otherwise)."""
+def shipped_checkpoint(name: str) -> Path:
+    """The file of a shipped registry entry (it may be missing: :func:`resolve_model` says so)."""
     candidates = [d / REGISTRY[name].path for d in SHIPPED_DIRS]
     return next((p for p in candidates if p.is_file()), candidates[-1])
 
 
-def resolve_default(offline: bool = False, *, progress: bool = True) -> tuple[Path, str, str | None]:
+def resolve_default(offline: bool = False, *, progress: bool = True) -> tuple[Path | None, str, str | None]:
     """The model to run when none was named: ``(file, registry name, notice or None)``.
 
     The default (:data:`DEFAULT_MODEL`, the authors' masked checkpoint) from the cache, else
@@ -182,7 +194,7 @@ def resolve_default(offline: bool = False, *, progress: bool = True) -> tuple[Pa
         f"using {FALLBACK_MODEL} (shipped), not the default {DEFAULT_MODEL} (the authors' masked checkpoint): "
         f"{reason}; get it with `mitdenoise download {DEFAULT_MODEL}`"
     )
-    return _shipped(FALLBACK_MODEL), FALLBACK_MODEL, notice
+    return (None if FALLBACK_MODEL in PIPELINES else _shipped(FALLBACK_MODEL)), FALLBACK_MODEL, notice
 
 
 def resolve_model(spec: str | os.PathLike | None, *, offline: bool = False) -> Path:
@@ -195,12 +207,17 @@ def resolve_model(spec: str | os.PathLike | None, *, offline: bool = False) -> P
     a connection: a file that is not here already is an error.
     """
     if spec is None:
-        return resolve_default(offline)[0]
+        path, spec, _ = resolve_default(offline)
+        if path is not None:
+            return path
     if isinstance(spec, os.PathLike):
         return _local(Path(spec))
     spec = str(spec)
     if spec.startswith(HF_SCHEME):
         return download_hf(spec, offline=offline)
+    if spec in PIPELINES:
+        raise ModelLoadError(f"{spec} is a route over several networks ({', '.join(PIPELINES[spec].values())}), "
+                             f"not one file: name one of them")
     if spec in REGISTRY:
         return fetch(spec, offline=offline)
     path = Path(spec).expanduser()
@@ -209,7 +226,7 @@ def resolve_model(spec: str | os.PathLike | None, *, offline: bool = False) -> P
     if path.exists() or _looks_like_path(spec):
         return _local(path)
     raise ModelLoadError(
-        f"unknown model {spec!r}: not a file and not one of: {', '.join(REGISTRY)} "
+        f"unknown model {spec!r}: not a file and not one of: {', '.join(model_names())} "
         f"(or {HF_SCHEME}owner/repo/file.safetensors, or a path to a .pth/.safetensors file)"
     )
 
@@ -546,8 +563,39 @@ def model_status(entry: ModelEntry) -> dict:
     }
 
 
+def pipeline_status(name: str) -> dict:
+    """:func:`model_status` of a route over shipped networks: its parts' files together."""
+    parts = [model_status(REGISTRY[part]) for part in PIPELINES[name].values()]
+    present = all(p["cached"] for p in parts)
+    return {
+        "name": name,
+        "default": name == DEFAULT_MODEL,
+        "fallback": name == FALLBACK_MODEL,
+        "shipped": True,
+        "description": "ours: reads the noise, then picks a network",
+        "source": " + ".join(p["source"] for p in parts),
+        "parts": [p["name"] for p in parts],
+        "git_blob": None,
+        "cached": present,
+        "path": None,
+        "size": sum(p["size"] for p in parts) if present else None,
+        "license": OUR_LICENSE,
+        "citation": OUR_CITATION,
+        "attn_mask_ratio": None,
+        "global_residual": None,
+    }
+
+
+def model_names() -> list[str]:
+    """Every name ``--model`` takes, in :func:`list_models`' order."""
+    return [DEFAULT_MODEL, *PIPELINES, *(name for name in REGISTRY if name != DEFAULT_MODEL)]
+
+
 def list_models() -> list[dict]:
-    return [model_status(e) for e in REGISTRY.values()]
+    """Every name ``--model`` takes: the default first, then the shipped routes, then the other files."""
+    rows = [model_status(e) for e in REGISTRY.values()]
+    first = [r for r in rows if r["default"]]
+    return first + [pipeline_status(name) for name in PIPELINES] + [r for r in rows if not r["default"]]
 
 
 

@@ -222,10 +222,12 @@ def test_bench_json_names_the_model_that_ran_the_fallback_with_its_notice_offlin
         (FALLBACK_MODEL, FALLBACK_MODEL), ("official_tiny_random", tiny_model)
     ]
     (notice,) = res["notes"]
-    assert notice.startswith("using mitdenoise-mild (shipped), not the default masked-denoising")
+    assert notice.startswith("using mitdenoise-auto (shipped), not the default masked-denoising")
     res = speed.run_speed(None, sizes=[(16, 16)], tiles=[16], runs=1, warmup=0, devices=["cpu"], sgemm_n=16,
                           reference=False)
-    assert res["config"]["model"] == FALLBACK_MODEL and res["notes"] == [notice]
+    assert res["config"]["model"] == FALLBACK_MODEL and res["notes"] == [
+        notice, "mitdenoise-auto times its network mitdenoise-camera; the noise estimate and the second stage "
+        "come on top (docs/benchmarks.md)"]
 
 
 def test_bench_quality_cli_prints_json_and_rejects_bad_specs(tmp_path, clean_dir):

@@ -255,7 +255,7 @@ def test_warns_when_the_checkpoints_own_validation_shows_it_makes_images_worse(t
     assert warning == [
         "warning: this model made its validation images worse (gaussian15 10.30 dB out vs 25.15 dB in; "
         "iteration 240): it is undertrained. Better: the default, masked-denoising (the authors' released checkpoint), "
-        "or mitdenoise-mild (shipped, works offline)"
+        "or mitdenoise-auto (shipped, works offline)"
     ]
 
     helpful = checkpoint_with_validation(tmp_path / "good.safetensors", {"gaussian15": {"psnr": 30.0, "noisy_psnr": 25.15}})

@@ -21,7 +21,7 @@ from mitdenoise.model import ModelConfig
 from mitdenoise.train.config import resolve_config
 from mitdenoise.checkpoints import read_validation
 from conftest import subprocess_env
-from mitdenoise.registry import FALLBACK_MODEL, REGISTRY, resolve_model, shipped_checkpoint
+from mitdenoise.registry import FALLBACK_MODEL, PIPELINES, REGISTRY, resolve_model, shipped_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = ROOT / "weights" / "README.md"
@@ -77,23 +77,21 @@ def test_the_shipped_baseline_is_the_masked_network_without_masks_trained_as_its
     assert record is not None and record["iteration"] == settings.iterations == stated
 
 
-def test_the_fallback_is_the_baseline_fine_tuned_with_a_mild_input_mask_as_its_settings_say():
-    assert FALLBACK_MODEL == "mitdenoise-mild"
-    path = resolve_model(None)  # offline here: the fallback
-    assert path == resolve_model("mitdenoise-mild") == shipped_checkpoint() == shipped_checkpoint("mitdenoise-mild")
+def test_mild_is_the_baseline_fine_tuned_with_a_mild_input_mask_as_its_settings_say():
+    path = resolve_model("mitdenoise-mild")
+    assert path == shipped_checkpoint("mitdenoise-mild")
     assert path.parent == shipped_checkpoint("mitdenoise-baseline").parent and path.stat().st_size < 10 * 2**20
-    default, baseline = Denoiser(device="cpu"), Denoiser("mitdenoise-baseline", device="cpu")
-    assert default.model_name == FALLBACK_MODEL and default.notice is not None
-    assert default.config == baseline.config and default.config.attn_mask_ratio == (0, 0)
+    mild, baseline = Denoiser("mitdenoise-mild", device="cpu"), Denoiser("mitdenoise-baseline", device="cpu")
+    assert mild.config == baseline.config and mild.config.attn_mask_ratio == (0, 0)
     # No attention mask, so no randomness: any seed gives the same output; and not the baseline's output.
     noisy = np.random.default_rng(0).random((48, 40, 3), dtype=np.float32)
     assert np.array_equal(Denoiser(path, seed=0)(noisy), Denoiser(path, seed=1)(noisy))
-    assert np.abs(default(noisy) - baseline(noisy)).max() > 1e-3
+    assert np.abs(mild(noisy) - baseline(noisy)).max() > 1e-3
     # Its settings are the baseline's recipe and network started from the shipped baseline, with 0-25 % of
     # each patch hidden, at the paper's batch and lr on a GPU; nothing else differs.
     settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-mild.toml")
     baseline_settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-baseline.toml")
-    assert settings.model == default.config
+    assert settings.model == mild.config
     assert settings == baseline_settings.replace(
         init="mitdenoise-baseline", input_mask=(0, 25), data="runs/train348", batch_size=64, lr=1e-4,
         iterations=settings.iterations, milestones=(), precision="bf16",
@@ -102,6 +100,34 @@ def test_the_fallback_is_the_baseline_fine_tuned_with_a_mild_input_mask_as_its_s
     record = read_validation(path)
     stated = card_number(r"\*\*Mild iterations:\*\* (\d+)")
     assert record is not None and record["iteration"] == settings.iterations == stated
+
+
+def test_the_camera_network_is_mild_fine_tuned_blind_on_white_and_camera_structured_noise():
+    path = resolve_model("mitdenoise-camera")
+    assert path == shipped_checkpoint("mitdenoise-camera") and path.stat().st_size < 10 * 2**20
+    camera = Denoiser("mitdenoise-camera", device="cpu")
+    assert camera.config == Denoiser("mitdenoise-mild", device="cpu").config
+    settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-camera.toml")
+    mild_settings = resolve_config("cpu", ROOT / "weights" / "mitdenoise-mild.toml")
+    assert settings.model == camera.config
+    assert settings == mild_settings.replace(
+        init="mitdenoise-mild", batch_size=8, iterations=settings.iterations, precision=settings.precision,
+        noise_sigma=(0, 30), clip_noisy=False, correlated_noise=0.5, correlated_sigma=(1, 15),
+        checkpoint_every=250, log_every=100, val_every=1000,
+    )
+    record = read_validation(path)
+    stated = card_number(r"\*\*Camera iterations:\*\* (\d+)")
+    # stopped (SIGINT) after its last validation: the record is that validation's
+    assert settings.iterations == stated
+    assert record is not None and record["iteration"] == stated // settings.val_every * settings.val_every
+
+
+def test_the_fallback_is_the_route_over_mild_and_the_camera_network():
+    assert FALLBACK_MODEL == "mitdenoise-auto"
+    assert PIPELINES[FALLBACK_MODEL] == {"white": "mitdenoise-mild", "camera": "mitdenoise-camera"}
+    default = Denoiser(device="cpu")  # offline here: the fallback
+    assert default.model_name == FALLBACK_MODEL and default.notice is not None
+    assert default.config == Denoiser("mitdenoise-camera", device="cpu").config
 
 
 @pytest.mark.parametrize(
@@ -131,9 +157,9 @@ def test_the_readmes_first_command_denoises_the_example_to_the_psnr_the_card_sta
         assert notices == [] and "with mitdenoise-baseline" in done.stderr
     else:
         (notice,) = notices
-        assert notice.startswith("notice: using mitdenoise-mild (shipped), not the default masked-denoising")
+        assert notice.startswith("notice: using mitdenoise-auto (shipped), not the default masked-denoising")
         assert "cannot connect to 127.0.0.1" in notice and "`mitdenoise download masked-denoising`" in notice
-        assert "with mitdenoise-mild" in done.stderr
+        assert "with mitdenoise-auto" in done.stderr
     result = np.asarray(Image.open(out))
     clean = np.asarray(Image.open(EXAMPLE_CLEAN))
     assert result.shape == clean.shape == (256, 256, 3) and result.dtype == np.uint8
@@ -178,7 +204,8 @@ README_COLUMNS = {
 README_ROWS = {
     "noisy": "noisy input",
     "mitdenoise-baseline": "`mitdenoise-baseline`",
-    "mitdenoise-mild": "`mitdenoise-mild` (fallback)",
+    "mitdenoise-mild": "`mitdenoise-mild`",
+    "mitdenoise-auto": "`mitdenoise-auto` (fallback)",
 }
 
 
@@ -197,7 +224,7 @@ def test_the_mcmaster_numbers_in_the_card_benchmarks_and_readme_are_what_the_shi
         data_dir / "test" / "mcmaster",
         noisy_dir=data_dir / "test" / "mcmaster_poisson_alpha2",
         noise_spec="gaussian:15",
-        models=("mitdenoise-baseline", "mitdenoise-mild"),
+        models=("mitdenoise-baseline", "mitdenoise-mild", "mitdenoise-auto"),
         baselines=("noisy",),
         crop=256,
         seed=0,
@@ -205,7 +232,7 @@ def test_the_mcmaster_numbers_in_the_card_benchmarks_and_readme_are_what_the_shi
     )
     assert [row["noise"] for row in results["rows"]] == ["gaussian:15", "given:mcmaster_poisson_alpha2"]
     for row in results["rows"]:
-        for column in ("noisy", "mitdenoise-baseline", "mitdenoise-mild"):
+        for column in ("noisy", "mitdenoise-baseline", "mitdenoise-mild", "mitdenoise-auto"):
             measured = row["results"][column]
             stated = {
                 CARD.name: table_cell(CARD, row["noise"], column),

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mitdenoise import checkpoints, hub, registry
+from mitdenoise import Denoiser, checkpoints, hub, registry
 from mitdenoise.errors import ModelLoadError
 from mitdenoise.model import ModelConfig
 from mitdenoise.checkpoints import git_blob_id, load_model, read_validation
@@ -223,8 +223,9 @@ def test_registry_pins_the_authors_files_by_commit_and_git_blob(monkeypatch):
     assert baseline.url.endswith(f"/haoyuc/MaskedDenoising/raw/{COMMIT}/model_zoo/baseline.pth")
     assert baseline.git_blob == "bd7ab9e05a0e45c32991a8c375ecd331d569768e"
     assert (baseline.attn_mask_ratio, baseline.global_residual) == ((0, 0), False)
-    assert registry.DEFAULT_MODEL == "masked-denoising" and registry.FALLBACK_MODEL == "mitdenoise-mild"
-    assert REGISTRY[registry.FALLBACK_MODEL].shipped and not REGISTRY[registry.DEFAULT_MODEL].shipped
+    assert registry.DEFAULT_MODEL == "masked-denoising" and registry.FALLBACK_MODEL == "mitdenoise-auto"
+    assert all(REGISTRY[part].shipped for part in registry.PIPELINES[registry.FALLBACK_MODEL].values())
+    assert not REGISTRY[registry.DEFAULT_MODEL].shipped
     for entry in REGISTRY.values():
         assert entry.license and "Masked Image Training" in entry.citation
     monkeypatch.setenv("MITDENOISE_GITHUB_ENDPOINT", "http://127.0.0.1:9/")
@@ -240,8 +241,8 @@ def test_unknown_name_lists_the_known_ones(hf_home):
     with pytest.raises(ModelLoadError) as info:
         resolve_model("nope")
     assert str(info.value).startswith(
-        "unknown model 'nope': not a file and not one of: masked-denoising, mitdenoise-mild, mitdenoise-baseline, "
-        "masked-denoising-baseline"
+        "unknown model 'nope': not a file and not one of: masked-denoising, mitdenoise-auto, mitdenoise-mild, "
+        "mitdenoise-camera, mitdenoise-baseline, masked-denoising-baseline"
     )
 
 
@@ -629,9 +630,14 @@ def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir,
     assert "mitdenoise" not in rows and not rows["fixture-tiny"]["cached"]
     assert rows["mitdenoise-mild"]["cached"] and not rows["masked-denoising"]["cached"]
     assert [name for name, row in rows.items() if row["default"]] == ["masked-denoising"]
-    assert [name for name, row in rows.items() if row["fallback"]] == ["mitdenoise-mild"]
-    assert [name for name, row in rows.items() if row["shipped"]] == ["mitdenoise-mild", "mitdenoise-baseline"]
+    assert [name for name, row in rows.items() if row["fallback"]] == ["mitdenoise-auto"]
+    assert [name for name, row in rows.items() if row["shipped"]] == [
+        "mitdenoise-auto", "mitdenoise-mild", "mitdenoise-camera", "mitdenoise-baseline"]
     assert rows["mitdenoise-mild"]["source"] == "shipped: weights/mitdenoise-mild.safetensors"
+    auto = rows["mitdenoise-auto"]
+    assert auto["parts"] == ["mitdenoise-mild", "mitdenoise-camera"] and auto["cached"]
+    assert auto["source"] == "shipped: weights/mitdenoise-mild.safetensors + shipped: weights/mitdenoise-camera.safetensors"
+    assert auto["size"] == rows["mitdenoise-mild"]["size"] + rows["mitdenoise-camera"]["size"]
     assert rows["masked-denoising"]["git_blob"] == "deafdf08ce4e6f69170f6f31bb3a32da9dee8cf5"
     assert origin.requests == []  # listing never goes online
 
@@ -644,9 +650,9 @@ def test_models_lists_the_registry_and_what_is_cached(cli, origin, fixtures_dir,
 
     table = cli("models").stdout
     for text in ("name", "what it is", "size", "cached", "masked-denoising-baseline", "fixture-tiny",
-                 "masked-denoising (default)", "mitdenoise-mild (fallback)", "hf://owner/repo", "--json"):
+                 "masked-denoising (default)", "mitdenoise-auto (fallback)", "hf://owner/repo", "--json"):
         assert text in table
-    assert [line.split()[-1] for line in table.splitlines() if line.startswith(" mitdenoise-")] == ["shipped"] * 2
+    assert [line.split()[-1] for line in table.splitlines() if line.startswith(" mitdenoise-")] == ["shipped"] * 4
 
 
 def test_download_command_errors_are_one_line(cli, hf_home, monkeypatch):
@@ -729,4 +735,7 @@ def test_a_folder_or_a_missing_shipped_file_as_the_model_says_what_to_do(tmp_pat
     monkeypatch.setattr(registry, "SHIPPED_DIRS", (tmp_path / "nowhere",))
     with pytest.raises(ModelLoadError, match=r"the shipped checkpoint .*mitdenoise-mild.safetensors is missing: "
                                              r"reinstall mitdenoise or pass --model PATH"):
-        resolve_model(None)
+        Denoiser(offline=True)
+    with pytest.raises(ModelLoadError, match=r"^mitdenoise-auto is a route over several networks "
+                                             r"\(mitdenoise-mild, mitdenoise-camera\), not one file: name one of them$"):
+        resolve_model("mitdenoise-auto")

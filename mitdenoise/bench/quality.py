@@ -109,7 +109,7 @@ def model_methods(
     be had (named so, with a note)."""
     from ..checkpoints import load_model
     from ..denoiser import Denoiser
-    from ..registry import resolve_default, resolve_model
+    from ..registry import PIPELINES, resolve_default, resolve_model
 
     taken = set() if taken is None else taken
     methods = []
@@ -119,12 +119,12 @@ def model_methods(
             if notice and notes is not None:
                 notes.append(notice)
         else:
-            path = resolve_model(spec)
-        net = load_model(path)
+            path = None if str(spec) in PIPELINES else resolve_model(spec)
+        net = None if path is None else load_model(path)
         name = _unique(model_label(spec), taken)
-        for n in (1, passes) if passes > 1 and net.config.mask_enabled else (1,):
+        for n in (1, passes) if passes > 1 and net is not None and net.config.mask_enabled else (1,):
             for strength in strengths:
-                den = Denoiser(net, passes=n, strength=strength, **denoiser_options)
+                den = Denoiser(spec if net is None else net, passes=n, strength=strength, **denoiser_options)
                 label = name if n == 1 else f"{name} x{n}"
                 label = label if strength == 1 else f"{label} s{strength:g}"
                 label = name if label == name else _unique(label, taken)

@@ -262,7 +262,7 @@ def run_speed(
     from ..checkpoints import load_model
     from ..denoiser import Denoiser, pick_device
     from ..errors import MitdenoiseError
-    from ..registry import resolve_default, resolve_model
+    from ..registry import PIPELINES, resolve_default, resolve_model, shipped_checkpoint
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -270,8 +270,15 @@ def run_speed(
     if model is None:
         model_path, model, notice = resolve_default()
         notes += [notice] if notice else []
+    elif model in PIPELINES:
+        model_path = None
     else:
         model_path = resolve_model(model)
+    if model_path is None:
+        network = PIPELINES[model]["camera"]
+        notes.append(f"{model} times its network {network}; the noise estimate and the second stage come on top "
+                     f"(docs/benchmarks.md)")
+        model_path = shipped_checkpoint(network)
     net = load_model(model_path)
     config = net.config
     macs = macs_per_pixel(config)

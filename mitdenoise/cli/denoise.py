@@ -134,6 +134,8 @@ def _print_summary(summary, denoiser) -> None:
              f"{summary.megapixels:.2f} MP in {summary.seconds:.1f} s"]
     if summary.megapixels:
         parts.append(f"{rate:.1f} s/MP on {denoiser.device}")
+    if len(summary.done) == 1 and denoiser.last_plan is not None:
+        parts.append(f"read {escape(denoiser.last_plan.describe())}")
     if summary.skipped:
         parts.append(f"{len(summary.skipped)} skipped (exist; --overwrite replaces)")
     if summary.failed:

@@ -1,0 +1,121 @@
+"""mitdenoise-auto, the shipped fallback: the plan it makes from a noise estimate, what it does to
+images (flat greys keep their mean, strength scales it), and what it scores on the sets that
+judge it (CC15, McMaster at Gaussian sigma 5)."""
+
+import numpy as np
+import pytest
+
+from mitdenoise import Denoiser, adaptive
+from mitdenoise.adaptive import Plan, plan_for
+from mitdenoise.bench.quality import load_quality_data, noisy_version
+from mitdenoise.metrics import psnr
+from mitdenoise.noise import NoiseEstimate, correlated, gaussian
+
+
+def _smooth_image(size=192):
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    return np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * np.sin(3 * yy), 0.6 - 0.3 * xx * yy], axis=-1)
+
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+def _estimate(sigma, white, correlation):
+    return NoiseEstimate(sigma / 255, white / 255, correlation)
+
+
+def test_camera_noise_goes_to_the_camera_network_and_the_guided_second_stage():
+    assert plan_for(_estimate(4, 0.5, 0.65)) == Plan("camera", 1.0, "input", pytest.approx(6.4 / 255), _estimate(4, 0.5, 0.65))
+    # h follows the level read, within its range
+    assert plan_for(_estimate(1, 0.5, 0.65)).h == pytest.approx(3 / 255)
+    assert plan_for(_estimate(20, 1, 0.9)).h == pytest.approx(15 / 255)
+
+
+def test_heavy_white_noise_goes_to_the_camera_network_and_smooths_its_output():
+    assert plan_for(_estimate(25, 24, 0.0))[:4] == ("camera", 1.0, "output", pytest.approx(5 / 255))
+    assert plan_for(_estimate(19, 18, 0.7))[:4] == ("camera", 1.0, "output", pytest.approx(5 / 255))
+
+
+def test_light_white_noise_goes_to_mild_at_a_strength_that_grows_with_the_level():
+    assert plan_for(_estimate(7, 5, 0.1))[:3] == ("white", pytest.approx(0.5), "none")
+    assert plan_for(_estimate(0, 0, 0.0))[:3] == ("white", 0.0, "none")
+    assert plan_for(_estimate(15, 15, 0.0))[:3] == ("white", 1.0, "none")
+    # Correlated but with a white part (textured images under white noise read so): still white.
+    assert plan_for(_estimate(12, 5, 0.6))[:3] == ("white", pytest.approx(0.5), "none")
+    strengths = [plan_for(_estimate(s, s, 0.0)).strength for s in np.linspace(0, 17.9, 60)]
+    assert strengths == sorted(strengths) and strengths[0] == 0 and strengths[-1] == 1
+
+
+def test_an_image_too_small_to_read_gets_mild_at_full_strength():
+    assert adaptive.plan_image(np.zeros((12, 40, 3), np.float32)) == Plan("white", 1.0, "none", 0.0, None)
+
+
+# --- the shipped default --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto():
+    return Denoiser("mitdenoise-auto", device="cpu")
+
+
+def test_the_default_offline_is_mitdenoise_auto_and_says_what_it_read(auto):
+    default = Denoiser(offline=True, device="cpu")
+    assert default.model_name == "mitdenoise-auto" and "mitdenoise-auto (shipped)" in default.notice
+    noisy = _u8(correlated(_smooth_image(128), 5, 0))
+    assert np.array_equal(default(noisy), auto(noisy))
+    assert auto.last_plan.network == "camera" and auto.last_plan.second_stage == "input"
+
+
+@pytest.mark.parametrize("grey", [20, 64, 128, 200, 240])
+def test_a_flat_grey_image_keeps_its_mean_through_the_default(auto, grey):
+    flat = np.full((256, 256, 3), grey / 255)
+    assert np.array_equal(auto(_u8(flat)), _u8(flat))  # clean: nothing to do
+    camera = _u8(correlated(flat, 5, grey))
+    out = auto(camera)
+    assert auto.last_plan.network == "camera"
+    assert np.abs(out.reshape(-1, 3).mean(0) - grey).max() < 0.25
+    assert out.std() < 0.5 * camera.std()
+    white = _u8(gaussian(flat, 5, grey))
+    out = auto(white)
+    assert auto.last_plan.network == "white"
+    # mitdenoise-mild's own shift near white (+4 to +5 levels at 240 at full strength), at the route's strength
+    assert np.abs(out.reshape(-1, 3).mean(0) - grey).max() < (2.5 if grey == 240 else 1.2)
+
+
+def test_strength_scales_the_routes_change_from_the_identity_up(auto):
+    noisy = _u8(correlated(_smooth_image(128), 6, 1))
+    full = auto(noisy).astype(np.float64)
+    assert np.array_equal(Denoiser("mitdenoise-auto", strength=0)(noisy), noisy)
+    changes = [np.abs(Denoiser("mitdenoise-auto", strength=s)(noisy) - noisy.astype(np.float64)).mean() for s in (0.25, 0.5, 0.75)]
+    assert changes == sorted(changes) and changes[-1] < np.abs(full - noisy).mean()
+
+
+def test_grayscale_and_16_bit_images_go_through_the_route(auto):
+    grey16 = (correlated(_smooth_image(96), 5, 2)[..., :1] * 65535).round().astype(np.uint16)
+    out = auto(grey16[..., 0])
+    assert out.shape == grey16.shape[:2] and out.dtype == np.uint16
+
+
+@pytest.mark.slow
+def test_the_default_beats_mcwnnm_on_cc15_and_improves_every_image(data_dir, auto):
+    """CC15 is our development set for real noise: the second stage's h was chosen on it."""
+    cc15 = data_dir / "test" / "cc15"
+    cleans, noisies = load_quality_data(cc15 / "clean", cc15 / "noisy", None, None, None)
+    gains, scores = [], []
+    for (_, clean), noisy in zip(cleans, noisies):
+        out = auto(noisy)
+        scores.append(psnr(out, clean))
+        gains.append(scores[-1] - psnr(noisy, clean))
+    assert len(scores) == 15 and np.mean(scores) >= 36.9 and min(gains) > 1.0
+
+
+@pytest.mark.slow
+def test_the_default_keeps_light_white_noise_images_better_than_their_input(data_dir, auto):
+    cleans, _ = load_quality_data(data_dir / "test" / "mcmaster", None, None, None, 256)
+    noisy = [noisy_version(c, "gaussian", 5, 0, i) for i, (_, c) in enumerate(cleans)]
+    ours = np.mean([psnr(auto(n), c) for n, (_, c) in zip(noisy, cleans)])
+    assert len(cleans) == 18 and ours >= np.mean([psnr(n, c) for n, (_, c) in zip(noisy, cleans)]) + 1.0
