@@ -72,8 +72,10 @@ class Denoiser:
     >>> d.model_name, d.notice
 
     Without a model it runs the default, the authors' masked checkpoint (from the cache, else
-    downloaded now); where that can't be had it runs the shipped fallback and says so in
-    ``notice`` (None otherwise). ``offline=True`` never opens a connection: the cache or the
+    downloaded now); where that can't be had it runs the shipped fallback, ``mitdenoise-auto``, and
+    says so in ``notice`` (None otherwise). ``mitdenoise-auto`` is a route over two shipped
+    networks (:mod:`mitdenoise.adaptive`): each image's noise is read first, and ``last_plan``
+    says what was read and what ran. ``offline=True`` never opens a connection: the cache or the
     fallback, and a named model that is not here already is an error. ``model_name`` is the
     registry name, hf:// address or path that ran (None for a network passed in).
 
@@ -81,7 +83,7 @@ class Denoiser:
     makes its draws reproducible, ``passes`` averages that many independent draws. A model
     without the mask is deterministic, so it runs one pass whatever ``passes`` says.
     ``attn_mask_ratio`` overrides the checkpoint's ratio (percent; 0 switches it off).
-    ``strength`` scales the change the model makes: ``input + strength * (denoised - input)``;
+    ``strength`` scales the change the model (or route) makes: ``input + strength * (denoised - input)``;
     0 returns the input unchanged, 1 the model's full effect. Below 1 it keeps some of the
     input's grain and detail, which suits light noise (camera photos at low ISO) that a model
     trained at one noise level over-smooths.
