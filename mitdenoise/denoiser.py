@@ -18,6 +18,9 @@ from .tiling import count_tiles, denoise_tiled, denoise_tiled_on_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+FLOAT_ROWS_AT_ONCE = 256
+"""Rows converted from float at a time where a whole image is converted."""
+
 MALLOC_KEEP_BYTES = 192 << 20
 MALLOC_HEAP_UP_TO_BYTES = 96 << 20
 
@@ -206,8 +209,13 @@ class Denoiser:
         networks = {role: (lambda p, d=d: d.denoise_array(p, on_tiles)) for role, d in self._networks.items()}
         y = run_plan(plan, x, networks, self.device)
         if self.strength != 1:
-            y = x + np.float32(self.strength) * (y - x)
-        return imageio.from_float(y, pixels.dtype)
+            y -= x
+            y *= np.float32(self.strength)
+            y += x
+        out = np.empty(pixels.shape, pixels.dtype)
+        for top in range(0, len(y), FLOAT_ROWS_AT_ONCE):  # the conversion's temporaries stay small
+            out[top : top + FLOAT_ROWS_AT_ONCE] = imageio.from_float(y[top : top + FLOAT_ROWS_AT_ONCE], pixels.dtype)
+        return out
 
     def denoise_image(self, image: imageio.Image, on_tiles: Callable[[int], None] | None = None) -> imageio.Image:
         """Denoise the colour channels; alpha and colour profile pass through untouched."""

@@ -119,3 +119,15 @@ def test_the_default_keeps_light_white_noise_images_better_than_their_input(data
     noisy = [noisy_version(c, "gaussian", 5, 0, i) for i, (_, c) in enumerate(cleans)]
     ours = np.mean([psnr(auto(n), c) for n, (_, c) in zip(noisy, cleans)])
     assert len(cleans) == 18 and ours >= np.mean([psnr(n, c) for n, (_, c) in zip(noisy, cleans)]) + 1.0
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_the_route_leaves_the_callers_float_image_untouched(strength):
+    """The route blends and clips in place to save whole-image copies: never in the caller's array."""
+    light = gaussian(_smooth_image(96), 5, 3).astype(np.float32)
+    camera = correlated(_smooth_image(96), 5, 4).astype(np.float32)
+    for noisy in (light, camera):
+        kept = noisy.copy()
+        out = Denoiser("mitdenoise-auto", strength=strength)(noisy)
+        assert np.array_equal(noisy, kept) and out.dtype == np.float32 and not np.shares_memory(out, noisy)
+        assert 0 <= out.min() and out.max() <= 1
