@@ -46,8 +46,9 @@ WHITE_STRENGTH = ((0, 0.0), (2 / 255, 0.15), (3 / 255, 0.25), (5 / 255, 0.5), (7
 measured at those levels on held-out training images."""
 CAMERA_H_PER_SIGMA = 1.6
 """The second stage's ``h`` after ``mitdenoise-camera`` on a camera's noise, per level read ..."""
-CAMERA_H_RANGE = (3 / 255, 15 / 255)
-"""... and the range it is held to."""
+CAMERA_H_RANGE = (3 / 255, 8 / 255)
+"""... and the range it is held to: a clean photo with fine texture reads like light camera
+noise at a level its texture inflates, and a large ``h`` would average its texture away."""
 HEAVY_WHITE_H = 5 / 255
 """The second stage's ``h`` on heavy white noise (the network's output smoothed by itself)."""
 

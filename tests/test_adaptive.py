@@ -32,7 +32,7 @@ def test_camera_noise_goes_to_the_camera_network_and_the_guided_second_stage():
     assert plan_for(_estimate(4, 0.5, 0.65)) == Plan("camera", 1.0, "input", pytest.approx(6.4 / 255), _estimate(4, 0.5, 0.65))
     # h follows the level read, within its range
     assert plan_for(_estimate(1, 0.5, 0.65)).h == pytest.approx(3 / 255)
-    assert plan_for(_estimate(20, 1, 0.9)).h == pytest.approx(15 / 255)
+    assert plan_for(_estimate(20, 1, 0.9)).h == pytest.approx(8 / 255)
 
 
 def test_heavy_white_noise_goes_to_the_camera_network_and_smooths_its_output():
