@@ -17,9 +17,8 @@ the noise (:func:`~mitdenoise.noise.estimate_noise`):
   change at sigma 5), so texture survives.
 
 Where the numbers below come from: ``docs/experiments.md`` ("The shipped default: a route over
-two networks"). The
-strengths were measured on held-out training images; the second stage's ``h`` and the camera
-test were chosen on CC15, our real-noise development set.
+two networks"). The strengths were measured on held-out training images; the second stage's
+``h`` and the camera test were chosen on CC15, our real-noise development set.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class Denoiser:
                 path, self.model_name, self.notice = resolve_model(model, offline=offline), str(model), None
             if path is None:
                 roles = {role: load_model(resolve_model(name)) for role, name in PIPELINES[self.model_name].items()}
-                net = roles["camera"]
+                net = roles["camera"]  # what config, count_tiles and the tile plan describe
                 self.validation = None
             else:
                 net = load_model(path, **overrides)

@@ -2,8 +2,8 @@
 
 A network whose attention sees 8x8 windows cannot tell a colour blotch tens of pixels wide
 from the picture; camera noise (demosaicked, JPEG-compressed) carries such blotches. Non-local
-means compares 5x5 patches of the network's output over a 25x25 search window and averages the
-pixels whose patches look alike, the way BM3D's second stage averages guided by its first
+means compares 3x3 patches of a guide (the network's output) over a 21x21 search window and
+averages the pixels whose patches look alike, the way BM3D's second stage averages guided by its first
 (Buades, Coll & Morel 2005; Dabov et al. 2007). Weights are ``exp(-d / h^2)`` with ``d`` the mean
 squared difference of two patches over every channel; the pixel itself has weight 1.
 

@@ -138,6 +138,12 @@ PIPELINES: dict[str, dict[str, str]] = {
 }
 """Shipped routes over several shipped networks (:mod:`mitdenoise.adaptive`): name -> role -> entry."""
 
+
+def network_of(name: str) -> str:
+    """The registry entry whose network ``name`` runs: itself, or for a route the network camera
+    photos go through (all of a route's networks share one architecture)."""
+    return PIPELINES[name]["camera"] if name in PIPELINES else name
+
 REMOVED_MODELS = {
     name: (
         f"model {name!r} was removed: our undertrained masked checkpoint made images worse (weights/README.md "

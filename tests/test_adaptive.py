@@ -95,9 +95,13 @@ def test_strength_scales_the_routes_change_from_the_identity_up(auto):
 
 
 def test_grayscale_and_16_bit_images_go_through_the_route(auto):
-    grey16 = (correlated(_smooth_image(96), 5, 2)[..., :1] * 65535).round().astype(np.uint16)
+    clean = _smooth_image(96)[..., :1]
+    grey16 = (correlated(clean, 5, 2) * 65535).round().astype(np.uint16)
     out = auto(grey16[..., 0])
     assert out.shape == grey16.shape[:2] and out.dtype == np.uint16
+    assert auto.last_plan.network == "camera"
+    clean16 = clean[..., 0] * 65535
+    assert np.abs(out - clean16).mean() < 0.6 * np.abs(grey16[..., 0] - clean16).mean()
 
 
 @pytest.mark.slow

@@ -262,7 +262,7 @@ def run_speed(
     from ..checkpoints import load_model
     from ..denoiser import Denoiser, pick_device
     from ..errors import MitdenoiseError
-    from ..registry import PIPELINES, resolve_default, resolve_model, shipped_checkpoint
+    from ..registry import PIPELINES, network_of, resolve_default, resolve_model, shipped_checkpoint
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -275,7 +275,7 @@ def run_speed(
     else:
         model_path = resolve_model(model)
     if model_path is None:
-        network = PIPELINES[model]["camera"]
+        network = network_of(model)
         notes.append(f"{model} times its network {network}; the noise estimate and the second stage come on top "
                      f"(docs/benchmarks.md)")
         model_path = shipped_checkpoint(network)

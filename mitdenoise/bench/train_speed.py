@@ -34,12 +34,12 @@ def network_config(model_config: str | os.PathLike | None, attn_mask: tuple[int,
     shipped checkpoints' network; with the attention-mask ratio ``attn_mask``. Returns it and
     where it came from."""
     from ..checkpoints import load_model
-    from ..registry import FALLBACK_MODEL, PIPELINES, shipped_checkpoint
+    from ..registry import FALLBACK_MODEL, network_of, shipped_checkpoint
     from ..train.config import TrainConfig, load_toml
 
     if model_config is None:
-        network = PIPELINES.get(FALLBACK_MODEL, {}).get("camera", FALLBACK_MODEL)
-        config, source = load_model(shipped_checkpoint(network)).config, f"the network of {FALLBACK_MODEL}"
+        config = load_model(shipped_checkpoint(network_of(FALLBACK_MODEL))).config
+        source = f"the network of {FALLBACK_MODEL}"
     else:
         config, source = TrainConfig.from_dict(load_toml(model_config)).model, str(model_config)
     return dataclasses.replace(config, attn_mask_ratio=tuple(attn_mask)), source
