@@ -2,11 +2,15 @@
 
 Every model takes an (H, W, C) float array ``x`` in [0, 1], a level, and ``rng``
 (a ``numpy.random.Generator``, or an int seed for ``np.random.default_rng``), and
-returns a new float array of the same shape, clipped to [0, 1]. The draws are
-per element (every channel of every pixel gets its own), as the authors' scripts
+returns a new float array of the same shape, clipped to [0, 1]. The paper's noises
+draw per element (every channel of every pixel gets its own), as the authors' scripts
 and MATLAB's ``imnoise`` on an RGB array do. Levels are in the units the paper
 uses: Gaussian sigma on the 0..255 scale, Poisson scale alpha, speckle variance,
-salt-and-pepper density.
+salt-and-pepper density. The camera kinds (``camera``, ``poissongaussian``,
+``gaussianjpeg``) give their level as a standard deviation on the 0..255 scale.
+
+``camera`` also changes the clean image (its pipeline demosaics and develops it):
+:func:`noisy_pair` returns the noisy image with the clean image it should be compared to.
 
 >>> noisy = apply_noise(clean, "poisson", 2, rng=0)
 >>> parse_noise_spec("gaussian:15,poisson:2,speckle:0.024,saltpepper:0.002")
@@ -21,6 +25,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+
+from . import camera
 
 Rng = np.random.Generator | int | None
 
@@ -146,6 +152,68 @@ def mixture(x: np.ndarray, sigma255: float, rng: Rng = None) -> np.ndarray:
     return salt_and_pepper(y, min(1.0, sigma255 * MIXTURE_SALTPEPPER_PER_SIGMA), g)
 
 
+POISSON_GAUSSIAN_READ_SHARE = 0.2
+"""Share of the Poisson-Gaussian noise's variance at mid-grey that does not depend on the signal."""
+GAUSSIAN_JPEG_QUALITY = 80
+"""The JPEG quality of ``gaussianjpeg``: a camera's or a web service's everyday setting."""
+
+
+def poisson_gaussian(x: np.ndarray, level: float, rng: Rng = None) -> np.ndarray:
+    """Signal-dependent noise as a sensor's, in sRGB: variance ``(level/255)^2 (0.2 + 1.6 x)``.
+
+    The heteroscedastic Gaussian model of Foi et al. (2008): a shot part growing with the
+    value ``x`` and a constant read part, ``level`` being the std at mid-grey (x = 0.5), where
+    the read part is ``POISSON_GAUSSIAN_READ_SHARE`` of the variance. Per element.
+    """
+    x = _check_image(x)
+    return _finish(x + poisson_gaussian_std(x, level) * as_rng(rng).standard_normal(x.shape), x)
+
+
+def poisson_gaussian_std(x: np.ndarray, level: float) -> np.ndarray:
+    """The per-element standard deviation of :func:`poisson_gaussian`'s noise on image ``x``."""
+    read = POISSON_GAUSSIAN_READ_SHARE
+    return (level / 255.0) * np.sqrt(read + 2.0 * (1.0 - read) * np.clip(x, 0.0, 1.0))
+
+
+def gaussian_jpeg(x: np.ndarray, sigma255: float, rng: Rng = None) -> np.ndarray:
+    """White Gaussian noise of ``sigma255``, then 8-bit JPEG at ``GAUSSIAN_JPEG_QUALITY`` (4:2:0).
+
+    What a web upload or a phone's re-save does to a noisy picture: the finest noise goes,
+    blotches remain.
+    """
+    y = gaussian(x, sigma255, rng)
+    return _from_rgb(camera.jpeg(_to_rgb(y), GAUSSIAN_JPEG_QUALITY), x)
+
+
+def camera_noise(x: np.ndarray, level: float, rng: Rng = None) -> np.ndarray:
+    """A camera's noise at ``level`` (``mitdenoise.camera``): the noisy image alone. :func:`noisy_pair` gives its twin."""
+    return camera_pair(x, level, rng)[0]
+
+
+def camera_pair(x: np.ndarray, level: float, rng: Rng = None) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy, clean twin) through a camera drawn from ``rng`` at ``level`` (``mitdenoise.camera``)."""
+    x = _check_image(x)
+    g = as_rng(rng)
+    noisy, clean = camera.camera_pair(_to_rgb(x), camera.draw_camera(level, g), g)
+    return _from_rgb(noisy, x), _from_rgb(clean, x)
+
+
+def _to_rgb(x: np.ndarray) -> np.ndarray:
+    """The colour of an (H, W, C) image as (H, W, 3): grey repeated, alpha left out."""
+    if x.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected 1, 3 or 4 channels, got {x.shape[2]}")
+    return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x[..., :3]
+
+
+def _from_rgb(rgb: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """:func:`_to_rgb` undone: grey as the mean of R, G, B, ``like``'s alpha put back; ``like``'s dtype."""
+    if like.shape[2] == 1:
+        rgb = rgb.mean(axis=2, keepdims=True)
+    elif like.shape[2] == 4:
+        rgb = np.concatenate([rgb, like[..., 3:]], axis=2)
+    return rgb.astype(like.dtype, copy=False)
+
+
 NoiseModel = Callable[[np.ndarray, float, Rng], np.ndarray]
 
 NOISES: dict[str, NoiseModel] = {
@@ -155,6 +223,9 @@ NOISES: dict[str, NoiseModel] = {
     "speckle": speckle,
     "saltpepper": salt_and_pepper,
     "mixture": mixture,
+    "camera": camera_noise,
+    "poissongaussian": poisson_gaussian,
+    "gaussianjpeg": gaussian_jpeg,
 }
 
 LEVEL_UNITS = {
@@ -164,10 +235,15 @@ LEVEL_UNITS = {
     "speckle": "variance",
     "saltpepper": "density in [0, 1]",
     "mixture": "Gaussian sigma on 0..255",
+    "camera": "raw noise std on 0..255 at mid-grey",
+    "poissongaussian": "std on 0..255 at mid-grey",
+    "gaussianjpeg": "sigma on 0..255",
 }
 
 ALIASES = {"gauss": "gaussian", "sp": "saltpepper", "s&p": "saltpepper", "salt_and_pepper": "saltpepper",
-           "salt-and-pepper": "saltpepper", "saltandpepper": "saltpepper", "mix": "mixture"}
+           "salt-and-pepper": "saltpepper", "saltandpepper": "saltpepper", "mix": "mixture",
+           "poisson-gaussian": "poissongaussian", "pg": "poissongaussian", "gaussian-jpeg": "gaussianjpeg",
+           "jpeg": "gaussianjpeg"}
 
 
 def canonical_kind(kind: str) -> str:
@@ -191,6 +267,19 @@ def apply_noise(x: np.ndarray, kind: str, level: float, rng: Rng = None) -> np.n
     """Apply noise model ``kind`` (a :data:`NOISES` name or alias) at ``level``."""
     name = canonical_kind(kind)
     return NOISES[name](x, check_level(name, level), as_rng(rng))
+
+
+def noisy_pair(x: np.ndarray, kind: str, level: float, rng: Rng = None) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy, reference): the noisy image and the clean image to score it against.
+
+    The reference is ``x`` itself for every kind but ``camera``, whose pipeline also changes
+    the clean image (its clean twin: the same camera without the noise).
+    """
+    name = canonical_kind(kind)
+    level = check_level(name, level)
+    if name == "camera":
+        return camera_pair(x, level, as_rng(rng))
+    return NOISES[name](x, level, as_rng(rng)), x
 
 
 def parse_noise_spec(spec: str) -> list[tuple[str, float]]:

@@ -87,8 +87,20 @@ def test_quality_writes_json_markdown_and_grids_with_every_row_and_method(tmp_pa
         direct = []
         for i in range(2):
             clean = np.asarray(Image.open(clean_dir / f"img{i}.png"))
-            direct.append(psnr(quality.noisy_version(clean, kind, level, 3, i), clean))
+            direct.append(psnr(*quality.noisy_version(clean, kind, level, 3, i)))
         assert row["results"]["noisy"]["psnr"] == pytest.approx(np.mean(direct), abs=1e-9)
+
+
+def test_camera_rows_are_scored_against_the_clean_twin(clean_dir):
+    res = quality.run_quality(clean_dir, noise_spec="camera:3", models=[], baselines=["noisy"], limit=2, crop=64, seed=4)
+    (row,) = res["rows"]
+    direct = []
+    for i in range(2):
+        name, clean = quality.load_quality_data(clean_dir, None, None, 2, 64)[0][i]
+        noisy, twin = quality.noisy_version(clean, "camera", 3.0, 4, i)
+        assert not np.array_equal(twin, clean)  # developed by the camera: not the input
+        direct.append(psnr(noisy, twin))
+    assert row["results"]["noisy"]["psnr"] == pytest.approx(np.mean(direct), abs=1e-9)
 
 
 def test_the_default_rows_are_light_gaussian_noise_then_the_papers_four(clean_dir):
@@ -116,7 +128,7 @@ def test_given_noisy_clean_pairs_make_a_row(tmp_path, clean_dir):
     expected = []
     for i in range(2):
         clean = np.asarray(Image.open(clean_dir / f"img{i}.png"))
-        noisy = quality.noisy_version(clean, "speckle", 0.05, 9, i)
+        noisy = quality.noisy_version(clean, "speckle", 0.05, 9, i)[0]
         Image.fromarray(noisy).save(noisy_dir / f"img{i}.png")
         expected.append(psnr(noisy, clean))
     res = quality.run_quality(clean_dir, noisy_dir=noisy_dir, models=[], baselines=["noisy"])
@@ -131,8 +143,8 @@ def test_published_outputs_are_a_column_scored_against_the_clean_images(tmp_path
     expected = []
     for i in range(2):
         clean = np.asarray(Image.open(clean_dir / f"img{i}.png"))
-        Image.fromarray(quality.noisy_version(clean, "gaussian", 10, 3, i)).save(noisy_dir / f"img{i}.png")
-        theirs = quality.noisy_version(clean, "gaussian", 4, 5, i)
+        Image.fromarray(quality.noisy_version(clean, "gaussian", 10, 3, i)[0]).save(noisy_dir / f"img{i}.png")
+        theirs = quality.noisy_version(clean, "gaussian", 4, 5, i)[0]
         Image.fromarray(theirs).save(published / f"img{i}.png")
         expected.append(psnr(theirs, clean))
     res = quality.run_quality(clean_dir, noisy_dir=noisy_dir, models=[], baselines=["noisy"],
@@ -265,6 +277,22 @@ def test_noise_cli_keeps_16_bit_depth_and_handles_folders(tmp_path):
     assert (tmp_path / "out" / "rgb.png").is_file()
     bad = runner.invoke(cli(), ["noise", str(src), str(tmp_path / "o2"), "--kind", "saltpepper", "--level", "2"])
     assert bad.exit_code == 2 and "density" in bad.output
+
+
+def test_noise_cli_writes_camera_noise_and_its_clean_twin(tmp_path):
+    target = tmp_path / "noisy.png"
+    args = ["noise", str(EXAMPLES / "kodim23-clean.png"), str(target), "--kind", "camera", "--level", "3",
+            "--seed", "2", "--twin-suffix", "_clean", "-q"]
+    assert runner.invoke(cli(), args).exit_code == 0
+    noisy = np.asarray(Image.open(target))
+    twin = np.asarray(Image.open(tmp_path / "noisy_clean.png"))
+    clean = np.asarray(Image.open(EXAMPLES / "kodim23-clean.png"))
+    from mitdenoise import noise
+
+    expected = noise.noisy_pair(clean / 255.0, "camera", 3.0, np.random.default_rng(2))
+    assert np.array_equal(noisy, np.round(expected[0] * 255).astype(np.uint8))
+    assert np.array_equal(twin, np.round(expected[1] * 255).astype(np.uint8))
+    assert psnr(noisy, twin) < psnr(twin, clean)  # the noise, not the development, is most of the change
 
 
 def test_option_parsers_explain_bad_values():

@@ -225,7 +225,8 @@ def test_parse_noise_spec_names_the_bad_item(spec, message):
 
 
 def test_registry_names_match_the_issue():
-    assert list(NOISES) == ["gaussian", "correlated", "poisson", "speckle", "saltpepper", "mixture"]
+    assert list(NOISES) == ["gaussian", "correlated", "poisson", "speckle", "saltpepper", "mixture", "camera",
+                            "poissongaussian", "gaussianjpeg"]
     assert noise.noise_label("speckle", 0.024) == "speckle:0.024"
 
 

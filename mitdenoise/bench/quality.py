@@ -239,10 +239,15 @@ class NoiseRow:
     given: list[np.ndarray] | None = None  # noisy images, for given pairs
 
 
-def noisy_version(clean: np.ndarray, kind: str, level: float, seed: int, index: int) -> np.ndarray:
-    """The noisy uint8 image of row (kind, level) for image ``index``: the same whatever the run order."""
+def noisy_version(clean: np.ndarray, kind: str, level: float, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy, reference), uint8, of row (kind, level) for image ``index``: the same whatever the run order.
+
+    The reference is ``clean`` itself except for camera noise, whose clean twin it is
+    (``noise.noisy_pair``).
+    """
     rng = noises.derived_rng(seed, index, kind, float(level))
-    return from_float(noises.apply_noise(to_float(clean, np.float64), kind, level, rng), np.uint8)
+    noisy, reference = noises.noisy_pair(to_float(clean, np.float64), kind, level, rng)
+    return from_float(noisy, np.uint8), from_float(reference, np.uint8)
 
 
 def load_quality_data(
@@ -366,7 +371,10 @@ def run_quality(
         oracle = oracle_sigma and row.kind in ("gaussian", "correlated")
         grid = None
         for index, (name, clean) in enumerate(cleans):
-            noisy = row.given[index] if row.given is not None else noisy_version(clean, row.kind, row.level, seed, index)
+            if row.given is not None:
+                noisy = row.given[index]
+            else:
+                noisy, clean = noisy_version(clean, row.kind, row.level, seed, index)
             sigma = float(row.level) if oracle else noises.estimate_sigma(noisy / 255.0) * 255.0
             sigmas.append(sigma)
             if index == 0:

@@ -12,8 +12,9 @@ from .console import err, error, fail
 def noise_command(
     source: Annotated[str, typer.Argument(metavar="IN", help="Clean image file or folder.")],
     target: Annotated[str, typer.Argument(metavar="OUT", help="Output file (for one input) or folder.")],
-    kind: Annotated[str, typer.Option("--kind", "-k", help="gaussian, correlated, poisson, speckle, saltpepper or mixture.")] = "gaussian",
-    level: Annotated[float, typer.Option("--level", "-l", help="gaussian/correlated/mixture: sigma on 0..255; poisson: scale; speckle: variance; saltpepper: density.")] = 15.0,
+    kind: Annotated[str, typer.Option("--kind", "-k", help="gaussian, correlated, poisson, speckle, saltpepper, mixture, camera, poissongaussian or gaussianjpeg.")] = "gaussian",
+    level: Annotated[float, typer.Option("--level", "-l", help="gaussian/correlated/mixture/gaussianjpeg: sigma on 0..255; poisson: scale; speckle: variance; saltpepper: density; camera: raw noise std on 0..255 at mid-grey (1 light, 4 a phone indoors, 10+ heavy); poissongaussian: std at mid-grey.")] = 15.0,
+    twin_suffix: Annotated[str | None, typer.Option("--twin-suffix", help="Also write the clean image to score against beside each output, its name + this suffix: for camera noise the clean twin (the same camera without the noise), else the input.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed. One file: numpy default_rng(seed); a folder: a stream per file name.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
@@ -21,6 +22,7 @@ def noise_command(
     """Add synthetic noise to images; the output keeps bit depth, alpha and colour profile.
 
     Example:  mitdenoise noise examples/kodim23-clean.png noisy.png --kind poisson --level 2 --seed 0
+              mitdenoise noise clean/ noisy/ --kind camera --level 4 --twin-suffix _clean
     """
     import dataclasses
 
@@ -46,10 +48,12 @@ def noise_command(
         rng = np.random.default_rng(seed) if len(jobs) == 1 else noises.derived_rng(seed, job.source.name)
         try:
             image = read_image(job.source)
-            noisy = noises.apply_noise(to_float(image.pixels, np.float64), kind, level, rng)
-            result = dataclasses.replace(image, pixels=from_float(noisy, image.pixels.dtype))
+            noisy, reference = noises.noisy_pair(to_float(image.pixels, np.float64), kind, level, rng)
             job.target.parent.mkdir(parents=True, exist_ok=True)
-            write_image(job.target, result, overwrite=True)
+            if twin_suffix:
+                twin = job.target.with_name(job.target.stem + twin_suffix + job.target.suffix)
+                write_image(twin, dataclasses.replace(image, pixels=from_float(reference, image.pixels.dtype)), overwrite=True)
+            write_image(job.target, dataclasses.replace(image, pixels=from_float(noisy, image.pixels.dtype)), overwrite=True)
             written += 1
         except (MitdenoiseError, ValueError, OSError) as e:
             error(str(e))
