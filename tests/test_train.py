@@ -193,6 +193,40 @@ def test_a_share_of_patches_gets_correlated_noise_in_its_own_sigma_range(images)
         TrainConfig(correlated_sigma=[0, 5])
 
 
+def test_the_broad_recipe_spans_light_to_heavy_noise_and_ends_in_8_bits_where_a_camera_or_jpeg_made_it():
+    from mitdenoise.train.data import BROAD_JPEG_SHARE, BROAD_KINDS, broad_noise
+
+    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    x = np.clip(0.5 + 0.1 * np.sin(np.mgrid[:48, :48][1] / 3.0)[..., None] * np.ones(3), 0, 1)
+    stds, quantised = [], 0
+    for _ in range(300):
+        noisy, target = broad_noise(x, rng, g, clip=False)
+        assert noisy.shape == target.shape == x.shape
+        stds.append(float((noisy - target).std() * 255))
+        quantised += bool(np.array_equal(np.round(noisy * 255), noisy * 255))
+    camera_share = dict(BROAD_KINDS)["camera"] / sum(dict(BROAD_KINDS).values())
+    expected = camera_share + (1 - camera_share) * BROAD_JPEG_SHARE
+    assert abs(quantised / 300 - expected) < 0.1
+    assert min(stds) < 1.5 and max(stds) > 35 and 3 < np.median(stds) < 25
+
+
+def test_broad_patches_are_seeded_full_size_and_need_a_margin_around_them(images):
+    from mitdenoise.train.data import BROAD_MARGIN, min_image_size
+
+    imgs, _ = load_images(find_images(images["train"].parent), min_size=32 + 2 * BROAD_MARGIN)
+    kw = dict(patch_size=32, batch_size=4, steps=10, seed=3, noise_sigma=15, mask_ratio=(0, 0), broad=True)
+    noisy, clean = PatchBatches(imgs, **kw)[7]
+    again = PatchBatches(imgs, **kw)[7]
+    assert noisy.shape == clean.shape == (4, 3, 32, 32)
+    assert torch.equal(noisy, again[0]) and torch.equal(clean, again[1])
+    assert not torch.equal(noisy, PatchBatches(imgs, **kw)[8][0])
+    assert not torch.equal(noisy, clean)
+    assert min_image_size(TrainConfig(patch_size=64, broad_noise=True)) == 64 + 2 * BROAD_MARGIN
+    assert min_image_size(TrainConfig(patch_size=64)) == 64
+    with pytest.raises(ValueError, match="broad_noise must be true or false"):
+        TrainConfig(broad_noise="yes")
+
+
 def test_a_mask_ramp_rises_linearly_from_no_mask_to_the_setting():
     from mitdenoise.masking import ramped
 
@@ -263,17 +297,20 @@ def test_cpu_fp32_training_takes_the_training_route_with_the_batch_in_parts_and_
     assert parts == [] and groups == []  # bf16 autocast: the model's modules
 
 
-def test_validation_noise_is_seeded_gaussian_15_and_the_authors_poisson_2(images):
+def test_validation_noise_is_seeded_gaussian_15_the_authors_poisson_2_and_camera_4(images):
     from mitdenoise import noise
 
     sets = synthetic_sets(images["val"], limit=1, crop=40, seed=5)
-    assert [s.name for s in sets] == ["gaussian15", "poisson2"]
+    assert [s.name for s in sets] == ["gaussian15", "poisson2", "camera4"]
     clean = np.array(Image.open(images["val"] / "img0.png"))[28:68, 20:60]  # centre of 96 x 80
     assert np.array_equal(sets[0].clean[0], clean) and np.array_equal(sets[1].clean[0], clean)
     x = clean / 255.0
     for val, make in zip(sets, (lambda: noise.gaussian(x, 15, np.random.default_rng(5)),
                                 lambda: noise.poisson(x, 2, np.random.default_rng(5)))):
         assert np.array_equal(val.noisy[0], np.clip(np.round(make() * 255), 0, 255).astype(np.uint8))
+    noisy, twin = noise.camera_pair(x, 4.0, np.random.default_rng(5))  # scored against its clean twin
+    assert np.array_equal(sets[2].noisy[0], np.round(noisy * 255).astype(np.uint8))
+    assert np.array_equal(sets[2].clean[0], np.round(twin * 255).astype(np.uint8))
     assert [s.noisy[0].tolist() for s in synthetic_sets(images["val"], 1, 40, 5)] == [s.noisy[0].tolist() for s in sets]
 
 
@@ -394,7 +431,7 @@ def test_training_raises_validation_psnr(images, tmp_path):
     # the exported weights carry the last validation, for `denoise` to warn with
     assert read_validation(tmp_path / "run" / EXPORT_NAME) == {"iteration": 80, "sets": {
         name: {"psnr": vals[-1][f"psnr_{name}"], "noisy_psnr": start[f"noisy_psnr_{name}"]}
-        for name in ("gaussian15", "poisson2")
+        for name in ("gaussian15", "poisson2", "camera4")
     }}
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < 0.7 * losses[0], losses

@@ -50,7 +50,7 @@ def train_command(
     checkpoint_every: Annotated[Optional[int], Opt("--checkpoint-every", help="Write last.pt every N iterations.")] = None,
     log_every: Annotated[Optional[int], Opt("--log-every", help="Log line every N iterations.")] = None,
     val_every: Annotated[Optional[int], Opt("--val-every", help="Validate every K iterations.")] = None,
-    val_clean: Annotated[Optional[Path], Opt("--val-clean", help="Clean images to validate on (seeded Gaussian 15 and Poisson 2 noise).")] = None,
+    val_clean: Annotated[Optional[Path], Opt("--val-clean", help="Clean images to validate on (seeded Gaussian 15, Poisson 2 and camera 4 noise).")] = None,
     val_pairs: Annotated[Optional[str], Opt("--val-pairs", help="NOISY_DIR:CLEAN_DIR pairs to validate on (same file names).")] = None,
     val_images: Annotated[Optional[int], Opt("--val-images", help="At most N validation images per set.")] = None,
     workers: Annotated[Optional[int], Opt("--workers", "-j", help="DataLoader worker processes \\[default: 0 on CPU, 8 on CUDA].")] = None,

@@ -60,6 +60,10 @@ class TrainConfig:
     leaves as coarse colour blotches."""
     correlated_sigma: tuple[float, float] = (1.0, 15.0)
     """``[low, high]``: the correlated noise's sigma (of 255, RMS over the three channels), drawn per patch."""
+    broad_noise: bool = False
+    """The broad recipe instead of the Gaussian one (``data.broad_noise``): a camera's pipeline over
+    its whole range, white Gaussian 0-50, Poisson-Gaussian, camera-structured correlated noise and
+    mixtures, some JPEG-compressed; ``noise_sigma`` and ``correlated_*`` are then unused."""
     seed: int = 1
     workers: int | None = None
     """DataLoader worker processes; None: 0 on CPU (the model is the bottleneck), up to 8 on CUDA."""
@@ -202,8 +206,9 @@ def _check_types(config: TrainConfig) -> None:
     pair = config.correlated_sigma
     if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_is_number(s) for s in pair):
         fail("correlated_sigma", "[low, high]")
-    if not isinstance(config.clip_noisy, bool):
-        fail("clip_noisy", "true or false")
+    for name in ("clip_noisy", "broad_noise"):
+        if not isinstance(getattr(config, name), bool):
+            fail(name, "true or false")
     for name in _TEXTS:
         if not isinstance(getattr(config, name), str):
             fail(name, "a string")

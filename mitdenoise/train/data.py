@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .. import imageio
+from .. import camera, imageio
+from .. import noise as noises
 from ..errors import MitdenoiseError
 from ..masking import input_mask, ramped
 from ..metrics import gaussian_window
@@ -120,6 +121,64 @@ def correlated_noise(size: int, sigma: float, generator: torch.Generator) -> tor
     return rgb * (sigma / variance**0.5)
 
 
+BROAD_MARGIN = 8
+"""Extra pixels drawn around a patch for the broad recipe: the demosaic's filters and JPEG's 8x8
+blocks see past the patch's edge, and the patch's offset in the block grid is drawn."""
+BROAD_KINDS = (("camera", 0.40), ("gaussian", 0.20), ("poissongaussian", 0.15), ("correlated", 0.15),
+               ("mixture", 0.10))
+"""The broad recipe's noise kinds and their shares of the patches."""
+BROAD_CAMERA_LEVEL = (0.25, 16.0)
+"""Camera noise levels (``mitdenoise.camera``), drawn log-uniformly: from a base-ISO DSLR's
+(noisy about 45 dB) to a phone's at night (about 16 dB)."""
+BROAD_WHITE_SIGMA = (0.0, 50.0)
+BROAD_POISSON_GAUSSIAN = (0.0, 40.0)
+BROAD_CORRELATED_SIGMA = (1.0, 30.0)
+BROAD_JPEG_SHARE = 0.3
+"""Share of the non-camera patches JPEG-compressed after the noise, at a quality from
+``BROAD_JPEG_QUALITY``; the target stays the clean patch."""
+BROAD_JPEG_QUALITY = (50, 95)
+
+
+def min_image_size(config) -> int:
+    """The smallest image side a run's patches can be cut from (``TrainConfig``)."""
+    return config.patch_size + (2 * BROAD_MARGIN if config.broad_noise else 0)
+
+
+def broad_noise(x: np.ndarray, rng: np.random.Generator, generator: torch.Generator,
+                clip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy, target) for a clean (H, W, 3) float64 patch: one noise of the broad recipe.
+
+    Kinds by ``BROAD_KINDS``: a camera's pipeline (``mitdenoise.camera``: the target is its
+    clean twin), white Gaussian, Poisson-Gaussian, camera-structured correlated Gaussian
+    (:func:`correlated_noise`), or a mixture of white and correlated in a drawn order of
+    size; then, for all but the camera, JPEG with ``BROAD_JPEG_SHARE``. ``clip`` clips
+    uncompressed additive noise to [0, 1] (JPEG and the camera always clip).
+    """
+    kinds, shares = zip(*BROAD_KINDS)
+    kind = kinds[int(rng.choice(len(kinds), p=np.array(shares) / sum(shares)))]
+    if kind == "camera":
+        level = float(np.exp(rng.uniform(*np.log(BROAD_CAMERA_LEVEL))))
+        return camera.camera_pair(x, camera.draw_camera(level, rng), rng)
+    size = x.shape[0]
+    if kind == "gaussian":
+        noise = rng.normal(0.0, rng.uniform(*BROAD_WHITE_SIGMA) / 255.0, x.shape)
+    elif kind == "poissongaussian":
+        noise = noises.poisson_gaussian_std(x, rng.uniform(*BROAD_POISSON_GAUSSIAN)) * rng.standard_normal(x.shape)
+    elif kind == "correlated":
+        noise = _correlated_field(size, rng.uniform(*BROAD_CORRELATED_SIGMA), generator)
+    else:
+        white, blotch = rng.uniform(0.0, 25.0), rng.uniform(1.0, 15.0)
+        noise = rng.normal(0.0, white / 255.0, x.shape) + _correlated_field(size, blotch, generator)
+    noisy = x + noise
+    if rng.random() < BROAD_JPEG_SHARE:
+        return camera.jpeg(np.clip(noisy, 0.0, 1.0), int(rng.integers(BROAD_JPEG_QUALITY[0], BROAD_JPEG_QUALITY[1] + 1))), x
+    return (np.clip(noisy, 0.0, 1.0) if clip else noisy), x
+
+
+def _correlated_field(size: int, sigma255: float, generator: torch.Generator) -> np.ndarray:
+    return correlated_noise(size, sigma255 / 255.0, generator).permute(1, 2, 0).double().numpy()
+
+
 class PatchBatches(Dataset):
     """Item ``step`` is this rank's share of the global batch of that step: (noisy+masked, clean), (B, 3, P, P) float32."""
 
@@ -137,6 +196,7 @@ class PatchBatches(Dataset):
         correlated_share: float = 0.0,
         correlated_sigma: tuple[float, float] = (1.0, 15.0),
         mask_ramp: int = 0,
+        broad: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -155,6 +215,7 @@ class PatchBatches(Dataset):
         self.correlated_share = correlated_share
         self.correlated_sigma = (correlated_sigma[0] / 255.0, correlated_sigma[1] / 255.0)
         self.mask_ramp = mask_ramp
+        self.broad = broad
 
     def __len__(self) -> int:
         return self.steps
@@ -167,6 +228,8 @@ class PatchBatches(Dataset):
         """Patch ``index`` of the global batch of ``step``: the authors' recipe, in their order."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, step, index))
         image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
+        if self.broad:
+            return self._broad_patch(image, step, index, g)
         h, w = image.shape[:2]
         p = self.patch_size
         top = int(torch.randint(h - p + 1, (1,), generator=g))
@@ -183,6 +246,22 @@ class PatchBatches(Dataset):
             noisy = noisy.clamp_(0.0, 1.0)
         noisy = input_mask(noisy, ramped(self.mask_ratio, step, self.mask_ramp), generator=g)
         return noisy, clean
+
+    def _broad_patch(self, image: np.ndarray, step: int, index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A patch of the broad recipe (:func:`broad_noise`), drawn with a margin and cropped at a drawn offset."""
+        rng = np.random.default_rng(derive_seed(self.seed, step, index, 1))
+        p, margin = self.patch_size, BROAD_MARGIN
+        big = p + 2 * margin
+        h, w = image.shape[:2]
+        top, left = int(rng.integers(h - big + 1)), int(rng.integers(w - big + 1))
+        crop = torch.from_numpy(np.ascontiguousarray(image[top : top + big, left : left + big]))
+        x = augment(crop.permute(2, 0, 1), int(rng.integers(8))).permute(1, 2, 0).numpy().astype(np.float64) / 255.0
+        noisy, target = broad_noise(x, rng, g, self.clip_noisy)
+        dy, dx = (int(v) for v in rng.integers(2 * margin + 1, size=2))
+        noisy_t, clean_t = (torch.from_numpy(np.ascontiguousarray(a[dy : dy + p, dx : dx + p].transpose(2, 0, 1))).float()
+                            for a in (noisy, target))
+        noisy_t = input_mask(noisy_t, ramped(self.mask_ratio, step, self.mask_ramp), generator=g)
+        return noisy_t, clean_t
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

@@ -52,7 +52,7 @@ from .checkpoint import (
     write_text,
 )
 from .config import TrainConfig
-from .data import PatchBatches, derive_seed, find_images, load_images, make_loader
+from .data import PatchBatches, derive_seed, min_image_size, find_images, load_images, make_loader
 from .report import Reporter
 from .validation import ValSet, evaluate, pair_set, synthetic_sets
 
@@ -365,6 +365,7 @@ def _patch_batches(images: list, config: TrainConfig, d: Dist) -> PatchBatches:
         correlated_share=config.correlated_noise,
         correlated_sigma=config.correlated_sigma,
         mask_ramp=config.mask_ramp,
+        broad=config.broad_noise,
         rank=d.rank,
         world_size=d.world_size,
     )
@@ -416,7 +417,7 @@ def train(
         stop.install()
     reporter = None
     try:
-        images, too_small = load_images(find_images(config.data), min_size=config.patch_size)
+        images, too_small = load_images(find_images(config.data), min_size=min_image_size(config))
         init_state = None if resume or config.init is None else initial_weights(config)
         if d.main:  # after the data is found good, so that a failed start leaves no empty run folder
             _make_folder(run_dir)
@@ -452,7 +453,7 @@ def train(
             }
         )
         if too_small:
-            reporter.message(f"note: skipped {too_small} images smaller than {config.patch_size}x{config.patch_size}")
+            reporter.message(f"note: skipped {too_small} images smaller than {min_image_size(config)}x{min_image_size(config)}")
         validation: dict[str, float] = {}
         validated_at = run.start
         if val_sets and not resume:

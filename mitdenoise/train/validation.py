@@ -2,8 +2,9 @@
 
 Clean images get the two noises of the paper's tests, drawn from
 ``numpy.random.default_rng(seed)`` so every validation of every run sees the same
-noisy inputs: Gaussian sigma 15 (the training noise) and Poisson alpha 2 (an
-unseen noise: the generalisation the method is about). Noisy inputs are rounded
+noisy inputs: Gaussian sigma 15 (the training noise), Poisson alpha 2 (an
+unseen noise: the generalisation the method is about) and a camera's noise
+(:mod:`mitdenoise.camera`, scored against its clean twin). Noisy inputs are rounded
 to 8 bits like the files a user would give; outputs are rounded to 8 bits before
 PSNR, like the authors' evaluation (RGB, per-image PSNR averaged). The noise models
 are those of :mod:`mitdenoise.noise`, the PSNR that of :mod:`mitdenoise.metrics`.
@@ -19,7 +20,7 @@ import torch
 
 from ..imageio import center_crop, read_rgb8, round_to_uint8, to_float
 from ..metrics import psnr
-from ..noise import gaussian, poisson
+from ..noise import camera_pair, gaussian, poisson
 from .data import TrainDataError, find_images
 
 
@@ -36,15 +37,22 @@ class ValSet:
         return float(np.mean([psnr(n, c) for n, c in zip(self.noisy, self.clean)]))
 
 
+VAL_CAMERA_LEVEL = 4.0
+"""The camera-noise validation set's level (``mitdenoise.camera``): a phone indoors, noisy about 28 dB."""
+
+
 def synthetic_sets(clean_dir: str | Path, limit: int, crop: int, seed: int) -> list[ValSet]:
-    """``gaussian15`` and ``poisson2`` sets from the first ``limit`` images of ``clean_dir``."""
+    """``gaussian15``, ``poisson2`` and ``camera4`` sets from the first ``limit`` images of ``clean_dir``."""
     clean = [center_crop(read_rgb8(p), crop) for p in find_images(clean_dir)[:limit]]
     floats = [to_float(c, np.float64) for c in clean]
     rng = np.random.default_rng(seed)
     gauss = [round_to_uint8(gaussian(x, 15.0, rng)) for x in floats]
     rng = np.random.default_rng(seed)
     pois = [round_to_uint8(poisson(x, 2.0, rng)) for x in floats]
-    return [ValSet("gaussian15", gauss, clean), ValSet("poisson2", pois, clean)]
+    rng = np.random.default_rng(seed)
+    pairs = [camera_pair(x, VAL_CAMERA_LEVEL, rng) for x in floats]
+    camera = ValSet(f"camera{VAL_CAMERA_LEVEL:g}", [round_to_uint8(n) for n, _ in pairs], [round_to_uint8(c) for _, c in pairs])
+    return [ValSet("gaussian15", gauss, clean), ValSet("poisson2", pois, clean), camera]
 
 
 def pair_set(spec: str, limit: int, crop: int) -> ValSet:
