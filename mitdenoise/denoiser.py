@@ -13,7 +13,7 @@ from .checkpoints import load_model, read_validation
 from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from .errors import DeviceError, ModelLoadError
 from .model import SwinIR
-from .registry import PIPELINES, resolve_default, resolve_model
+from .registry import PIPELINES, DownloadProgress, resolve_default, resolve_model
 from .tiling import count_tiles, denoise_tiled, denoise_tiled_on_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -91,7 +91,9 @@ class Denoiser:
     input's grain and detail, which suits light noise (camera photos at low ISO) that a model
     trained at one noise level over-smooths.
     ``validation`` is what training recorded about the checkpoint's quality, if anything
-    (see :func:`mitdenoise.checkpoints.read_validation`).
+    (see :func:`mitdenoise.checkpoints.read_validation`). ``on_download`` hears how a download
+    of the model goes (:data:`mitdenoise.registry.DownloadProgress`); the library itself
+    shows nothing and logs the finished download (logger ``mitdenoise.registry``).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Denoiser:
         seed: int = 0,
         attn_mask_ratio: int | None = None,
         strength: float = 1.0,
+        on_download: DownloadProgress | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise DeviceError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -136,11 +139,12 @@ class Denoiser:
             self.model_name, self.notice = None, None
         else:
             if model is None:
-                path, self.model_name, self.notice = resolve_default(offline)
+                path, self.model_name, self.notice = resolve_default(offline, on_download=on_download)
             elif str(model) in PIPELINES:
                 path, self.model_name, self.notice = None, str(model), None
             else:
-                path, self.model_name, self.notice = resolve_model(model, offline=offline), str(model), None
+                path = resolve_model(model, offline=offline, on_download=on_download)
+                self.model_name, self.notice = str(model), None
             if path is None:
                 roles = {role: load_model(resolve_model(name)) for role, name in PIPELINES[self.model_name].items()}
                 net = roles["camera"]  # what config, count_tiles and the tile plan describe

@@ -14,8 +14,10 @@ environment is honoured.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +28,17 @@ from . import checkpoints
 from .checkpoints import CONFIG_KEY, SOURCE_BLOB_KEY, SOURCE_KEY, convert_checkpoint, first_line, git_blob_id, human_size
 from .defaults import DEFAULT_MODEL, DEFAULT_MODEL_TIMEOUT_S, FALLBACK_MODEL
 from .errors import ModelLoadError, ModelUnavailableError
-from .hub import HF_SCHEME, download_hf, hf_endpoint, hub_cache_dir, is_true, offline_mode
+from .hub import HF_SCHEME, download_hf, hf_endpoint, hub_cache_dir, offline_mode
 from .model import ModelConfig
 
 
 # --- the registry -------------------------------------------------------------------------------
+
+logger = logging.getLogger("mitdenoise.registry")
+
+DownloadProgress = Callable[[str, int, "int | None"], None]
+"""``(model name, bytes received so far, total bytes or None)``: called as a download starts
+(with 0) and after each part, for a progress bar (the command line draws one with rich)."""
 
 AUTHORS_REPO = "haoyuc/MaskedDenoising"
 AUTHORS_COMMIT = "9cd4c62a7a82178d86f197e11f2d0ba3ab1fbd5a"
@@ -181,7 +189,7 @@ def shipped_checkpoint(name: str) -> Path:
     return next((p for p in candidates if p.is_file()), candidates[-1])
 
 
-def resolve_default(offline: bool = False, *, progress: bool = True) -> tuple[Path | None, str, str | None]:
+def resolve_default(offline: bool = False, *, on_download: DownloadProgress | None = None) -> tuple[Path | None, str, str | None]:
     """The model to run when none was named: ``(file, registry name, notice or None)``.
 
     The default (:data:`DEFAULT_MODEL`, the authors' masked checkpoint) from the cache, else
@@ -192,7 +200,7 @@ def resolve_default(offline: bool = False, *, progress: bool = True) -> tuple[Pa
     is one line naming both and how to get the default. ``offline`` never opens a connection.
     """
     try:
-        path = fetch(DEFAULT_MODEL, progress=progress, offline=offline, timeout=DEFAULT_MODEL_TIMEOUT_S, retries=0)
+        path = fetch(DEFAULT_MODEL, on_download=on_download, offline=offline, timeout=DEFAULT_MODEL_TIMEOUT_S, retries=0)
         return path, DEFAULT_MODEL, None
     except ModelUnavailableError as e:
         reason = e.reason
@@ -203,17 +211,20 @@ def resolve_default(offline: bool = False, *, progress: bool = True) -> tuple[Pa
     return (None if FALLBACK_MODEL in PIPELINES else _shipped(FALLBACK_MODEL)), FALLBACK_MODEL, notice
 
 
-def resolve_model(spec: str | os.PathLike | None, *, offline: bool = False) -> Path:
+def resolve_model(
+    spec: str | os.PathLike | None, *, offline: bool = False, on_download: DownloadProgress | None = None
+) -> Path:
     """A local file for a model spec, fetching it on first use.
 
     ``spec``: None (the default model, or its fallback: :func:`resolve_default`, which also
     says which ran), a registry name (a shipped file from ``weights/``, or the authors' file,
     downloaded, verified and converted once, then read from the cache),
     ``hf://owner/repo/path/file.safetensors[@revision]``, or a path. ``offline`` never opens
-    a connection: a file that is not here already is an error.
+    a connection: a file that is not here already is an error. ``on_download`` hears how a
+    download goes.
     """
     if spec is None:
-        path, spec, _ = resolve_default(offline)
+        path, spec, _ = resolve_default(offline, on_download=on_download)
         if path is not None:
             return path
     if isinstance(spec, os.PathLike):
@@ -225,7 +236,7 @@ def resolve_model(spec: str | os.PathLike | None, *, offline: bool = False) -> P
         raise ModelLoadError(f"{spec} is a route over several networks ({', '.join(PIPELINES[spec].values())}), "
                              f"not one file: name one of them")
     if spec in REGISTRY:
-        return fetch(spec, offline=offline)
+        return fetch(spec, offline=offline, on_download=on_download)
     path = Path(spec).expanduser()
     if spec in REMOVED_MODELS and not path.is_file():
         raise ModelLoadError(REMOVED_MODELS[spec])
@@ -237,7 +248,7 @@ def resolve_model(spec: str | os.PathLike | None, *, offline: bool = False) -> P
     )
 
 
-def download(spec: str, *, force: bool = False, progress: bool = True) -> Path:
+def download(spec: str, *, force: bool = False, on_download: DownloadProgress | None = None) -> Path:
     """``mitdenoise download``: fetch a registry model or an hf:// file into the cache, return its path."""
     if spec.startswith(HF_SCHEME):
         return download_hf(spec, force=force)
@@ -247,7 +258,7 @@ def download(spec: str, *, force: bool = False, progress: bool = True) -> Path:
         raise ModelLoadError(
             f"unknown model {spec!r}: not one of: {', '.join(REGISTRY)} (or {HF_SCHEME}owner/repo/file.safetensors)"
         )
-    return fetch(spec, force=force, progress=progress)
+    return fetch(spec, force=force, on_download=on_download)
 
 
 def _shipped(name: str) -> Path:
@@ -307,7 +318,7 @@ def fetch(
     name: str,
     *,
     force: bool = False,
-    progress: bool = True,
+    on_download: DownloadProgress | None = None,
     offline: bool = False,
     timeout: float | None = None,
     retries: int = 2,
@@ -353,7 +364,7 @@ def fetch(
             return target
         tmp = target.with_name(f".{entry.git_blob}.{uuid.uuid4().hex[:8]}.pth.incomplete")
         try:
-            cut_short = _download(entry, tmp, progress=progress, timeout=timeout, retries=retries)
+            cut_short = _download(entry, tmp, on_download=on_download, timeout=timeout, retries=retries)
             _verify(entry, tmp, cut_short)
             try:
                 convert_checkpoint(tmp, target, config=entry.config, extra_metadata=_source_metadata(entry),
@@ -364,13 +375,8 @@ def fetch(
                     f"model '{entry.name}' from {entry.url} passed its checksum but cannot be converted: {reason}",
                     f"the download passed its checksum but cannot be converted ({reason})",
                 ) from None
-            if _bars_enabled(progress):
-                from rich.console import Console
-
-                Console(stderr=True).print(
-                    f"downloaded {entry.name} ({human_size(tmp.stat().st_size)}), checksum verified, converted to {target}",
-                    highlight=False, markup=False, soft_wrap=True,
-                )
+            logger.info("downloaded %s (%s), checksum verified, converted to %s",
+                        entry.name, human_size(tmp.stat().st_size), target)
         finally:
             tmp.unlink(missing_ok=True)
     return target
@@ -403,8 +409,10 @@ def _unavailable(entry: ModelEntry, reason: str) -> str:
     )
 
 
-def _download(entry: ModelEntry, dest: Path, *, progress: bool, timeout: float | None, retries: int) -> str | None:
-    """Stream ``entry.url`` into ``dest`` with a progress bar on stderr.
+def _download(
+    entry: ModelEntry, dest: Path, *, on_download: DownloadProgress | None, timeout: float | None, retries: int
+) -> str | None:
+    """Stream ``entry.url`` into ``dest``, telling ``on_download`` how far it got after each part.
 
     Uses huggingface_hub's shared HTTP client (``get_session`` through
     ``http_stream_backoff``): the proxy, certificate and offline settings a user gave
@@ -445,7 +453,9 @@ def _download(entry: ModelEntry, dest: Path, *, progress: bool, timeout: float |
                     f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} limit for a checkpoint",
                     f"the file on {host} is over the size limit for a checkpoint",
                 )
-            with _DownloadBar(entry.name, total, enabled=progress) as advance, dest.open("wb") as f:
+            if on_download is not None:
+                on_download(entry.name, 0, total)
+            with dest.open("wb") as f:
                 try:
                     for chunk in response.iter_bytes(chunk_size=1 << 20):
                         received += len(chunk)
@@ -457,7 +467,8 @@ def _download(entry: ModelEntry, dest: Path, *, progress: bool, timeout: float |
                                 f"the file on {host} is over the size limit for a checkpoint",
                             )
                         f.write(chunk)
-                        advance(len(chunk))
+                        if on_download is not None:
+                            on_download(entry.name, received, total)
                 except (httpx2.TransportError, httpx2.StreamError):
                     # truncated or stalled: the checksum will reject it
                     of = f" of {total}" if total is not None else ""
@@ -502,40 +513,6 @@ def _verify(entry: ModelEntry, path: Path, cut_short: str | None = None) -> None
             f"({size} bytes), expected {entry.git_blob}; the download was deleted; try again",
             f"the download failed its checksum{note} and was deleted",
         )
-
-
-def _bars_enabled(progress: bool) -> bool:
-    return progress and not is_true(os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
-
-
-class _DownloadBar:
-    """A rich download bar on stderr (silent when disabled or HF_HUB_DISABLE_PROGRESS_BARS is set)."""
-
-    def __init__(self, name: str, total: int | None, *, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-        )
-
-        enabled = _bars_enabled(enabled)
-        self.progress = Progress(
-            TextColumn("downloading {task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-            transient=True,
-        )
-        self.task = self.progress.add_task(name, total=total)
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return lambda n: self.progress.advance(self.task, n)
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
 
 
 # --- listing ------------------------------------------------------------------------------------

@@ -87,6 +87,20 @@ def pillows_pixel_limit_restored():
     Image.MAX_IMAGE_PIXELS = before
 
 
+@pytest.fixture(autouse=True)
+def library_logger_restored():
+    """A command run in-process (CliRunner) shows the library's log on stderr (``show_library_log``):
+    take its handler off again after every test, as a new process would start without it."""
+    import logging
+
+    logger = logging.getLogger("mitdenoise")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = before[0]
+    logger.setLevel(before[1])
+    logger.propagate = before[2]
+
+
 def closed_port() -> int:
     """A 127.0.0.1 port nobody listens on (bound, then released)."""
     import socket

@@ -270,7 +270,7 @@ def test_training_steps_pass_the_ramped_attention_mask_ratio(images, tmp_path, m
 
     monkeypatch.setattr(SwinIR, "forward", spy)
     config = tiny_config(images, tmp_path / "run", iterations=4, mask_ramp=2, milestones=())
-    assert train(config, quiet=True).exit_code == 0
+    assert train(config).exit_code == 0
     assert seen == [(0, 0), (38, 38), (75, 75), (75, 75)]
     assert load_model(tmp_path / "run" / EXPORT_NAME).config.attn_mask_ratio == (75, 75)
 
@@ -285,15 +285,15 @@ def test_cpu_fp32_training_takes_the_training_route_with_the_batch_in_parts_and_
     in_parts, group_forward = loop.backward_in_parts, route_train.residual_group_forward
     monkeypatch.setattr(loop, "backward_in_parts", lambda *a: parts.append(r := in_parts(*a)) or r)
     monkeypatch.setattr(route_train, "residual_group_forward", lambda *a: groups.append(1) or group_forward(*a))
-    assert train(tiny_config(images, tmp_path / "fp32", iterations=2, threads=2), quiet=True).exit_code == 0
+    assert train(tiny_config(images, tmp_path / "fp32", iterations=2, threads=2)).exit_code == 0
     assert len(parts) == 2 and all(loss is not None for loss in parts)
     assert len(groups) == 2 * 2  # each step: one residual group in each of two parts
     parts.clear(), groups.clear()
-    assert train(tiny_config(images, tmp_path / "one", iterations=2), quiet=True).exit_code == 0
+    assert train(tiny_config(images, tmp_path / "one", iterations=2)).exit_code == 0
     assert parts == [None, None] and len(groups) == 2  # one thread: one forward, through the route
     parts.clear(), groups.clear()
     config = tiny_config(images, tmp_path / "bf16", iterations=2, threads=2, precision="bf16")
-    assert train(config, quiet=True).exit_code == 0
+    assert train(config).exit_code == 0
     assert parts == [] and groups == []  # bf16 autocast: the model's modules
 
 
@@ -377,7 +377,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_training_and_leave_no
     def setup_error(**changes):
         config = PRESETS["quick"].replace(**{"data": str(tmp_path / "data"), "out": str(tmp_path / "run"), **changes})
         with pytest.raises(MitdenoiseError) as info:
-            train(config, quiet=True)
+            train(config)
         return str(info.value)
 
     assert setup_error(out=str(tmp_path / "afile")) == f"--out {tmp_path / 'afile'} is a file, not a folder"
@@ -403,7 +403,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_training_and_leave_no
 def test_masked_training_lowers_the_loss(images, tmp_path):
     config = tiny_config(images, tmp_path / "run", model=ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2)),
                          patch_size=32, batch_size=8, iterations=80, lr=3e-3, milestones=(), log_every=20)
-    result = train(config, quiet=True)
+    result = train(config)
     assert result.iteration == 80 and result.exit_code == 0
     losses = [r["loss"] for r in run_log(tmp_path / "run") if "loss" in r]
     # Measured: 0.195 -> 0.165. 85 % of the input is hidden, so it starts slowly.
@@ -418,7 +418,7 @@ def test_training_raises_validation_psnr(images, tmp_path):
     config = tiny_config(images, tmp_path / "run", model=ModelConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 2)),
                          patch_size=32, batch_size=8, iterations=80, lr=3e-3, milestones=(), ema_decay=0.9,
                          log_every=20, val_every=40, val_clean=str(images["val"]), val_crop=64).baseline_variant()
-    result = train(config, quiet=True)
+    result = train(config)
     log = run_log(tmp_path / "run")
     start = next(r for r in log if r["event"] == "start")
     vals = [r for r in log if "psnr_gaussian15" in r]
@@ -444,11 +444,11 @@ def _states(run: Path) -> dict:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resuming_gives_bitwise_the_weights_of_an_uninterrupted_run(images, tmp_path, workers):
     whole = tiny_config(images, tmp_path / "whole", iterations=8, workers=0)
-    train(whole, quiet=True)
+    train(whole)
     part = tiny_config(images, tmp_path / "part", iterations=3, workers=workers)
-    train(part, quiet=True)
+    train(part)
     assert _states(tmp_path / "part")["iteration"] == 3
-    train(part.replace(iterations=8), resume=True, quiet=True)
+    train(part.replace(iterations=8), resume=True)
     a, b = _states(tmp_path / "whole"), _states(tmp_path / "part")
     assert b["iteration"] == 8
     for key in ("model", "ema"):
@@ -469,11 +469,11 @@ def test_a_run_moved_to_another_machine_resumes_there_with_its_data_at_a_new_pat
     The checkpoint carries a CUDA RNG state, as one written on a GPU machine does; the CPU ignores it.
     """
     whole = tiny_config(images, tmp_path / "whole", iterations=8)
-    train(whole, quiet=True)
+    train(whole)
     first_machine = tmp_path / "first"
     data = first_machine / "data"
     shutil.copytree(images["train"].parent, data)
-    train(tiny_config(images, first_machine / "run", iterations=3, data=str(data)), quiet=True)
+    train(tiny_config(images, first_machine / "run", iterations=3, data=str(data)))
     state = _states(first_machine / "run")
     state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(state, first_machine / "run" / CHECKPOINT_NAME)
@@ -499,28 +499,28 @@ def test_a_run_moved_to_another_machine_resumes_there_with_its_data_at_a_new_pat
 def test_refuses_to_overwrite_a_run_or_resume_a_missing_one_or_a_different_network(images, tmp_path):
     config = tiny_config(images, tmp_path / "run", iterations=1)
     with pytest.raises(TrainSetupError, match="nothing to resume"):
-        train(config, resume=True, quiet=True)
-    train(config, quiet=True)
+        train(config, resume=True)
+    train(config)
     with pytest.raises(TrainSetupError, match="already holds a run"):
-        train(config, quiet=True)
+        train(config)
     with pytest.raises(TrainSetupError, match="different network"):
-        train(config.replace(iterations=2, model={"embed_dim": 24}), resume=True, quiet=True)
+        train(config.replace(iterations=2, model={"embed_dim": 24}), resume=True)
 
 
 def test_init_starts_from_given_weights_with_its_own_attention_mask(images, tmp_path):
     source = tiny_config(images, tmp_path / "baseline", iterations=3).baseline_variant()
-    train(source, quiet=True)
+    train(source)
     weights = tmp_path / "baseline" / EXPORT_NAME
     start = load_model(weights).state_dict()
     # lr so small that one step moves no weight: the exported EMA is the initial state up to float rounding
     tuned = tiny_config(images, tmp_path / "tuned", iterations=1, lr=1e-12, init=str(weights))
-    train(tuned, quiet=True)
+    train(tuned)
     model = load_model(tmp_path / "tuned" / EXPORT_NAME)
     assert model.config.attn_mask_ratio == (75, 75)  # the run's mask, not the source's (0, 0)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, start[name], rtol=0, atol=1e-6, msg=name)
     fresh = tiny_config(images, tmp_path / "fresh", iterations=1, lr=1e-12)
-    train(fresh, quiet=True)
+    train(fresh)
     assert not torch.allclose(load_model(tmp_path / "fresh" / EXPORT_NAME).state_dict()["conv_last.weight"],
                               start["conv_last.weight"])
     assert json.loads((tmp_path / "tuned" / "config.json").read_text())["init"] == str(weights)
@@ -528,20 +528,20 @@ def test_init_starts_from_given_weights_with_its_own_attention_mask(images, tmp_
 
 def test_init_with_another_network_or_a_missing_file_is_refused_before_the_run_folder(images, tmp_path):
     source = tiny_config(images, tmp_path / "source", iterations=1)
-    train(source, quiet=True)
+    train(source)
     wider = tiny_config(images, tmp_path / "wider", init=str(tmp_path / "source" / EXPORT_NAME), model={"embed_dim": 24})
     with pytest.raises(TrainSetupError, match=r"is a different network: embed_dim 12 there, 24 here$"):
-        train(wider, quiet=True)
+        train(wider)
     with pytest.raises(TrainSetupError, match=r"^--init: model file not found: .*nope.safetensors"):
-        train(tiny_config(images, tmp_path / "missing", init=str(tmp_path / "nope.safetensors")), quiet=True)
+        train(tiny_config(images, tmp_path / "missing", init=str(tmp_path / "nope.safetensors")))
     assert not (tmp_path / "wider").exists() and not (tmp_path / "missing").exists()
 
 
 def test_exported_ema_weights_load_and_denoise_with_the_right_attention_mask(images, tmp_path):
     masked = tiny_config(images, tmp_path / "masked", iterations=2, export=str(tmp_path / "out" / "m.safetensors"))
-    train(masked, quiet=True)
+    train(masked)
     baseline = tiny_config(images, tmp_path / "baseline", iterations=2).baseline_variant()
-    train(baseline, quiet=True)
+    train(baseline)
     model = load_model(tmp_path / "masked" / EXPORT_NAME)
     assert model.config == TINY and model.config.attn_mask_ratio == (75, 75)
     assert load_model(tmp_path / "out" / "m.safetensors").config == TINY
@@ -606,6 +606,45 @@ def test_a_signal_mid_run_writes_a_checkpoint_that_resumes(images, tmp_path, sig
     assert f"{stopped_at + 2} iterations" in resumed.stdout
 
 
+def test_a_run_tells_its_observer_and_without_one_logs_the_same_lines_without_printing(images, tmp_path, caplog, capfd):
+    import logging
+
+    from mitdenoise.train.report import metrics_line
+
+    class Recorder:
+        def __init__(self):
+            self.events = []
+
+        def start(self, iteration, total):
+            self.events.append(("start", iteration, total))
+
+        def message(self, text):
+            self.events.append(("message", text))
+
+        def step(self, iteration):
+            self.events.append(("step", iteration))
+
+        def metrics(self, record):
+            self.events.append(("metrics", record["iteration"]))
+
+        def close(self):
+            self.events.append(("close",))
+
+    recorder = Recorder()
+    assert train(tiny_config(images, tmp_path / "a", iterations=4), observer=recorder).exit_code == 0
+    assert recorder.events[0] == ("start", 0, 4) and recorder.events[-1] == ("close",)
+    assert [e[1] for e in recorder.events if e[0] == "step"] == [1, 2, 3, 4]
+    assert [e[1] for e in recorder.events if e[0] == "metrics"] == [2, 4]
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="mitdenoise"):
+        train(tiny_config(images, tmp_path / "b", iterations=4))
+    lines = [r.getMessage() for r in caplog.records if r.name == "mitdenoise.train"]
+    assert [line.split("  ")[0] for line in lines] == ["it 2/4", "it 4/4"]
+    assert lines[0].startswith(metrics_line({"iteration": 2}, 4)[:6]) and "loss " in lines[0]
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
 def test_cli_reports_bad_settings_in_one_line_with_exit_code_2(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mitdenoise.train", "--data", str(tmp_path), "--preset", "fast"],
                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
@@ -649,7 +688,7 @@ def test_torchrun_two_gloo_processes_split_the_batch_and_keep_identical_weights(
     single = resolve_config("quick", overrides=dict(data=str(images["train"].parent), out=str(tmp_path / "one"),
                                                    patch_size=16, batch_size=4, iterations=4, device="cpu"),
                             baseline=True)
-    train(single, quiet=True)
+    train(single)
     a = load_model(tmp_path / "ddp_base" / EXPORT_NAME).state_dict()
     b = load_model(tmp_path / "one" / EXPORT_NAME).state_dict()
     for name in a:

@@ -297,6 +297,24 @@ def test_first_use_downloads_verifies_converts_and_then_uses_the_cache_without_r
     assert origin.requests == []  # cache hit: zero requests
 
 
+def test_a_download_reports_its_progress_to_the_caller_and_logs_its_end_without_printing(
+    origin, fixtures_dir, hf_home, monkeypatch, caplog, capfd
+):
+    import logging
+
+    register_fixture(monkeypatch, fixtures_dir, origin, "masked-denoising", "official_tiny_random.pth")
+    size = (fixtures_dir / "official_tiny_random.pth").stat().st_size
+    calls = []
+    with caplog.at_level(logging.INFO, logger="mitdenoise"):
+        path = registry.download("masked-denoising", on_download=lambda *a: calls.append(a))
+    assert calls[0] == ("masked-denoising", 0, size) and calls[-1] == ("masked-denoising", size, size)
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)
+    (record,) = [r for r in caplog.records if r.name == "mitdenoise.registry"]
+    assert record.getMessage().startswith("downloaded masked-denoising (") and str(path) in record.getMessage()
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # the library itself writes nothing to the terminal
+
+
 def test_baseline_entry_converts_with_its_mask_off(origin, fixtures_dir, monkeypatch):
     register_fixture(monkeypatch, fixtures_dir, origin, "masked-denoising-baseline", "official_tiny_random.pth",
                      path="model_zoo/baseline.pth")

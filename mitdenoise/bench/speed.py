@@ -15,8 +15,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -191,13 +193,15 @@ def measure_reference(
     (the tiled path changes it process-wide, see ``keep_freed_buffers_for_reuse``), and
     so that its peak RSS is its own.
     """
-    args = json.dumps(dict(model=str(model_path), device=str(device), size=list(size), seed=seed, runs=runs,
-                           warmup=warmup, threads=threads, parent=os.getpid()))
-    code = "import sys; from mitdenoise.bench.speed import reference_child; reference_child(sys.argv[1])"
-    run = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
-    if run.returncode != 0 or not run.stdout.strip():
-        return None
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory(prefix="mitdenoise-reference-") as folder:
+        result = Path(folder) / "row.json"
+        args = json.dumps(dict(model=str(model_path), device=str(device), size=list(size), seed=seed, runs=runs,
+                               warmup=warmup, threads=threads, parent=os.getpid(), out=str(result)))
+        code = "import sys; from mitdenoise.bench.speed import reference_child; reference_child(sys.argv[1])"
+        run = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+        if run.returncode != 0 or not result.is_file():
+            return None
+        return json.loads(result.read_text())
 
 
 def die_with_parent(parent: int) -> None:
@@ -217,7 +221,7 @@ def die_with_parent(parent: int) -> None:
 
 
 def reference_child(args_json: str) -> None:
-    """The child process of :func:`measure_reference`: time the reference, print one JSON row."""
+    """The child process of :func:`measure_reference`: time the reference, write its JSON row to ``out``."""
     import torch
 
     from ..checkpoints import load_model
@@ -228,7 +232,7 @@ def reference_child(args_json: str) -> None:
     device = torch.device(args["device"])
     image = synthetic_image(*args["size"], args["seed"])
     ref = HostMaskReference(load_model(args["model"]), device, args["seed"])
-    print(json.dumps(_measure(lambda: ref(image), device, args["runs"], args["warmup"])))
+    Path(args["out"]).write_text(json.dumps(_measure(lambda: ref(image), device, args["runs"], args["warmup"])))
 
 
 def run_speed(

@@ -7,6 +7,7 @@ Results go to stdout (``out``), progress and messages to stderr (``err``). Exit 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -49,6 +50,69 @@ def notice(message: str) -> None:
     err.print(f"[yellow]notice:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+class LibraryLog(logging.Handler):
+    """The library's log (logger ``mitdenoise``) as lines on stderr: INFO as they are, warnings
+    as ``warning: ...``. The library never writes to the terminal itself; this is how its news
+    reaches a user of the command line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed log call must not end a run
+            return
+        if record.levelno >= logging.WARNING:
+            warn(text)
+        else:
+            err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+LIBRARY_LOGGER = logging.getLogger("mitdenoise")
+
+
+def show_library_log(quiet: bool = False) -> None:
+    """Show the library's INFO log on stderr (``--quiet``: only its warnings)."""
+    if not any(isinstance(h, LibraryLog) for h in LIBRARY_LOGGER.handlers):
+        LIBRARY_LOGGER.addHandler(LibraryLog())
+        LIBRARY_LOGGER.propagate = False
+    LIBRARY_LOGGER.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+class DownloadBar:
+    """A rich download bar on stderr, driven by the library's ``on_download`` callback
+    (:data:`mitdenoise.registry.DownloadProgress`); off with ``--quiet`` or
+    ``HF_HUB_DISABLE_PROGRESS_BARS``. Use as a context manager around the call that may download."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from ..hub import is_true
+
+        self.enabled = not quiet and not is_true(os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
+        self.progress = None
+        self.tasks: dict[str, object] = {}
+
+    def __call__(self, name: str, received: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self.progress is None:
+            from rich.progress import (
+                BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+            )
+
+            self.progress = Progress(TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            self.progress.start()
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(escape(name), total=total)
+        self.progress.update(self.tasks[name], completed=received, total=total)
+
+    def __enter__(self) -> "DownloadBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
 def set_threads(threads: Optional[int]) -> None:
     """``--threads``: torch's CPU thread count, unless None."""
     if threads is None:
@@ -70,6 +134,7 @@ def run_app(program: typer.Typer, **kwargs) -> None:
     default action for the same reason.
     """
     warnings.showwarning = _show_warning
+    show_library_log()
     try:
         program(**kwargs)
     except MitdenoiseError as e:

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..defaults import DEFAULT_MODEL, DEFAULT_OVERLAP, DEFAULT_TILE, FALLBACK_MODEL
 from ..errors import MitdenoiseError
 from ..stopping import StopFlag
-from .console import err, error, fail, note, notice, set_threads, warn
+from .console import DownloadBar, err, error, fail, note, notice, set_threads, show_library_log, warn
 
 EPILOG = (
     "Examples:\n\n"
@@ -72,11 +72,13 @@ def denoise_command(
         set_max_pixels(max_pixels)
     try:
         jobs = plan_jobs(paths[:-1], paths[-1], suffix=suffix, fmt=format)
-        denoiser = Denoiser(
-            model, offline=offline, device=device, precision=precision, tile=tile, tile_overlap=tile_overlap,
-            batch_size=batch_size, passes=passes, seed=seed, attn_mask_ratio=attn_mask_ratio,
-            strength=strength,
-        )
+        show_library_log(quiet)
+        with DownloadBar(quiet) as bar:
+            denoiser = Denoiser(
+                model, offline=offline, device=device, precision=precision, tile=tile, tile_overlap=tile_overlap,
+                batch_size=batch_size, passes=passes, seed=seed, attn_mask_ratio=attn_mask_ratio,
+                strength=strength, on_download=bar,
+            )
     except MitdenoiseError as e:
         fail(str(e))
     except ValueError as e:

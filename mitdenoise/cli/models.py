@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import MitdenoiseError
-from .console import err, fail, out
+from .console import DownloadBar, err, fail, out, show_library_log
 
 
 def models_command(
@@ -69,8 +69,10 @@ def download_command(
     """
     from ..registry import download
 
+    show_library_log(quiet)
     try:
-        path = download(name, force=force, progress=not quiet)
+        with DownloadBar(quiet) as bar:
+            path = download(name, force=force, on_download=bar)
     except MitdenoiseError as e:
         fail(str(e))
     typer.echo(str(path))

@@ -8,13 +8,14 @@ command runs.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
-from .console import err, fail, out, run_app
+from .console import err, fail, out, run_app, show_library_log
 
 EPILOG = (
     "Examples:\n\n"
@@ -114,7 +115,9 @@ def train_command(
     from ..train.loop import train
 
     try:
-        result = train(resolved, resume=resume, quiet=quiet)
+        show_library_log(quiet)
+        with TrainDisplay(quiet or not main_rank) as display:
+            result = train(resolved, resume=resume, observer=display)
     except MitdenoiseError as e:
         fail(str(e), 1)
     except ValueError as e:
@@ -137,6 +140,66 @@ def train_command(
             )
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+class TrainDisplay:
+    """A training run on stderr: a rich bar on a terminal, else log lines; nothing when quiet.
+
+    The observer :func:`mitdenoise.train.train` reports to (``train.report.TrainObserver``).
+    """
+
+    def __init__(self, quiet: bool, bar: bool | None = None) -> None:
+        self.quiet = quiet
+        self.bar = sys.stderr.isatty() if bar is None else bar
+        self.progress = None
+        self.total = 0
+        self.psnr = ""
+
+    def __enter__(self) -> "TrainDisplay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self, iteration: int, total: int) -> None:
+        self.total = total
+        if self.quiet or not self.bar:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[psnr]}"), TextColumn("eta"),
+            TimeRemainingColumn(), console=err,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=iteration, rate="", loss="-", psnr="")
+        self.progress.start()
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def step(self, iteration: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=iteration)
+
+    def metrics(self, record: dict) -> None:
+        from ..train.report import metrics_line, psnr_text
+
+        self.psnr = psnr_text(record) or self.psnr
+        if self.quiet:
+            return
+        if self.progress is not None:
+            loss = f"{record['loss']:.4f}" if "loss" in record else "-"
+            rate = f"{record['it_per_s']:.2f} it/s" if "it_per_s" in record else ""
+            self.progress.update(self.task, completed=record["iteration"], rate=rate, loss=loss, psnr=self.psnr)
+        else:
+            err.print(metrics_line(record, self.total, self.psnr), markup=False, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import PatchBatches, derive_seed, min_image_size, find_images, load_images, make_loader
-from .report import Reporter
+from .report import Reporter, TrainObserver
 from .validation import ValSet, evaluate, pair_set, synthetic_sets
 
 CHECKPOINT_NAME = TRAIN_CHECKPOINT_NAME
@@ -396,15 +396,15 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
-    quiet: bool = False,
-    progress: bool | None = None,
+    observer: TrainObserver | None = None,
     handle_signals: bool = True,
 ) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``config.out``; see :class:`TrainConfig`.
 
-    ``progress``: a rich bar (True), plain lines (False) or decide from stderr being a
-    terminal (None). ``handle_signals`` installs SIGINT/SIGTERM handlers that end the
-    run cleanly after the current step (the result's ``exit_code`` is then 130/143).
+    ``observer`` hears the run's progress and notes (the command line draws them); without
+    one they go to ``logging`` (logger ``mitdenoise.train``). ``handle_signals`` installs
+    SIGINT/SIGTERM handlers that end the run cleanly after the current step (the result's
+    ``exit_code`` is then 130/143).
     """
     d = _dist_from_env()
     device, precision, run_dir = _check_request(config, resume, d)
@@ -433,7 +433,7 @@ def train(
         if d.main:
             write_text(run_dir / "config.json", config.to_json() + "\n")
 
-        reporter = Reporter(run_dir, config.iterations, run.start, d.main, quiet, progress)
+        reporter = Reporter(run_dir, config.iterations, run.start, d.main, observer)
         reporter.write(
             {
                 "event": "resume" if resume else "start",
