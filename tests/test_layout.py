@@ -1,4 +1,4 @@
-"""The package's shape: no import cycles, and the arrows of docs/design.md point one way."""
+"""The package's shape: no import cycles, docs/design.md's layers true to the imports, a row for every module."""
 
 import ast
 from pathlib import Path
@@ -56,19 +56,57 @@ def test_no_module_imports_itself_back_through_others():
     assert cycles == []
 
 
-def test_the_library_does_not_import_the_command_line_and_the_network_not_the_tools_above_it():
+DESIGN = PACKAGE.parent / "docs" / "design.md"
+
+
+def design_layers() -> list[tuple[str, list[str]]]:
+    """The layers of docs/design.md's first code block, top first: ``[(name, [module, ...]), ...]``."""
+    block = DESIGN.read_text().split("```")[1]
+    layers = []
+    for line in block.strip().splitlines():
+        name, _, modules = line.partition(":")
+        layers.append((name.strip(), [m.strip() for m in modules.split(",")]))
+    return layers
+
+
+def test_every_module_is_in_one_layer_of_the_design_and_imports_only_its_own_layer_or_lower():
     graph = import_graph()
-    for module, imported in graph.items():
-        if not module.startswith("mitdenoise.cli"):
-            assert not any(m.startswith("mitdenoise.cli") for m in imported), module
-    lower = ("mitdenoise.model", "mitdenoise.route_cpu", "mitdenoise.route_fused", "mitdenoise.triton_block",
-             "mitdenoise.windows", "mitdenoise.masking", "mitdenoise.tiling", "mitdenoise.imageio",
-             "mitdenoise.checkpoints", "mitdenoise.registry", "mitdenoise.denoiser")
-    upper = ("mitdenoise.bench", "mitdenoise.train", "mitdenoise.cli")
-    for module in lower:
-        assert not any(m.startswith(upper) for m in graph[module]), module
+    layer_of = {}
+    for depth, (_, modules) in enumerate(reversed(design_layers())):
+        for short in modules:
+            name = "mitdenoise" if short == "mitdenoise" else f"mitdenoise.{short}"
+            assert name not in layer_of, f"{short} is in two layers of docs/design.md"
+            layer_of[name] = depth
+    assert sorted(set(graph) - set(layer_of)) == [], "modules missing from docs/design.md's layers"
+    assert sorted(set(layer_of) - set(graph)) == [], "docs/design.md lists modules that do not exist"
+    upward = [f"{m} -> {i}" for m, imported in graph.items() for i in imported if layer_of[i] > layer_of[m]]
+    assert upward == []
+
+
+def test_every_module_has_a_row_in_the_design():
+    text = DESIGN.read_text()
+    paths = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")]
+    rows = [p for p in paths if not p.endswith("__init__.py") and not p.endswith("__main__.py")]
+    assert [p for p in rows if f"| `{p}` |" not in text] == []
 
 
 def test_no_module_is_over_700_lines():
     long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 700}
     assert long == {}
+
+
+def test_only_the_command_line_writes_to_the_terminal():
+    """The library logs (``logging``) and reports through callbacks; ``cli/`` alone prints."""
+    writers = []
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path).startswith("mitdenoise.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                writers.append(f"{module_name(path)}:{node.lineno} print")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("rich", "typer")):
+                writers.append(f"{module_name(path)}:{node.lineno} imports {node.module}")
+            if isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "sys":
+                writers.append(f"{module_name(path)}:{node.lineno} sys.{node.attr}")
+    assert writers == []
