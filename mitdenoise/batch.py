@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MitdenoiseError
+from .errors import MitdenoiseError, first_line
 from .imageio import SUPPORTED_SUFFIXES, check_writable, read_image, write_image
 
 
@@ -169,7 +169,7 @@ def run_jobs(
             _notify(on_end, job, "failed")
             continue
         except Exception as e:  # a decoder or the network failing on one odd file must not stop the others
-            reason = str(e).splitlines()[0] if str(e) else ""
+            reason = first_line(e) if str(e).strip() else ""
             summary.failed.append((job, f"failed on {job.source}: {type(e).__name__}: {reason}"[:300]))
             _notify(on_end, job, "failed")
             continue

@@ -15,14 +15,14 @@ import json
 import os
 import pickle
 import re
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
+from .files import write_atomically
 from .model import ModelConfig, SwinIR, config_from_state_dict, load_state_dict_into
 
 CONFIG_KEY = "mitdenoise.config"
@@ -161,12 +161,7 @@ def save_safetensors(
         if not k.endswith("relative_position_index")
     }
     metadata = {**(extra_metadata or {}), CONFIG_KEY: model.config.to_json(), "format": "pt"}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda temp: save_file(state, str(temp), metadata=metadata))
 
 
 def read_validation(path: str | os.PathLike) -> dict | None:
@@ -243,12 +238,6 @@ def git_blob_id(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an error's message (its type when it has none), for one-line messages."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
 
 
 def human_size(n: int | None) -> str:

@@ -48,3 +48,10 @@ class Aborted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(f"signal {signum}")
         self.signum = signum
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), at most 200 characters:
+    how another library's error is quoted in one of ours."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]

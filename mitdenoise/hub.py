@@ -8,8 +8,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .checkpoints import first_line
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 HF_SCHEME = "hf://"
 

@@ -29,7 +29,6 @@ import io
 import os
 import re
 import struct
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable
@@ -41,7 +40,8 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageCms
 
-from .errors import ImageReadError, ImageWriteError
+from .errors import ImageReadError, ImageWriteError, first_line
+from .files import write_atomically
 from .png16 import write_png16
 
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
@@ -62,8 +62,6 @@ _TIFFFILE_CODECS = ("NONE", "ADOBE_DEFLATE", "DEFLATE", "PACKBITS")
 """TIFF compressions tifffile decodes without imagecodecs; Pillow (libtiff) reads the rest."""
 
 # mkstemp makes 0600 files; outputs should get the permissions any new file would get
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -211,7 +209,7 @@ def _too_many_pixels(path: Path, pixels: int | None) -> str:
 
 
 def _decode_failure(e: Exception) -> str:
-    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    message = first_line(e)
     if "truncated" in message.lower():
         return "truncated image file"
     return f"corrupt image data ({message})"
@@ -502,37 +500,24 @@ def _check_layout(image: Image) -> None:
 
 
 def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Temp file in the target's folder, fsync, rename over the target: readers see old or new, never half.
+    """:func:`mitdenoise.files.write_atomically` with the encoder writing straight into the
+    temporary file (no second copy of the encoded image in memory); failures as
+    :class:`ImageWriteError`."""
 
-    ``write`` encodes straight into the temp file, so no second copy of the encoded
-    image is held in memory.
-    """
-    folder = path.parent
-    try:
-        # ".NAME.XXXXXXXX.tmp" must fit the 255-byte name limit that NAME itself meets
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{_shortened(path.name, 240)}.", suffix=".tmp")
-    except FileNotFoundError:
-        raise ImageWriteError(f"cannot write {path}: folder {folder} does not exist") from None
-    except OSError as e:
-        raise ImageWriteError(f"cannot write {path}: {_os_reason(e)}") from None
-    try:
-        os.close(fd)
+    def encode(temp: Path) -> None:
         with open(temp, "wb") as f:  # by name, not fd: tifffile wants f.name to be a path
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_UMASK)
-        os.replace(temp, path)
-    except BaseException as e:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
+
+    try:
+        write_atomically(path, encode)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ImageWriteError(f"cannot write {path}: folder {path.parent} does not exist") from None
+        raise ImageWriteError(f"cannot write {path}: no such file or directory") from None
+    except (OSError, ValueError) as e:
         if isinstance(e, OSError) and e.errno is not None:
             raise ImageWriteError(f"cannot write {path}: {_os_reason(e)}") from None
-        if isinstance(e, (OSError, ValueError)):  # the encoder's complaint
-            raise ImageWriteError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        raise
+        raise ImageWriteError(f"cannot write {path}: {first_line(e)}") from None  # the encoder's complaint
 
 
 def blocked_folder(folder: str | os.PathLike) -> Path | None:
@@ -541,11 +526,6 @@ def blocked_folder(folder: str | os.PathLike) -> Path | None:
     folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
-
-
-def _shortened(name: str, limit: int) -> str:
-    """``name`` cut to at most ``limit`` bytes of UTF-8 (on a character boundary)."""
-    return name.encode()[:limit].decode(errors="ignore")
 
 
 def _os_reason(e: OSError) -> str:

@@ -470,7 +470,9 @@ def test_a_folder_we_may_not_write_is_a_one_line_error(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(imageio.tempfile, "mkstemp", refuse)
+    from mitdenoise import files
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     with pytest.raises(ImageWriteError, match=r"out\.png: permission denied$"):
         write_image(tmp_path / "out.png", layout_image("RGB", np.uint8))
 
@@ -506,7 +508,9 @@ def test_a_failure_after_the_temp_file_is_written_removes_it_and_leaves_the_targ
 
 def test_written_files_get_the_usual_permissions_not_the_temp_files(tmp_path):
     write_image(tmp_path / "x.png", layout_image("RGB", np.uint8))
-    assert (tmp_path / "x.png").stat().st_mode & 0o777 == 0o666 & ~imageio._UMASK
+    from mitdenoise import files
+
+    assert (tmp_path / "x.png").stat().st_mode & 0o777 == 0o666 & ~files._UMASK
 
 
 # ---------------------------------------------------------------- float conversion

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import write_text_atomically
 from ..imageio import from_float
 
 Progress = Callable[[str], None]
@@ -61,5 +62,5 @@ def write_results(results: dict, out_dir: str | os.PathLike, stem: str, markdown
     """``<stem>.json`` (the results) and ``<stem>.md`` (``markdown``) in ``out_dir``, made if missing."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown)
+    write_text_atomically(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomically(out / f"{stem}.md", markdown)

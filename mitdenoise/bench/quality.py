@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import noise as noises
 from ..checkpoints import TRAIN_CHECKPOINT_NAME, TRAIN_EXPORT_NAME
+from ..files import write_atomically
 from ..imageio import SUPPORTED_SUFFIXES, center_crop, from_float, read_rgb8, to_float, to_rgb8
 from ..metrics import psnr, ssim
 from ..defaults import DEFAULT_OVERLAP
@@ -529,7 +530,8 @@ def write_quality_outputs(results: dict, out_dir: str | os.PathLike) -> dict:
         panels += [(f"{n}\n{format_number(scores.get(n), 2)} dB", grid["methods"][n]) for n in names if n != "noisy"]
         panels.append((f"clean\n{results['images'][0]}", grid["clean"]))
         path = out / f"grid_{_slug(label)}.png"
-        make_grid(panels).save(path)
+        grid_image = make_grid(panels)
+        write_atomically(path, lambda temp, image=grid_image: image.save(temp, format="PNG"))
         files.append(path.name)
     results["grids"] = files
     write_results(results, out, "results", quality_markdown(results))

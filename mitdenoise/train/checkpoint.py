@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,8 @@ import numpy as np
 import torch
 
 from ..checkpoints import VALIDATION_KEY
-from ..errors import TrainSetupError
+from ..errors import TrainSetupError, first_line
+from ..files import write_atomically
 
 CHECKPOINT_FORMAT = "mitdenoise-train"
 CHECKPOINT_VERSION = 1
@@ -62,24 +62,9 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """``write(tmp)``, then rename ``tmp`` to ``path``: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    """``path.write_text(text)``, atomically."""
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+    write_atomically(path, lambda temp: torch.save(state, temp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -87,7 +72,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is reported as one line
-        raise TrainSetupError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
+        raise TrainSetupError(f"cannot resume from {path}: {first_line(e)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainSetupError(f"cannot resume from {path}: not a mitdenoise training checkpoint")
     return state

@@ -37,6 +37,7 @@ from ..masking import ramped
 from ..model import SwinIR, train_route_applies
 from ..route_train import backward_in_parts
 from ..registry import resolve_model
+from ..files import write_text_atomically
 from ..stopping import StopFlag
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -49,10 +50,9 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
     unpack_schedule,
-    write_text,
 )
 from .config import TrainConfig
-from .data import PatchBatches, derive_seed, min_image_size, find_images, load_images, make_loader
+from .data import PatchBatches, derive_seed, find_images, load_images, make_loader, min_image_size
 from .report import Reporter, TrainObserver
 from .validation import ValSet, evaluate, pair_set, synthetic_sets
 
@@ -431,7 +431,7 @@ def train(
         dataset = _patch_batches(images, config, d)
         val_sets = _validation_sets(config, d)
         if d.main:
-            write_text(run_dir / "config.json", config.to_json() + "\n")
+            write_text_atomically(run_dir / "config.json", config.to_json() + "\n")
 
         reporter = Reporter(run_dir, config.iterations, run.start, d.main, observer)
         reporter.write(
@@ -537,7 +537,7 @@ def _finish(run: Run, run_dir: Path, saved_at: int | None, stop: StopFlag, valid
     else:
         reporter.write({"event": "end", "iteration": iteration})
     if os.environ.get("MITDENOISE_TEST_RANK_HASH") == "1":
-        write_text(run_dir / f"rank{d.rank}_params.sha256", params_digest(run.model, run.ema) + "\n")
+        write_text_atomically(run_dir / f"rank{d.rank}_params.sha256", params_digest(run.model, run.ema) + "\n")
     if d.enabled:
         dist.barrier()
     return result
