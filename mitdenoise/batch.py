@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MitdenoiseError, first_line
-from .imageio import SUPPORTED_SUFFIXES, check_writable, read_image, write_image
+from .imageio import SUPPORTED_SUFFIXES, check_writable, image_files, read_image, write_image
 
 
 class JobPlanError(MitdenoiseError):
@@ -50,7 +50,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+            found += image_files(path)
         elif path.exists() or path.is_symlink():
             found.append(path)
         elif glob.has_magic(spec):

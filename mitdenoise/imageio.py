@@ -47,6 +47,13 @@ from .png16 import write_png16
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 """Formats we write (and find in folders); reading goes by content and also takes GIF."""
 
+
+def image_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """The files under ``folder`` with a suffix we read (:data:`SUPPORTED_SUFFIXES`), sorted by path:
+    its own files, or with ``recursive`` those of every folder below it too."""
+    found = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
+    return sorted(p for p in found if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file())
+
 _READABLE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")  # JPEG includes MPO
 _READABLE_NAMES = "PNG, JPEG, TIFF, BMP, WebP or GIF"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")

@@ -450,7 +450,7 @@ def test_bench_train_refuses_bad_mask_ratios_and_defaults_to_the_shipped_network
     from mitdenoise.registry import FALLBACK_MODEL
 
     result = runner.invoke(cli(), ["bench", "train", "--attn-mask", "75,50"])
-    assert result.exit_code == 2 and "--attn-mask takes a percentage" in result.stderr
+    assert result.exit_code == 2 and "--attn-mask must be N or LOW,HIGH with 0 <= LOW <= HIGH < 100" in result.stderr
     config, source = train_speed.network_config(None, (75, 75))
     assert (config.embed_dim, config.depths, config.num_heads, config.attn_mask_ratio) == (48, (4, 4), (6, 6), (75, 75))
     assert FALLBACK_MODEL in source

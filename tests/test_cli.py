@@ -398,3 +398,16 @@ def test_a_warning_is_one_line_on_stderr(capsys, monkeypatch):
             signal.signal(sig, handler)
     assert done.value.code == 0
     assert capsys.readouterr().err.strip().splitlines() == ["warning: the kernel cannot run here; using the slower route"]
+
+
+def test_n_or_low_high_options_share_one_parser_and_one_message():
+    from mitdenoise.cli.console import parse_range
+
+    assert parse_range("15", "--x") == (15, 15)
+    assert parse_range(" 0, 50 ", "--x", float) == (0.0, 50.0)
+    assert parse_range("80,90", "--x", percent=True) == (80, 90)
+    for text, kwargs in (("30,10", {}), ("a", {}), ("1,2,3", {}), ("50,100", {"percent": True}), ("-1", {"percent": True})):
+        with pytest.raises(ValueError, match=r"^--x must be N or LOW,HIGH with .*, not '"):
+            parse_range(text, "--x", **kwargs)
+    result = runner.invoke(app, ["train", "--noise-sigma", "30,10", "--data", "nowhere"])
+    assert result.exit_code == 2 and "--noise-sigma must be N or LOW,HIGH with LOW <= HIGH" in result.output

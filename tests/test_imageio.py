@@ -616,3 +616,15 @@ def test_any_mode_and_depth_survives_read_denoise_write(tiny_denoiser, mode, h, 
     assert (back.alpha is not None) == has_alpha
     if has_alpha:
         assert np.array_equal(back.alpha, image.alpha)
+
+
+def test_image_files_lists_one_folder_or_a_tree_sorted_by_path_and_by_suffix_only(tmp_path):
+    from mitdenoise.imageio import image_files
+
+    for name in ("b.PNG", "a.jpg", "notes.txt", "sub/c.tif", "sub/deeper/d.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()  # a folder with an image's name is not an image
+    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path, recursive=True)] == [
+        "a.jpg", "b.PNG", "sub/c.tif", "sub/deeper/d.webp"]

@@ -616,7 +616,7 @@ def test_convert_keeps_a_checkpoints_validation_record_unless_the_config_changes
         (("--config", '{"colour": 1}'), 2, "unknown config fields ['colour']"),
         (("--config", "{nope"), 2, "not valid JSON"),
         (("--config", "nope"), 2, "not JSON, not a .json file and not one of: masked-denoising"),
-        (("--attn-mask-ratio", "150"), 2, "--attn-mask-ratio must be R or LOW,HIGH"),
+        (("--attn-mask-ratio", "150"), 2, "--attn-mask-ratio must be N or LOW,HIGH"),
     ],
 )
 def test_convert_errors_are_one_line(cli, fixtures_dir, tmp_path, args, code, expected):

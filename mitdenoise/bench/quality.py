@@ -28,7 +28,7 @@ import numpy as np
 from .. import noise as noises
 from ..checkpoints import TRAIN_CHECKPOINT_NAME, TRAIN_EXPORT_NAME
 from ..files import write_atomically
-from ..imageio import SUPPORTED_SUFFIXES, center_crop, from_float, read_rgb8, to_float, to_rgb8
+from ..imageio import center_crop, image_files, from_float, read_rgb8, to_float, to_rgb8
 from ..metrics import psnr, ssim
 from ..defaults import DEFAULT_OVERLAP
 from .common import Progress, format_number, synthetic_image, write_results
@@ -46,7 +46,7 @@ def list_images(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise FileNotFoundError(f"no images in {folder}")
     return files

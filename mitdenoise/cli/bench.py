@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from ..errors import MitdenoiseError
-from .console import err, fail, note, out, set_threads
+from .console import err, fail, note, out, parse_range, set_threads
 
 DEFAULT_OUT = Path("bench-results")
 
@@ -293,19 +293,6 @@ def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> N
 # --- bench train --------------------------------------------------------------------------------
 
 
-def _ratio_range(text: str, what: str) -> tuple[int, int]:
-    """``"75"`` -> (75, 75), ``"80,90"`` -> (80, 90); percentages, 0 for off."""
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or not 0 <= values[0] <= values[1] < 100:
-        raise ValueError(f"{what} takes a percentage N or LOW,HIGH (0 <= LOW <= HIGH < 100), not {text!r}")
-    return values[0], values[1]
-
-
 def bench_train_command(
     model_config: Annotated[
         Optional[Path], typer.Option("--model-config", help="A training TOML (train --config) whose \\[model] table is the network. Default: the shipped checkpoints' network.")
@@ -336,8 +323,8 @@ def bench_train_command(
     try:
         if threads is not None and threads < 1:
             raise ValueError("--threads must be >= 1")
-        attn = _ratio_range(attn_mask, "--attn-mask")
-        masked = _ratio_range(input_mask, "--input-mask")
+        attn = parse_range(attn_mask, "--attn-mask", percent=True)
+        masked = parse_range(input_mask, "--input-mask", percent=True)
         with _Bar(quiet, "train speed") as bar:
             results = train_speed.run_train_speed(
                 model_config, threads=threads, batch=batch, patch=patch_size, iterations=iterations, warmup=warmup,

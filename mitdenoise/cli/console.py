@@ -113,6 +113,23 @@ class DownloadBar:
             self.progress = None
 
 
+def parse_range(text: str, option: str, number: type = int, percent: bool = False) -> tuple:
+    """``"15"`` -> (15, 15), ``"0,50"`` -> (0, 50): an option's N or LOW,HIGH, LOW <= HIGH.
+
+    ``percent`` also wants 0 <= LOW and HIGH < 100. ValueError naming ``option`` otherwise.
+    """
+    try:
+        values = [number(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    bounds = " with 0 <= LOW <= HIGH < 100" if percent else " with LOW <= HIGH"
+    if len(values) != 2 or values[0] > values[1] or (percent and not 0 <= values[0] <= values[1] < 100):
+        raise ValueError(f"{option} must be N or LOW,HIGH{bounds}, not {text!r}")
+    return values[0], values[1]
+
+
 def set_threads(threads: Optional[int]) -> None:
     """``--threads``: torch's CPU thread count, unless None."""
     if threads is None:

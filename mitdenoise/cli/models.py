@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import MitdenoiseError
-from .console import DownloadBar, err, fail, out, show_library_log
+from .console import DownloadBar, err, fail, out, parse_range, show_library_log
 
 
 def models_command(
@@ -130,12 +130,9 @@ def convert_command(
 
 def _ratio_option(text: str) -> tuple[int, int]:
     try:
-        parts = [int(p) for p in text.replace(" ", "").split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or not 0 <= parts[0] <= parts[-1] < 100:
-        fail(f"--attn-mask-ratio must be R or LOW,HIGH with 0 <= LOW <= HIGH < 100, not {text!r}", 2)
-    return (parts[0], parts[-1])
+        return parse_range(text, "--attn-mask-ratio", percent=True)
+    except ValueError as e:
+        fail(str(e), 2)
 
 
 def _config_option(text: str) -> dict:

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from .console import err, fail, out, run_app, show_library_log
+from .console import err, fail, out, parse_range, run_app, show_library_log
 
 EPILOG = (
     "Examples:\n\n"
@@ -92,13 +92,8 @@ def train_command(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         if noise_sigma is not None:
-            try:
-                sigmas = [float(v) for v in noise_sigma.replace(" ", "").split(",")]
-            except ValueError:
-                sigmas = []
-            if len(sigmas) not in (1, 2):
-                raise ValueError(f"--noise-sigma must be a number or LOW,HIGH, not {noise_sigma!r}")
-            overrides["noise_sigma"] = sigmas[0] if len(sigmas) == 1 else sigmas
+            low, high = parse_range(noise_sigma, "--noise-sigma", float)
+            overrides["noise_sigma"] = low if "," not in noise_sigma else [low, high]
         if milestones is not None:
             overrides["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
         resolved = resolve_config(preset, config, overrides, baseline=baseline)

@@ -37,7 +37,7 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise TrainDataError(f"image folder not found: {root}")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = imageio.image_files(root, recursive=True)
     if not paths:
         raise TrainDataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     return paths
