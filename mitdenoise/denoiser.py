@@ -11,12 +11,11 @@ import torch
 from . import imageio
 from .checkpoints import load_model, read_validation
 from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
-from .errors import DeviceError, ModelLoadError
+from .devices import PRECISIONS, pick_device, pick_precision
+from .errors import ModelLoadError
 from .model import SwinIR
-from .registry import PIPELINES, DownloadProgress, resolve_default, resolve_model
+from .registry import DownloadProgress, resolve
 from .tiling import count_tiles, denoise_tiled, denoise_tiled_on_device
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 FLOAT_ROWS_AT_ONCE = 256
 """Rows converted from float at a time where a whole image is converted."""
@@ -49,22 +48,11 @@ def keep_freed_buffers_for_reuse() -> bool:
         return False
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' is CUDA when present, else CPU; a CUDA device that isn't there is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {name} requested but CUDA is not available here (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type != "cpu":
-        raise DeviceError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
-    return device
+def _with_config(model: SwinIR, **changes) -> SwinIR:
+    """A copy of ``model`` with config fields changed (run-time ones, such as the attention mask)."""
+    net = SwinIR(type(model.config)(**{**model.config.__dict__, **changes}))
+    net.load_state_dict(model.state_dict())
+    return net
 
 
 class Denoiser:
@@ -112,46 +100,29 @@ class Denoiser:
         strength: float = 1.0,
         on_download: DownloadProgress | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise DeviceError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         if tile < 8 or tile_overlap < 0 or batch_size < 1 or passes < 1:
             raise ValueError("tile must be >= 8, tile_overlap >= 0, batch_size >= 1, passes >= 1")
         if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be a number from 0 to 1, not {strength!r}")
         self.device = pick_device(device)
+        precision = pick_precision(precision, self.device)
         if self.device.type == "cpu":
             keep_freed_buffers_for_reuse()
-        if precision == "auto":
-            # bf16 on a GPU: much faster than fp32 for a negligible loss (docs/benchmarks.md)
-            cuda = self.device.type == "cuda"
-            precision = "bf16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-        if precision != "fp32" and self.device.type == "cpu":
-            # eager bf16 autocast on the CPU is far slower than fp32 (docs/benchmarks.md)
-            raise DeviceError(f"--precision {precision} is for CUDA; on the CPU use fp32 (half precision is slower there)")
         overrides = {} if attn_mask_ratio is None else {"attn_mask_ratio": (attn_mask_ratio, attn_mask_ratio)}
         roles = None  # the networks of a route over several (registry.PIPELINES), by role
+        self.validation = None
         if isinstance(model, SwinIR):
-            net = model
-            if overrides:
-                net = SwinIR(type(model.config)(**{**model.config.__dict__, **overrides}))
-                net.load_state_dict(model.state_dict())
-            self.validation = None
+            net = model if not overrides else _with_config(model, **overrides)
             self.model_name, self.notice = None, None
         else:
-            if model is None:
-                path, self.model_name, self.notice = resolve_default(offline, on_download=on_download)
-            elif str(model) in PIPELINES:
-                path, self.model_name, self.notice = None, str(model), None
-            else:
-                path = resolve_model(model, offline=offline, on_download=on_download)
-                self.model_name, self.notice = str(model), None
-            if path is None:
-                roles = {role: load_model(resolve_model(name)) for role, name in PIPELINES[self.model_name].items()}
+            resolved = resolve(model, offline=offline, on_download=on_download)
+            self.model_name, self.notice = resolved.name, resolved.notice
+            if resolved.path is None:
+                roles = {role: load_model(path) for role, path in resolved.networks.items()}
                 net = roles["camera"]  # what config, count_tiles and the tile plan describe
-                self.validation = None
             else:
-                net = load_model(path, **overrides)
-                self.validation = read_validation(path)
+                net = load_model(resolved.path, **overrides)
+                self.validation = read_validation(resolved.path)
         self.model = net.to(self.device).eval()
         self.config = net.config
         self.precision = precision

@@ -248,6 +248,39 @@ def resolve_model(
     )
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model spec names, here and now (:func:`resolve`)."""
+
+    name: str
+    """The registry name, ``hf://`` address or path that runs (the fallback's name when it stands in)."""
+    path: Path | None
+    """Its checkpoint; None for a route over several networks."""
+    networks: dict[str, Path]
+    """A route's checkpoints by role (:data:`PIPELINES`); empty for one network."""
+    notice: str | None
+    """Why the fallback runs instead of the default; None otherwise."""
+
+
+def resolve(
+    spec: str | os.PathLike | None, *, offline: bool = False, on_download: DownloadProgress | None = None
+) -> ResolvedModel:
+    """The one way from a model spec to files, for ``Denoiser``, the benchmarks and training.
+
+    None is the default model or its fallback (:func:`resolve_default`); a route's name
+    (:data:`PIPELINES`) gives its networks' files; anything else is :func:`resolve_model`'s.
+    """
+    notice = None
+    if spec is None:
+        path, name, notice = resolve_default(offline, on_download=on_download)
+    elif str(spec) in PIPELINES:
+        path, name = None, str(spec)
+    else:
+        path, name = resolve_model(spec, offline=offline, on_download=on_download), str(spec)
+    networks = {} if path is not None else {role: _shipped(network) for role, network in PIPELINES[name].items()}
+    return ResolvedModel(name, path, networks, notice)
+
+
 def download(spec: str, *, force: bool = False, on_download: DownloadProgress | None = None) -> Path:
     """``mitdenoise download``: fetch a registry model or an hf:// file into the cache, return its path."""
     if spec.startswith(HF_SCHEME):

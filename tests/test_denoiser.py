@@ -222,3 +222,30 @@ def test_strength_is_monotone_and_1_is_the_full_effect(tiny):
 def test_strength_outside_0_to_1_is_refused(tiny, strength):
     with pytest.raises(ValueError, match="strength must be a number from 0 to 1"):
         Denoiser(tiny, strength=strength)
+
+
+def test_one_precision_decision_for_inference_and_training_on_the_cpu():
+    from mitdenoise.devices import pick_precision
+
+    cpu = torch.device("cpu")
+    assert pick_precision("auto", cpu) == "fp32" and pick_precision("auto", cpu, training=True) == "fp32"
+    assert pick_precision("bf16", cpu, training=True) == "bf16"  # CPU bf16 autocast is a training option
+    with pytest.raises(DeviceError, match="--precision bf16 is for CUDA; on the CPU use fp32"):
+        pick_precision("bf16", cpu)
+    with pytest.raises(DeviceError, match="unknown precision 'fp16': use one of auto, fp32, bf16$"):
+        pick_precision("fp16", cpu, training=True)
+    with pytest.raises(DeviceError, match="unknown precision 'int8'"):
+        Denoiser(precision="int8", offline=True)
+
+
+def test_the_resolver_names_what_runs_and_gives_a_route_its_networks():
+    from mitdenoise.registry import PIPELINES, resolve, shipped_checkpoint
+
+    route = resolve("mitdenoise-auto")
+    assert route.path is None and route.notice is None
+    assert route.networks == {role: shipped_checkpoint(name) for role, name in PIPELINES["mitdenoise-auto"].items()}
+    one = resolve("mitdenoise-mild")
+    assert (one.name, one.path, one.networks) == ("mitdenoise-mild", shipped_checkpoint("mitdenoise-mild"), {})
+    fallback = resolve(None, offline=True)
+    assert fallback.name == "mitdenoise-auto" and "mitdenoise download masked-denoising" in fallback.notice
+    assert Denoiser(offline=True).model_name == fallback.name

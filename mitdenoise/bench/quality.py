@@ -110,18 +110,16 @@ def model_methods(
     be had (named so, with a note)."""
     from ..checkpoints import load_model
     from ..denoiser import Denoiser
-    from ..registry import PIPELINES, resolve_default, resolve_model
+    from ..registry import resolve
 
     taken = set() if taken is None else taken
     methods = []
     for spec in specs:
-        if spec is None:
-            path, spec, notice = resolve_default()
-            if notice and notes is not None:
-                notes.append(notice)
-        else:
-            path = None if str(spec) in PIPELINES else resolve_model(spec)
-        net = None if path is None else load_model(path)
+        resolved = resolve(spec)
+        if resolved.notice and notes is not None:
+            notes.append(resolved.notice)
+        spec = spec if spec is not None else resolved.name
+        net = None if resolved.path is None else load_model(resolved.path)
         name = _unique(model_label(spec), taken)
         for n in (1, passes) if passes > 1 and net is not None and net.config.mask_enabled else (1,):
             for strength in strengths:

@@ -264,20 +264,17 @@ def run_speed(
     import torch
 
     from ..checkpoints import load_model
-    from ..denoiser import Denoiser, pick_device
+    from ..denoiser import Denoiser
+    from ..devices import pick_device
     from ..errors import MitdenoiseError
-    from ..registry import PIPELINES, network_of, resolve_default, resolve_model, shipped_checkpoint
+    from ..registry import network_of, resolve, shipped_checkpoint
 
     if threads is not None:
         torch.set_num_threads(threads)
     notes: list[str] = []
-    if model is None:
-        model_path, model, notice = resolve_default()
-        notes += [notice] if notice else []
-    elif model in PIPELINES:
-        model_path = None
-    else:
-        model_path = resolve_model(model)
+    resolved = resolve(model)
+    notes += [resolved.notice] if resolved.notice else []
+    model, model_path = resolved.name, resolved.path
     if model_path is None:
         network = network_of(model)
         notes.append(f"{model} times its network {network}; the noise estimate and the second stage come on top "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import TRAIN_CHECKPOINT_NAME, TRAIN_EXPORT_NAME, load_model, save_safetensors
-from ..denoiser import pick_device
+from ..devices import pick_device, pick_precision
 from ..errors import DeviceError, MitdenoiseError, TrainSetupError
 from ..imageio import blocked_folder
 from ..masking import ramped
@@ -110,7 +110,7 @@ def _dist_from_env() -> Dist:
 
 
 def resolve_device(name: str, d: Dist) -> torch.device:
-    """:func:`~mitdenoise.denoiser.pick_device`, then: under torchrun each process takes the GPU
+    """:func:`~mitdenoise.devices.pick_device`, then: under torchrun each process takes the GPU
     of its local rank, and a CUDA device gets an index and becomes the current one."""
     device = pick_device(name)
     if device.type == "cuda":
@@ -122,14 +122,6 @@ def resolve_device(name: str, d: Dist) -> torch.device:
             raise DeviceError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
         torch.cuda.set_device(device)
     return device
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DeviceError("bf16 is not supported on this GPU (use --precision fp32)")
-    return precision
 
 
 def initial_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
@@ -326,7 +318,7 @@ def _check_request(config: TrainConfig, resume: bool, d: Dist) -> tuple[torch.de
     if config.batch_size % d.world_size:
         raise TrainSetupError(f"batch size {config.batch_size} is not divisible by the {d.world_size} processes")
     device = resolve_device(config.device, d)
-    precision = _resolve_precision(config.precision, device)
+    precision = pick_precision(config.precision, device, training=True)
     run_dir = Path(config.out)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if resume and not checkpoint_path.is_file():
