@@ -21,12 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MitdenoiseError, first_line
+from .errors import JobPlanError, MitdenoiseError, first_line
 from .imageio import SUPPORTED_SUFFIXES, check_writable, image_files, read_image, write_image
-
-
-class JobPlanError(MitdenoiseError):
-    """The inputs and output don't make a consistent set of jobs."""
 
 
 @dataclass(frozen=True)

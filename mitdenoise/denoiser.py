@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import imageio
+from .adaptive import keep_share_of_change
 from .checkpoints import load_model, read_validation
 from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from .devices import PRECISIONS, pick_device, pick_precision
@@ -182,11 +183,7 @@ class Denoiser:
         x = imageio.to_float(pixels, np.float32)
         self.last_plan = plan = plan_image(x)
         networks = {role: (lambda p, d=d: d.denoise_array(p, on_tiles)) for role, d in self._networks.items()}
-        y = run_plan(plan, x, networks, self.device)
-        if self.strength != 1:
-            y -= x
-            y *= np.float32(self.strength)
-            y += x
+        y = keep_share_of_change(x, run_plan(plan, x, networks, self.device), self.strength)
         out = np.empty(pixels.shape, pixels.dtype)
         for top in range(0, len(y), FLOAT_ROWS_AT_ONCE):  # the conversion's temporaries stay small
             out[top : top + FLOAT_ROWS_AT_ONCE] = imageio.from_float(y[top : top + FLOAT_ROWS_AT_ONCE], pixels.dtype)
@@ -247,7 +244,7 @@ class Denoiser:
             y = y.reshape(b, 3, *y.shape[2:])
         y = y.float()
         if self.strength != 1:
-            y = given.float().lerp(y.clamp(0, 1), self.strength)
+            y = keep_share_of_change(given.float(), y.clamp(0, 1), self.strength)
         return y
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

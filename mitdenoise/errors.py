@@ -34,6 +34,14 @@ class DeviceError(MitdenoiseError):
     """The requested device or precision is not available here."""
 
 
+class JobPlanError(MitdenoiseError):
+    """The inputs and output of a folder run don't make a consistent set of jobs."""
+
+
+class TrainDataError(MitdenoiseError):
+    """The training or validation images could not be found or read."""
+
+
 class TrainSetupError(MitdenoiseError):
     """A training run can't start: run folder, checkpoint or device don't fit the request."""
 

@@ -8,6 +8,12 @@ from typing import Any, Callable
 from .errors import Aborted
 
 
+def signal_exit_code(signum: int) -> int:
+    """The exit status after stop signal ``signum``: 128 + its number, as the shell reports a
+    process the signal ended (SIGINT 130, SIGTERM 143)."""
+    return 128 + int(signum)
+
+
 class StopFlag:
     """True once SIGINT or SIGTERM came; the caller checks it between units of work. A second
     signal raises :class:`Aborted` at once. ``on_first`` runs when the first one arrives."""

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import Aborted, MitdenoiseError
+from ..stopping import signal_exit_code
 
 err = Console(stderr=True)
 out = Console()
@@ -164,7 +165,7 @@ def run_app(program: typer.Typer, **kwargs) -> None:
         if cause is not None:
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(128 + cause.signum)
+            os._exit(signal_exit_code(cause.signum))
         raise
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..defaults import DEFAULT_MODEL, DEFAULT_OVERLAP, DEFAULT_TILE, FALLBACK_MODEL
 from ..errors import MitdenoiseError
-from ..stopping import StopFlag
+from ..stopping import StopFlag, signal_exit_code
 from .console import DownloadBar, err, error, fail, note, notice, set_threads, show_library_log, warn
 
 EPILOG = (
@@ -99,7 +99,7 @@ def denoise_command(
     if not quiet:
         _print_summary(summary, denoiser)
     if stop.signal is not None:
-        raise typer.Exit(128 + stop.signal)
+        raise typer.Exit(signal_exit_code(stop.signal))
     if summary.failed:
         raise typer.Exit(1)
 

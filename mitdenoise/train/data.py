@@ -21,15 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import camera, imageio
 from .. import noise as noises
-from ..errors import MitdenoiseError
+from ..errors import TrainDataError
 from ..masking import input_mask, ramped
 from ..metrics import gaussian_window
 
 IMAGE_SUFFIXES = imageio.SUPPORTED_SUFFIXES
-
-
-class TrainDataError(MitdenoiseError):
-    """The training or validation images could not be found or read."""
 
 
 def find_images(folder: str | os.PathLike) -> list[Path]:

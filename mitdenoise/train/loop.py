@@ -38,7 +38,7 @@ from ..model import SwinIR, train_route_applies
 from ..route_train import backward_in_parts
 from ..registry import resolve_model
 from ..files import write_text_atomically
-from ..stopping import StopFlag
+from ..stopping import StopFlag, signal_exit_code
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -58,7 +58,6 @@ from .validation import ValSet, evaluate, pair_set, synthetic_sets
 
 CHECKPOINT_NAME = TRAIN_CHECKPOINT_NAME
 EXPORT_NAME = TRAIN_EXPORT_NAME
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @dataclass
@@ -75,7 +74,7 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         """0 when finished; 130 after SIGINT, 143 after SIGTERM (the shell's 128 + signal number)."""
-        return 0 if self.signal is None else EXIT_CODES.get(self.signal, 128 + int(self.signal))
+        return 0 if self.signal is None else signal_exit_code(self.signal)
 
 
 @dataclass

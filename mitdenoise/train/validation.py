@@ -21,7 +21,8 @@ import torch
 from ..imageio import center_crop, read_rgb8, round_to_uint8, to_float
 from ..metrics import psnr
 from ..noise import camera_pair, gaussian, poisson
-from .data import TrainDataError, find_images
+from ..errors import TrainDataError
+from .data import find_images
 
 
 @dataclass
