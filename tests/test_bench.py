@@ -58,11 +58,13 @@ def test_columns_of_training_runs_are_named_by_their_run_folder():
 
 @pytest.mark.slow
 def test_quality_writes_json_markdown_and_grids_with_every_row_and_method(tmp_path, clean_dir, tiny_model):
+    grids = {}
     results = quality.run_quality(
         clean_dir, noise_spec="gaussian:15,saltpepper:0.02", models=[tiny_model], passes=2,
-        baselines=["noisy", "nlm"], device="cpu", seed=3,
+        baselines=["noisy", "nlm"], device="cpu", seed=3, grids=grids,
     )
-    quality.write_quality_outputs(results, tmp_path / "out")
+    assert sorted(grids) == ["gaussian:15", "saltpepper:0.02"] and all(isinstance(k, str) for k in results)
+    quality.write_quality_outputs(results, tmp_path / "out", grids)
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     names = [m["name"] for m in data["methods"]]
     assert names == ["noisy", "official_tiny_random", "official_tiny_random x2", "nlm"]

@@ -318,6 +318,7 @@ def run_quality(
     tile: int = 256,
     tile_overlap: int = DEFAULT_OVERLAP,
     batch_size: int = 1,
+    grids: dict | None = None,
     on_progress: Progress | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> dict:
@@ -326,26 +327,15 @@ def run_quality(
     Rows are the synthetic noises of ``noise_spec`` (on the clean images) plus, with
     ``noisy_dir``, a row ``given:<folder>`` of the given noisy images. Synthetic noise
     for image i and noise (kind, level) is seeded by (seed, i, kind, level). Images are
-    evaluated as 8-bit RGB. The dict also carries the grid crops under ``"_grids"``
-    (arrays; :func:`write_quality_outputs` turns them into PNGs and drops them).
+    evaluated as 8-bit RGB. ``grids``, a dict if given, receives each row's picture crops
+    (first image: noisy, clean, every method's output) for :func:`write_quality_outputs`.
     """
-    if isinstance(noise_spec, str):
-        noise_list = noises.parse_noise_spec(noise_spec)
-    elif noise_spec is None:
-        noise_list = noises.parse_noise_spec(DEFAULT_NOISES) if noisy_dir is None else []
-    else:
-        noise_list = noises.parse_noise_spec(",".join(noises.noise_label(k, float(v)) for k, v in noise_spec))
     cleans, given = load_quality_data(
         Path(clean_dir) if clean_dir is not None else None,
         Path(noisy_dir) if noisy_dir is not None else None,
         clean_images, limit, crop,
     )
-    rows = [NoiseRow(noises.noise_label(k, v), k, v) for k, v in noise_list]
-    if given is not None:
-        rows.append(NoiseRow(f"given:{Path(noisy_dir).name}", "given", None, given))
-    if not rows:
-        raise ValueError("nothing to evaluate: give noise kinds (e.g. gaussian:15) or a folder of noisy images")
-
+    rows = _noise_rows(noise_spec, noisy_dir, given)
     notes: list[str] = []
     taken: set[str] = set()
     methods = baseline_methods([b for b in baselines if b == "noisy"], notes, taken)
@@ -360,54 +350,12 @@ def run_quality(
         raise ValueError("no methods to run: give --model and/or baselines")
     if on_total:
         on_total(len(rows) * len(cleans) * len(methods))
-
     out_rows = []
-    grids = {}
     for row in rows:
-        per_image: dict[str, list[dict]] = {m.name: [] for m in methods}
-        seconds = dict.fromkeys(per_image, 0.0)
-        sigmas = []
-        oracle = oracle_sigma and row.kind in ("gaussian", "correlated")
-        grid = None
-        for index, (name, clean) in enumerate(cleans):
-            if row.given is not None:
-                noisy = row.given[index]
-            else:
-                noisy, clean = noisy_version(clean, row.kind, row.level, seed, index)
-            sigma = float(row.level) if oracle else noises.estimate_sigma(noisy / 255.0) * 255.0
-            sigmas.append(sigma)
-            if index == 0:
-                grid = {"noisy": _grid_crop(noisy), "clean": _grid_crop(clean), "methods": {}, "psnr": {}}
-            for method in methods:
-                start = time.perf_counter()
-                if method.kind == "published":
-                    result = method.outputs[name]
-                else:
-                    result = method.run(noisy, sigma)
-                seconds[method.name] += time.perf_counter() - start
-                per_image[method.name].append({"image": name, **image_scores(result, clean)})
-                if index == 0:
-                    grid["methods"][method.name] = _grid_crop(result)
-                    grid["psnr"][method.name] = per_image[method.name][-1]["psnr"]
-                if on_progress:
-                    on_progress(f"{row.label} {method.name} {name}")
-        megapixels = sum(c.shape[0] * c.shape[1] for _, c in cleans) / 1e6
-        results = {}
-        for method in methods:
-            scores = per_image[method.name]
-            results[method.name] = {key: _mean([s[key] for s in scores]) for key in ("psnr", "ssim", "psnr_y", "ssim_y")}
-            results[method.name]["seconds"] = seconds[method.name]
-            results[method.name]["s_per_mp"] = seconds[method.name] / megapixels if megapixels else None
-        out_rows.append({
-            "noise": row.label,
-            "kind": row.kind,
-            "level": row.level,
-            "sigma": {"source": "oracle" if oracle else "estimated", "mean_255": _mean(sigmas)},
-            "results": results,
-            "per_image": per_image,
-        })
-        grids[row.label] = grid
-
+        result, grid = _run_row(row, cleans, methods, seed, oracle_sigma, on_progress)
+        out_rows.append(result)
+        if grids is not None:
+            grids[row.label] = grid
     return {
         "schema": "mitdenoise.bench.quality/1",
         "config": {
@@ -423,8 +371,67 @@ def run_quality(
         "methods": [{"name": m.name, "kind": m.kind, **m.info} for m in methods],
         "rows": out_rows,
         "notes": notes,
-        "_grids": grids,
     }
+
+
+def _noise_rows(noise_spec, noisy_dir, given) -> list[NoiseRow]:
+    """The rows to run: the synthetic noises asked for (the default set when neither noise nor
+    noisy images are given), then the given noisy images as a row of their own."""
+    if isinstance(noise_spec, str):
+        noise_list = noises.parse_noise_spec(noise_spec)
+    elif noise_spec is None:
+        noise_list = noises.parse_noise_spec(DEFAULT_NOISES) if noisy_dir is None else []
+    else:
+        noise_list = noises.parse_noise_spec(",".join(noises.noise_label(k, float(v)) for k, v in noise_spec))
+    rows = [NoiseRow(noises.noise_label(k, v), k, v) for k, v in noise_list]
+    if given is not None:
+        rows.append(NoiseRow(f"given:{Path(noisy_dir).name}", "given", None, given))
+    if not rows:
+        raise ValueError("nothing to evaluate: give noise kinds (e.g. gaussian:15) or a folder of noisy images")
+    return rows
+
+
+def _run_row(row: NoiseRow, cleans, methods, seed: int, oracle_sigma: bool, on_progress) -> tuple[dict, dict]:
+    """Every method on every image of one noise row: the row's results, and its grid crops."""
+    per_image: dict[str, list[dict]] = {m.name: [] for m in methods}
+    seconds = dict.fromkeys(per_image, 0.0)
+    sigmas = []
+    oracle = oracle_sigma and row.kind in ("gaussian", "correlated")
+    grid: dict = {}
+    for index, (name, clean) in enumerate(cleans):
+        if row.given is not None:
+            noisy = row.given[index]
+        else:
+            noisy, clean = noisy_version(clean, row.kind, row.level, seed, index)
+        sigma = float(row.level) if oracle else noises.estimate_sigma(noisy / 255.0) * 255.0
+        sigmas.append(sigma)
+        if index == 0:
+            grid = {"noisy": _grid_crop(noisy), "clean": _grid_crop(clean), "methods": {}, "psnr": {}}
+        for method in methods:
+            start = time.perf_counter()
+            result = method.outputs[name] if method.kind == "published" else method.run(noisy, sigma)
+            seconds[method.name] += time.perf_counter() - start
+            per_image[method.name].append({"image": name, **image_scores(result, clean)})
+            if index == 0:
+                grid["methods"][method.name] = _grid_crop(result)
+                grid["psnr"][method.name] = per_image[method.name][-1]["psnr"]
+            if on_progress:
+                on_progress(f"{row.label} {method.name} {name}")
+    megapixels = sum(c.shape[0] * c.shape[1] for _, c in cleans) / 1e6
+    results = {}
+    for method in methods:
+        scores = per_image[method.name]
+        results[method.name] = {key: _mean([s[key] for s in scores]) for key in ("psnr", "ssim", "psnr_y", "ssim_y")}
+        results[method.name]["seconds"] = seconds[method.name]
+        results[method.name]["s_per_mp"] = seconds[method.name] / megapixels if megapixels else None
+    return {
+        "noise": row.label,
+        "kind": row.kind,
+        "level": row.level,
+        "sigma": {"source": "oracle" if oracle else "estimated", "mean_255": _mean(sigmas)},
+        "results": results,
+        "per_image": per_image,
+    }, grid
 
 
 def image_scores(result: np.ndarray, clean: np.ndarray) -> dict[str, float]:
@@ -512,15 +519,16 @@ def make_grid(panels: Sequence[tuple[str, np.ndarray]]) -> "PIL.Image.Image":  #
     return canvas
 
 
-def write_quality_outputs(results: dict, out_dir: str | os.PathLike) -> dict:
-    """Write results.json, results.md and grid_<noise>.png into ``out_dir``; returns the JSON dict."""
+def write_quality_outputs(results: dict, out_dir: str | os.PathLike, grids: dict | None = None) -> dict:
+    """Write results.json, results.md and grid_<noise>.png (from ``grids``, filled by
+    :func:`run_quality`) into ``out_dir``; returns the JSON dict, with the grids' file names."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    grids = results.pop("_grids", {})
+    grids = grids or {}
     names = [m["name"] for m in results["methods"]]
     files = []
     for label, grid in grids.items():
-        if grid is None:
+        if not grid:
             continue
         scores = grid.get("psnr", {})
         noisy_label = "noisy input" + (f"\n{format_number(scores['noisy'], 2)} dB" if "noisy" in scores else "")

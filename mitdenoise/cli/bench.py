@@ -127,14 +127,16 @@ def bench_quality_command(
     try:
         names = quality.parse_baselines(baselines)
         published_dirs = quality.parse_published(published or [])
+        grids: dict = {}
         with _Bar(quiet, "quality") as bar:
             results = quality.run_quality(
                 clean, noisy_dir=noisy, noise_spec=noise, models=_models(model), passes=passes, baselines=names,
                 strengths=strengths, published=published_dirs,
                 seed=seed, limit=limit, crop=crop, oracle_sigma=oracle_sigma, device=device, precision=precision,
-                tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, on_progress=bar.step, on_total=bar.total,
+                tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, grids=grids, on_progress=bar.step,
+                on_total=bar.total,
             )
-        results = quality.write_quality_outputs(results, out_dir)
+        results = quality.write_quality_outputs(results, out_dir, grids)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e), 2 if isinstance(e, ValueError) else 1)
     except MitdenoiseError as e:
@@ -397,12 +399,13 @@ def bench_default_command(
     set_threads(threads)
     try:
         name, image = quality_bench.default_clean_image()
+        grids: dict = {}
         with _Bar(quiet, "quality") as bar:
             quality = quality_bench.run_quality(
                 clean_images=[(name, image)], noise_spec=quality_bench.DEFAULT_NOISES + ",mixture:15", models=[model],
-                crop=128, tile=128, on_progress=bar.step, on_total=bar.total,
+                crop=128, tile=128, grids=grids, on_progress=bar.step, on_total=bar.total,
             )
-        quality = quality_bench.write_quality_outputs(quality, out_dir)
+        quality = quality_bench.write_quality_outputs(quality, out_dir, grids)
         with _Bar(quiet, "speed") as bar:
             speed = speed_bench.run_speed(model, sizes=[(256, 256)], tiles=[128, 256], runs=2, warmup=1, threads=threads,
                                     on_progress=bar.step, on_total=bar.total)
