@@ -709,3 +709,20 @@ def test_cuda_without_an_index_trains_on_the_current_gpu(monkeypatch):
     assert chosen == [torch.device("cuda", 0)]
     with pytest.raises(loop.DeviceError, match="only 1 CUDA device"):
         loop.resolve_device("cuda:3", loop.Dist())
+
+
+def test_a_resumed_run_s_settings_come_from_its_folder_then_the_toml_and_flags(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = TrainConfig(out=str(run), batch_size=6, lr=2e-4, iterations=50)
+    (run / "config.json").write_text(saved.to_json())
+    toml = tmp_path / "more.toml"
+    toml.write_text("iterations = 80\n")
+    resolved = resolve_config("quick", toml, {"out": str(run), "lr": 5e-4}, resume=True)
+    assert (resolved.batch_size, resolved.iterations, resolved.lr) == (6, 80, 5e-4)  # the preset is not used
+    assert resolve_config("quick", None, {"out": str(run)}).batch_size == 8  # not resuming: the preset
+    fresh = tmp_path / "fresh"
+    assert resolve_config("quick", None, {"out": str(fresh)}, resume=True).batch_size == 8  # nothing saved yet
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        resolve_config("quick", None, {"out": str(run)}, resume=True)

@@ -64,7 +64,7 @@ def train_command(
 ) -> None:
     """Train the masked-training denoiser on a folder of clean images."""
     from ..errors import MitdenoiseError
-    from ..train.config import TrainConfig, resolve_config
+    from ..train.config import resolve_config
 
     main_rank = os.environ.get("RANK", "0") == "0"
     overrides = {
@@ -96,14 +96,7 @@ def train_command(
             overrides["noise_sigma"] = low if "," not in noise_sigma else [low, high]
         if milestones is not None:
             overrides["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
-        resolved = resolve_config(preset, config, overrides, baseline=baseline)
-        if resume:
-            saved = Path(resolved.out) / "config.json"
-            if saved.is_file():
-                import json
-
-                base = TrainConfig.from_dict(json.loads(saved.read_text()))
-                resolved = resolve_config(None, config, overrides, base=base, baseline=baseline)
+        resolved = resolve_config(preset, config, overrides, baseline=baseline, resume=resume)
     except ValueError as e:
         fail(str(e), 2)
 

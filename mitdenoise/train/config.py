@@ -295,8 +295,21 @@ def resolve_config(
     overrides: dict[str, Any] | None = None,
     base: TrainConfig | None = None,
     baseline: bool = False,
+    resume: bool = False,
 ) -> TrainConfig:
-    """Preset (or ``base``), then the TOML file, then ``overrides``; ``baseline`` last, so it always wins."""
+    """Preset (or ``base``), then the TOML file, then ``overrides``; ``baseline`` last, so it always wins.
+
+    ``resume``: the run folder's own ``config.json`` (where there is one) replaces the preset, so a
+    resumed run keeps its settings but for what the TOML and ``overrides`` change on purpose.
+    """
+    if resume:
+        saved = Path(resolve_config(preset, toml_path, overrides, base, baseline).out) / "config.json"
+        if saved.is_file():
+            try:
+                base = TrainConfig.from_dict(json.loads(saved.read_text()))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{saved}: not valid JSON ({e})") from None
+            preset = None
     if base is None:
         name = preset or "paper"
         if name not in PRESETS:
