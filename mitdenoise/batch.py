@@ -119,16 +119,17 @@ def same_file(a: Path, b: Path) -> bool:
 
 def run_jobs(
     jobs: list[Job],
-    denoise: Callable,
+    transform: Callable,
     *,
     overwrite: bool = False,
     on_start: Callable[[Job, int], None] | None = None,
     on_end: Callable[[Job, str], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> RunSummary:
-    """Denoise each job's source into its target; a failure is recorded and the rest go on.
+    """Turn each job's source into its target (denoise it, add noise...); a failure is recorded
+    and the rest go on; ``should_stop`` is asked before each job (a stop signal).
 
-    ``denoise(image, on_tiles)`` maps an ``imageio.Image`` to the denoised one.
+    ``transform(job, image)`` maps the source's ``imageio.Image`` to the target's.
     ``on_start(job, pixels)`` and ``on_end(job, status)`` drive progress display.
     """
     summary = RunSummary()
@@ -153,7 +154,7 @@ def run_jobs(
             h, w = image.pixels.shape[:2]
             if on_start:
                 on_start(job, h * w)
-            result = denoise(image)
+            result = transform(job, image)
             del image  # the input pixels aren't needed to write: free them before the encoder's buffers
             write_image(job.target, result, overwrite=True)
         except MitdenoiseError as e:

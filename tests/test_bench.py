@@ -297,6 +297,20 @@ def test_noise_cli_writes_camera_noise_and_its_clean_twin(tmp_path):
     assert psnr(noisy, twin) < psnr(twin, clean)  # the noise, not the development, is most of the change
 
 
+def test_noise_cli_runs_folders_as_denoise_does_a_bad_file_fails_alone_and_a_rerun_skips(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(common.synthetic_image(24, 32, 0)).save(src / "a.png")
+    (src / "b.png").write_bytes(b"not a png")
+    Image.fromarray(common.synthetic_image(24, 32, 1)).save(src / "c.png")
+    args = ["noise", str(src), str(tmp_path / "out"), "--kind", "camera", "--level", "2"]
+    result = runner.invoke(cli(), args)
+    assert result.exit_code == 1 and "b.png" in result.output and "wrote 2 file(s); 1 failed" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    again = runner.invoke(cli(), args[:-4] + ["--kind", "camera", "--level", "2"])
+    assert "2 skipped" in again.output
+
+
 def test_option_parsers_explain_bad_values():
     assert speed.parse_sizes("256, 512x384") == [(256, 256), (512, 384)]
     assert quality.parse_baselines("none") == []

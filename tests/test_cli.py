@@ -91,7 +91,7 @@ def test_an_unexpected_error_on_one_file_is_recorded_and_the_run_goes_on(tmp_pat
     for name in ("a.png", "b.png", "c.png"):
         make_image(src / name)
 
-    def denoise_or_fail(image):
+    def denoise_or_fail(job, image):
         if denoise_or_fail.calls == 1:
             denoise_or_fail.calls += 1
             raise RuntimeError("Calculated padded input size per channel: (16 x 0)\nmore")
@@ -356,7 +356,7 @@ def test_what_would_fail_at_writing_fails_before_the_image_is_denoised(tmp_path)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "anim.gif")
     calls = []
 
-    def denoise_image(image):
+    def denoise_image(job, image):
         calls.append(image)
         return image
 

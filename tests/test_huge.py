@@ -26,7 +26,7 @@ source, target = sys.argv[1:3]
 set_max_pixels(200_000_000)  # what --max-pixels does: 144 MP is over Pillow's default limit
 denoiser = Denoiser(SwinIR(ModelConfig(embed_dim=12, depths=(2,), num_heads=(2,))), device="cpu")
 denoiser._forward = lambda x: x
-summary = run_jobs(plan_jobs([source], target), denoiser.denoise_image)
+summary = run_jobs(plan_jobs([source], target), lambda job, image: denoiser.denoise_image(image))
 assert len(summary.done) == 1, summary.failed
 # VmHWM, not getrusage: ru_maxrss survives exec, so it would count the parent's peak too
 print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))

@@ -121,7 +121,7 @@ def _run_with_progress(jobs, denoiser, overwrite: bool, quiet: bool, stop: StopF
     def on_end(job, status):
         progress.advance(files_task)
 
-    def run_one(image):
+    def run_one(job, image):
         h, w = image.pixels.shape[:2]
         progress.update(tiles_task, completed=0, total=denoiser.count_tiles(h, w))
         return denoiser.denoise_image(image, on_tiles=lambda n: progress.advance(tiles_task, n))

@@ -29,8 +29,9 @@ def noise_command(
     import numpy as np
 
     from .. import noise as noises
-    from ..batch import plan_jobs
-    from ..imageio import from_float, read_image, to_float, write_image
+    from ..batch import plan_jobs, run_jobs
+    from ..imageio import from_float, to_float, write_image
+    from ..stopping import StopFlag, signal_exit_code
 
     try:
         kind = noises.canonical_kind(kind)
@@ -40,30 +41,31 @@ def noise_command(
         fail(str(e), 2)
     except MitdenoiseError as e:
         fail(str(e))
-    failed = written = skipped = 0
-    for job in jobs:
-        if job.target.exists() and not overwrite:
-            skipped += 1
-            continue
+
+    def add_noise(job, image):
         rng = np.random.default_rng(seed) if len(jobs) == 1 else noises.derived_rng(seed, job.source.name)
-        try:
-            image = read_image(job.source)
-            noisy, reference = noises.noisy_pair(to_float(image.pixels, np.float64), kind, level, rng)
-            job.target.parent.mkdir(parents=True, exist_ok=True)
-            if twin_suffix:
-                twin = job.target.with_name(job.target.stem + twin_suffix + job.target.suffix)
-                write_image(twin, dataclasses.replace(image, pixels=from_float(reference, image.pixels.dtype)), overwrite=True)
-            write_image(job.target, dataclasses.replace(image, pixels=from_float(noisy, image.pixels.dtype)), overwrite=True)
-            written += 1
-        except (MitdenoiseError, ValueError, OSError) as e:
-            error(str(e))
-            failed += 1
+        noisy, reference = noises.noisy_pair(to_float(image.pixels, np.float64), kind, level, rng)
+        if twin_suffix:
+            twin = job.target.with_name(job.target.stem + twin_suffix + job.target.suffix)
+            write_image(twin, dataclasses.replace(image, pixels=from_float(reference, image.pixels.dtype)), overwrite=True)
+        return dataclasses.replace(image, pixels=from_float(noisy, image.pixels.dtype))
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        summary = run_jobs(jobs, add_noise, overwrite=overwrite, should_stop=lambda: bool(stop))
+    finally:
+        stop.restore()
+    for _, reason in summary.failed:
+        error(reason)
     if not quiet:
-        parts = [f"{kind}:{level:g} noise: wrote {written} file(s)"]
-        if skipped:
-            parts.append(f"{skipped} skipped (exist; --overwrite replaces)")
-        if failed:
-            parts.append(f"{failed} failed")
+        parts = [f"{kind}:{level:g} noise: wrote {len(summary.done)} file(s)"]
+        if summary.skipped:
+            parts.append(f"{len(summary.skipped)} skipped (exist; --overwrite replaces)")
+        if summary.failed:
+            parts.append(f"{len(summary.failed)} failed")
         err.print("; ".join(parts), highlight=False)
-    if failed:
+    if stop.signal is not None:
+        raise typer.Exit(signal_exit_code(stop.signal))
+    if summary.failed:
         raise typer.Exit(1)
