@@ -251,7 +251,7 @@ class PatchBatches(Dataset):
         h, w = image.shape[:2]
         top, left = int(rng.integers(h - big + 1)), int(rng.integers(w - big + 1))
         crop = torch.from_numpy(np.ascontiguousarray(image[top : top + big, left : left + big]))
-        x = augment(crop.permute(2, 0, 1), int(rng.integers(8))).permute(1, 2, 0).numpy().astype(np.float64) / 255.0
+        x = imageio.to_float(augment(crop.permute(2, 0, 1), int(rng.integers(8))).permute(1, 2, 0).numpy(), np.float64)
         noisy, target = broad_noise(x, rng, g, self.clip_noisy)
         dy, dx = (int(v) for v in rng.integers(2 * margin + 1, size=2))
         noisy_t, clean_t = (torch.from_numpy(np.ascontiguousarray(a[dy : dy + p, dx : dx + p].transpose(2, 0, 1))).float()
