@@ -408,100 +408,17 @@ def train(
         stop.install()
     reporter = None
     try:
-        images, too_small = load_images(find_images(config.data), min_size=min_image_size(config))
-        init_state = None if resume or config.init is None else initial_weights(config)
-        if d.main:  # after the data is found good, so that a failed start leaves no empty run folder
-            _make_folder(run_dir)
-        run = Run.build(config, device, init_state)
-        del init_state
-        if resume:
-            run.resume(run_dir / CHECKPOINT_NAME)
-        run.distribute(d)
-        run.model.train()
-        workers = _worker_count(config, device, d)
-        dataset = _patch_batches(images, config, d)
-        val_sets = _validation_sets(config, d)
-        if d.main:
-            write_text_atomically(run_dir / "config.json", config.to_json() + "\n")
-
-        reporter = Reporter(run_dir, config.iterations, run.start, d.main, observer)
-        reporter.write(
-            {
-                "event": "resume" if resume else "start",
-                "iteration": run.start,
-                "world_size": d.world_size,
-                "global_batch": config.batch_size,
-                "per_rank_batch": dataset.per_rank,
-                "device": str(device),
-                "precision": precision,
-                "threads": threads,
-                "workers": workers,
-                "images": len(images),
-                "images_too_small": too_small,
-                "params": sum(p.numel() for p in run.model.parameters()),
-                "baseline": config.is_baseline,
-                **{f"noisy_psnr_{v.name}": round(v.noisy_psnr, 4) for v in val_sets},
-            }
-        )
-        if too_small:
-            reporter.message(f"note: skipped {too_small} images smaller than {min_image_size(config)}x{min_image_size(config)}")
-        validation: dict[str, float] = {}
-        validated_at = run.start
+        run, dataset, val_sets, reporter = _start(config, resume, device, precision, run_dir, threads, d, observer)
+        state = _Progress(run, run_dir, config, val_sets, reporter, d)
         if val_sets and not resume:
-            validation = evaluate(run.ema, val_sets, device, config.val_seed)
-            reporter.write({"event": "val", "iteration": run.start, **validation})
-            reporter.metrics({"iteration": run.start, **validation})
-
+            state.validate(first=True)
         if run.start >= config.iterations:
             reporter.message(f"already at {run.start} iterations: pass --iterations N (N > {run.start}) to train longer")
-            return TrainResult(run.start, run_dir, run_dir / CHECKPOINT_NAME, run_dir / EXPORT_NAME, None, validation)
-
-        loader = make_loader(dataset, run.start, workers, pin_memory=device.type == "cuda")
-        attn_generator = torch.Generator(device=device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        log = _LossLog(run.start, device)
-        saved_at = None
-
-        def write_checkpoint() -> None:
-            nonlocal saved_at
-            if not d.main:
-                return
-            elapsed = run.elapsed_before + time.perf_counter() - log.wall_start
-            save_checkpoint(run_dir / CHECKPOINT_NAME, run.checkpoint_state(elapsed, d.world_size))
-            quality = quality_metadata(validation, validated_at, val_sets)
-            save_safetensors(run.ema, run_dir / EXPORT_NAME, extra_metadata=quality)
-            if config.export:
-                _make_folder(Path(config.export).parent)
-                save_safetensors(run.ema, config.export, extra_metadata=quality)
-            saved_at = run.iteration
-
-        for step, (noisy, clean) in zip(range(run.start, config.iterations), loader):
-            attn_generator.manual_seed(derive_seed(config.seed, step, d.rank, 1))
-            log.loss_sum += run.step(noisy, clean, attn_generator, autocast)
-            run.iteration = step + 1
-            reporter.step(run.iteration)
-
-            stopping = _stop_everywhere(stop, d)
-            finished = run.iteration == config.iterations
-            record: dict[str, Any] = {}
-            if run.iteration % config.log_every == 0 or finished or stopping:
-                record = log.record(run, d)
-            if val_sets and (run.iteration % config.val_every == 0 or finished):
-                t = time.perf_counter()
-                validation = evaluate(run.ema, val_sets, device, config.val_seed)
-                validated_at = run.iteration
-                log.val_time += time.perf_counter() - t
-                record = {"event": "train", "iteration": run.iteration, **record, **validation}
-            if record:
-                reporter.write(record)
-                reporter.metrics(record)
-            if run.iteration % config.checkpoint_every == 0 or finished or stopping:
-                write_checkpoint()
-            if stopping:
-                break
-
+            return TrainResult(run.start, run_dir, run_dir / CHECKPOINT_NAME, run_dir / EXPORT_NAME, None, state.validation)
+        loader = make_loader(dataset, run.start, _worker_count(config, device, d), pin_memory=device.type == "cuda")
+        _steps(state, loader, stop, precision)
         reporter.close()
-        return _finish(run, run_dir, saved_at, stop, validation, reporter, d)
+        return _finish(run, run_dir, state.saved_at, stop, state.validation, reporter, d)
     finally:
         if reporter is not None:
             reporter.close()
@@ -510,6 +427,117 @@ def train(
         torch.set_num_threads(threads_before)
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _start(config: TrainConfig, resume: bool, device, precision: str, run_dir: Path, threads: int, d: Dist,
+           observer: TrainObserver | None) -> tuple[Run, PatchBatches, list[ValSet], Reporter]:
+    """Data, network (fresh, from ``init``, or resumed), validation sets, the run folder and its log."""
+    images, too_small = load_images(find_images(config.data), min_size=min_image_size(config))
+    init_state = None if resume or config.init is None else initial_weights(config)
+    if d.main:  # after the data is found good, so that a failed start leaves no empty run folder
+        _make_folder(run_dir)
+    run = Run.build(config, device, init_state)
+    del init_state
+    if resume:
+        run.resume(run_dir / CHECKPOINT_NAME)
+    run.distribute(d)
+    run.model.train()
+    dataset = _patch_batches(images, config, d)
+    val_sets = _validation_sets(config, d)
+    if d.main:
+        write_text_atomically(run_dir / "config.json", config.to_json() + "\n")
+    reporter = Reporter(run_dir, config.iterations, run.start, d.main, observer)
+    reporter.write({
+        "event": "resume" if resume else "start",
+        "iteration": run.start,
+        "world_size": d.world_size,
+        "global_batch": config.batch_size,
+        "per_rank_batch": dataset.per_rank,
+        "device": str(device),
+        "precision": precision,
+        "threads": threads,
+        "workers": _worker_count(config, device, d),
+        "images": len(images),
+        "images_too_small": too_small,
+        "params": sum(p.numel() for p in run.model.parameters()),
+        "baseline": config.is_baseline,
+        **{f"noisy_psnr_{v.name}": round(v.noisy_psnr, 4) for v in val_sets},
+    })
+    if too_small:
+        reporter.message(f"note: skipped {too_small} images smaller than {min_image_size(config)}x{min_image_size(config)}")
+    return run, dataset, val_sets, reporter
+
+
+class _Progress:
+    """A run's bookkeeping between steps: the last validation, the loss log, checkpoints."""
+
+    def __init__(self, run: Run, run_dir: Path, config: TrainConfig, val_sets: list[ValSet], reporter: Reporter,
+                 d: Dist) -> None:
+        self.run, self.run_dir, self.config, self.val_sets, self.reporter, self.d = run, run_dir, config, val_sets, reporter, d
+        self.validation: dict[str, float] = {}
+        self.validated_at = run.start
+        self.saved_at: int | None = None
+        self.log: _LossLog | None = None
+        """Made as the steps start, so that the first rate leaves out the first validation."""
+
+    def validate(self, first: bool = False) -> dict[str, float]:
+        """Validate the EMA model now. The ``first``, before any step, is logged and shown at once;
+        later ones join the step's log record, and their time is left out of the step rate."""
+        start = time.perf_counter()
+        self.validation = evaluate(self.run.ema, self.val_sets, self.run.device, self.config.val_seed)
+        self.validated_at = self.run.iteration
+        if first:
+            self.reporter.write({"event": "val", "iteration": self.run.iteration, **self.validation})
+            self.reporter.metrics({"iteration": self.run.iteration, **self.validation})
+        else:
+            self.log.val_time += time.perf_counter() - start
+        return self.validation
+
+    def after_step(self, stopping: bool) -> None:
+        """Log, validate and checkpoint as the settings ask after the step just taken."""
+        run, config = self.run, self.config
+        finished = run.iteration == config.iterations
+        record: dict[str, Any] = {}
+        if run.iteration % config.log_every == 0 or finished or stopping:
+            record = self.log.record(run, self.d)
+        if self.val_sets and (run.iteration % config.val_every == 0 or finished):
+            record = {"event": "train", "iteration": run.iteration, **record, **self.validate()}
+        if record:
+            self.reporter.write(record)
+            self.reporter.metrics(record)
+        if run.iteration % config.checkpoint_every == 0 or finished or stopping:
+            self.write_checkpoint()
+
+    def write_checkpoint(self) -> None:
+        """last.pt, and the EMA weights with the last validation in their metadata (rank 0)."""
+        if not self.d.main:
+            return
+        run, config = self.run, self.config
+        elapsed = run.elapsed_before + time.perf_counter() - self.log.wall_start
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, run.checkpoint_state(elapsed, self.d.world_size))
+        quality = quality_metadata(self.validation, self.validated_at, self.val_sets)
+        save_safetensors(run.ema, self.run_dir / EXPORT_NAME, extra_metadata=quality)
+        if config.export:
+            _make_folder(Path(config.export).parent)
+            save_safetensors(run.ema, config.export, extra_metadata=quality)
+        self.saved_at = run.iteration
+
+
+def _steps(state: _Progress, loader, stop: StopFlag, precision: str) -> None:
+    """Train from the run's iteration to the last, or until a stop signal reaches every process."""
+    run, config, d = state.run, state.config, state.d
+    attn_generator = torch.Generator(device=run.device)
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    state.log = _LossLog(run.start, run.device)
+    for step, (noisy, clean) in zip(range(run.start, config.iterations), loader):
+        attn_generator.manual_seed(derive_seed(config.seed, step, d.rank, 1))
+        state.log.loss_sum += run.step(noisy, clean, attn_generator, autocast)
+        run.iteration = step + 1
+        state.reporter.step(run.iteration)
+        stopping = _stop_everywhere(stop, d)
+        state.after_step(stopping)
+        if stopping:
+            break
 
 
 def _finish(run: Run, run_dir: Path, saved_at: int | None, stop: StopFlag, validation: dict, reporter, d: Dist) -> TrainResult:
