@@ -20,13 +20,23 @@ Functions here take the network's modules (``WindowAttention``, ``Mlp``,
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .windows import inverse_permutation, shift_mask, window_kinds, window_order
+from .windows import (
+    MAX_BIAS_SPREAD,
+    REST_FLOOR,
+    SEAM,
+    SHORT_ROW,
+    blocks_in_window_order,
+    inverse_permutation,
+    kind_shift_masks,
+    window_layout,
+)
 
 MLP_ROWS = 2048
 """Tokens per MLP call: a chunk's tokens in slices that stay in cache."""
@@ -64,13 +74,13 @@ def cpu_linear(
 
 
 def short_row_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """``scores.softmax(-1)`` for rows of n_kept + 1 scores; rows under 16 are done in
+    """``scores.softmax(-1)`` for rows of n_kept + 1 scores; rows under :data:`SHORT_ROW` are done in
     ``scores`` itself (the caller drops it), longer ones in a new tensor.
 
     torch's CPU softmax takes a scalar loop for rows shorter than 16 floats; separate
     vectorised passes (max, subtract, exp, sum, divide) are faster there.
     """
-    if scores.shape[-1] >= 16:
+    if scores.shape[-1] >= SHORT_ROW:
         return scores.softmax(dim=-1)
     scores -= scores.amax(-1, keepdim=True)
     scores.exp_()
@@ -114,23 +124,6 @@ def map_chunks(run, chunks: list) -> None:
         pass
 
 
-def window_layout(
-    ctx, images: int, h: int, w: int, ws: int, shift: int, device: torch.device, by_kind: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block's windows: the token index of each (windows, N) (:func:`window_order`) and
-    each one's kind (:func:`window_kinds`), in partition order or sorted by kind; cached in ``ctx``."""
-
-    def make() -> tuple[torch.Tensor, torch.Tensor]:
-        order = window_order(images, h, w, ws, shift).view(-1, ws * ws)
-        kinds = window_kinds(h // ws, w // ws, images, shift > 0)
-        if by_kind:
-            sort = torch.argsort(kinds, stable=True)
-            order, kinds = order[sort], kinds[sort]
-        return order.to(device), kinds.to(device)
-
-    return ctx.cached(("window_layout", images, h, w, ws, shift, str(device), by_kind), make)
-
-
 # --- attention ----------------------------------------------------------------------------------
 
 
@@ -139,8 +132,11 @@ def kind_biases(attn, shift: int) -> torch.Tensor:
     inner = attn.position_bias()
     if not shift:
         return inner.expand(4, -1, -1, -1).contiguous()
-    ws = attn.window_size
-    return inner + shift_mask(2 * ws, 2 * ws, ws, shift, inner.device).unsqueeze(1)  # one window per kind
+    return inner + kind_shift_masks(attn.window_size, shift, inner.device)[0]
+
+
+_EXP_BIASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``attn -> (bias, exp_biases(attn, bias))``: the last result per attention module, gone with it."""
 
 
 def _same_tensor_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -152,17 +148,18 @@ def exp_biases(attn, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
     is 1, zero across the shift seam, and the log of that scale, (4, heads, N). None where
     the exponential could underflow a whole row.
 
-    Kept on ``attn`` from the last call while ``bias`` is the same (it is, tile after tile).
+    Kept for ``attn`` from the last call while ``bias`` is the same (it is, tile after tile), in
+    this route's own cache (:data:`_EXP_BIASES`).
     """
-    last = getattr(attn, "_exp_biases", None)
+    last = _EXP_BIASES.get(attn)
     if last is not None and _same_tensor_values(last[0], bias):
         return last[1]
-    if float(bias[0].amax() - bias[0].amin()) > 60:  # kind 0 has no seam: the position bias alone
+    if float(bias[0].amax() - bias[0].amin()) > MAX_BIAS_SPREAD:  # kind 0 has no seam: the position bias alone
         result = None
     else:
         row_max = bias.amax(-1)
-        result = (bias - row_max.unsqueeze(-1)).exp().masked_fill_(bias < -50, 0.0), row_max
-    attn._exp_biases = (bias, result)
+        result = (bias - row_max.unsqueeze(-1)).exp().masked_fill_(bias < SEAM, 0.0), row_max
+    _EXP_BIASES[attn] = (bias, result)
     return result
 
 
@@ -232,7 +229,7 @@ def masked_attention(
             part = torch.bmm(exp_bias[kind], values.index_select(1, windows).view(heads, -1, n).transpose(1, 2))
             sums.index_copy_(2, windows, part.view(heads, n, -1, hd + 2))
     inverse_sums = sums[..., hd].reciprocal()
-    if not bool(inverse_sums.amax() < 1e30):
+    if not bool(inverse_sums.amax() < 1 / REST_FLOOR):
         return None  # a row sees only keys whose weights underflowed
     out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
     torch.mul(sums[..., :hd], inverse_sums.unsqueeze(-1), out=out.permute(2, 1, 0, 3))
@@ -367,8 +364,5 @@ def block_forward(
 
 
 def residual_group_forward(blocks, x: torch.Tensor, size: tuple[int, int], ctx) -> torch.Tensor:
-    """The Swin blocks of one RSTB on (B, H*W, C) tokens; the result in token order again."""
-    flat, rows = x.reshape(-1, x.shape[-1]), None
-    for block in blocks:
-        flat, rows = block_forward(block, flat, rows, size, ctx)
-    return flat.index_select(0, inverse_permutation(rows)).view(x.shape)
+    """The Swin blocks of one RSTB on (B, H*W, C) tokens through this route; token order again after."""
+    return blocks_in_window_order(blocks, x, size, ctx, block_forward)

@@ -16,7 +16,7 @@ the one piece with a backward by hand is the masked queries' (:class:`_MaskedQue
   window kind (:func:`masked_query_attention`); the listed queries attend to the
   listed keys and the rest key;
 - where exponentials could underflow, blocks or chunks take the plain attention
-  over the same gathered windows (:data:`MAX_BIAS_SPREAD`, :data:`REST_FLOOR`);
+  over the same gathered windows (:data:`~mitdenoise.windows.MAX_BIAS_SPREAD`, :data:`~mitdenoise.windows.REST_FLOOR`);
 - a training step can run the batch in parts on single-thread workers
   (:func:`backward_in_parts`): a chunk's ops are small, so splitting each op across
   threads mostly waits.
@@ -35,13 +35,16 @@ import torch.nn.functional as F
 
 from .masking import draw_keep_mask
 from .route_cpu import chunk_workers
-from .windows import inverse_permutation, shift_mask, window_kinds, window_order
+from .windows import (
+    MAX_BIAS_SPREAD,
+    REST_FLOOR,
+    SHORT_ROW,
+    blocks_in_window_order,
+    inverse_permutation,
+    kind_shift_masks,
+    window_layout,
+)
 
-REST_FLOOR = 1e-30
-"""Smallest sum of exponentiated biases taken as it is: below it a rest key weighs nothing, and
-masked queries whose weights sum below it take the plain attention."""
-MAX_BIAS_SPREAD = 60.0
-"""Above this spread of the position bias, blocks attend over every token (see :func:`bias_spread`)."""
 
 
 class _ShortRowSoftmax(torch.autograd.Function):
@@ -61,20 +64,9 @@ class _ShortRowSoftmax(torch.autograd.Function):
 
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.softmax(-1)``; rows under 16 floats through :class:`_ShortRowSoftmax`, since torch's CPU
+    """``x.softmax(-1)``; rows under :data:`SHORT_ROW` floats through :class:`_ShortRowSoftmax`, since torch's CPU
     softmax and its backward take a scalar loop there."""
-    return _ShortRowSoftmax.apply(x) if x.shape[-1] < 16 else x.softmax(-1)
-
-
-def train_layout(ctx, images: int, h: int, w: int, ws: int, shift: int, device: torch.device):
-    """Token index of every window's tokens (windows, N) in partition order and each window's
-    kind (:func:`~mitdenoise.windows.window_kinds`); cached in ``ctx``."""
-
-    def make():
-        order = window_order(images, h, w, ws, shift).view(-1, ws * ws)
-        return order.to(device), window_kinds(h // ws, w // ws, images, shift > 0).to(device)
-
-    return ctx.cached(("train_layout", images, h, w, ws, shift, str(device)), make)
+    return _ShortRowSoftmax.apply(x) if x.shape[-1] < SHORT_ROW else x.softmax(-1)
 
 
 class BlockBiases(NamedTuple):
@@ -106,12 +98,6 @@ def block_biases(attn, shift_masks: tuple[torch.Tensor, torch.Tensor] | None) ->
     if seam is not None:
         exp_bias = exp_bias.masked_fill(seam, 0.0)
     return BlockBiases(bias, rows, exp_bias, row_max, shift_masks)
-
-
-def kind_shift_masks(ws: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shift mask of each window kind (4, 1, N, N), and where it stops attention (the seam)."""
-    mask = shift_mask(2 * ws, 2 * ws, ws, shift, device).unsqueeze(1)  # one window per kind
-    return mask, mask < 0
 
 
 def bias_spread(attn) -> float:
@@ -391,7 +377,7 @@ def block_forward(block, flat: torch.Tensor, rows: torch.Tensor | None, size: tu
     b = flat.shape[0] // (h * w)
     ws, shift = block.window_size, block.shift_size
     n = ws * ws
-    order, kinds = train_layout(ctx, b, h, w, ws, shift, flat.device)
+    order, kinds = window_layout(ctx, b, h, w, ws, shift, flat.device)
     keep = ctx.keep_mask((len(order), n, 1), flat.device)
     if keep is None:
         pos = counts = None
@@ -424,11 +410,8 @@ def block_forward(block, flat: torch.Tensor, rows: torch.Tensor | None, size: tu
 
 
 def residual_group_forward(blocks, x: torch.Tensor, size: tuple[int, int], ctx) -> torch.Tensor:
-    """The Swin blocks of one RSTB on (B, H*W, C) tokens; the result in token order again."""
-    flat, rows = x.reshape(-1, x.shape[-1]), None
-    for block in blocks:
-        flat, rows = block_forward(block, flat, rows, size, ctx)
-    return flat.index_select(0, inverse_permutation(rows)).view(x.shape)
+    """The Swin blocks of one RSTB on (B, H*W, C) tokens through this route; token order again after."""
+    return blocks_in_window_order(blocks, x, size, ctx, block_forward)
 
 
 def draw_keep_masks(model, x: torch.Tensor, ratio: tuple[int, int], generator) -> list[torch.Tensor | None]:

@@ -20,6 +20,7 @@ products, which is how the tests pin it to the plain block.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -139,15 +140,20 @@ if triton is not None:
         tl.store(out_ptr + tokens[:, None] * C + ch[None, :], x.to(out_ptr.dtype.element_ty), mask=in_c[None, :])
 
 
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``block -> (key, packed weights)``: the last packing of each Swin block."""
+
+
 def _packed(block, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """The block's weights transposed and zero padded for the kernel, cached on the block.
+    """The block's weights transposed and zero padded for the kernel, kept per block in this
+    kernel's own cache (:data:`_PACKED`, whose entries go with their blocks).
 
     Rebuilt when a parameter changes (new tensor or in-place update), so a block that is
     trained or reloaded between calls never runs stale weights.
     """
     params = list(block.parameters())
     key = (dtype, device, tuple(p.data_ptr() for p in params), tuple(p._version for p in params))
-    cached = getattr(block, "_triton_packed", None)
+    cached = _PACKED.get(block)
     if cached is not None and cached[0] == key:
         return cached[1]
     attn, mlp = block.attn, block.mlp
@@ -181,7 +187,7 @@ def _packed(block, dtype: torch.dtype, device: torch.device) -> dict[str, torch.
             "fc1_w": fc1_w.to(dtype), "fc1_b": vector(mlp.fc1.bias, hidp),
             "fc2_w": fc2_w.to(dtype), "fc2_b": vector(mlp.fc2.bias, cp),
         }
-    block._triton_packed = (key, packed)
+    _PACKED[block] = (key, packed)
     return packed
 
 

@@ -1,14 +1,29 @@
-"""Window geometry shared by the network and its inference routes.
+"""Window geometry shared by the network and its CPU routes (inference and training).
 
 Swin attention works on ``ws x ws`` windows of tokens, every other block on a
 cyclically shifted image; these helpers partition and reassemble images, build the
 shift mask that keeps attention from crossing the shift's seam, and give the orders
-and groupings of windows that the routes gather by.
+and groupings of windows that the routes gather by (:func:`window_layout`), with the
+blocks of a residual group run in that order (:func:`blocks_in_window_order`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+MAX_BIAS_SPREAD = 60.0
+"""Above this spread of a bias row, ``exp(bias - row max)`` could underflow to 0 for keys that
+count: the masked-token shortcuts of the CPU routes then take the plain attention."""
+SEAM = -50.0
+"""A bias below this is the shift mask's seam (its -100): no attention across it."""
+REST_FLOOR = 1e-30
+"""Smallest sum of exponentiated biases taken as it is: below it a rest key weighs nothing, and
+masked queries whose weights sum below it take the plain attention."""
+SHORT_ROW = 16
+"""Softmax rows shorter than this take separate vectorised passes: torch's CPU softmax (and its
+backward) runs a scalar loop there."""
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -137,3 +152,40 @@ def window_chunks(images: int, n_rows: int, n_cols: int, chunk_windows: int | No
 def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
     """``inverse[index[p]] == p``."""
     return torch.empty_like(index).scatter_(0, index, torch.arange(len(index), device=index.device))
+
+
+def window_layout(ctx, images: int, h: int, w: int, ws: int, shift: int, device: torch.device,
+                  by_kind: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's windows: the token index of each (windows, N) (:func:`window_order`) and each
+    one's kind (:func:`window_kinds`), in partition order or sorted by kind; cached in ``ctx``
+    (the network's layout cache: two per image size)."""
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        order = window_order(images, h, w, ws, shift).view(-1, ws * ws)
+        kinds = window_kinds(h // ws, w // ws, images, shift > 0)
+        if by_kind:
+            sort = torch.argsort(kinds, stable=True)
+            order, kinds = order[sort], kinds[sort]
+        return order.to(device), kinds.to(device)
+
+    return ctx.cached(("window_layout", images, h, w, ws, shift, str(device), by_kind), make)
+
+
+def kind_shift_masks(ws: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shift mask of each window kind (4, 1, N, N), and where it stops attention (the seam)."""
+    mask = shift_mask(2 * ws, 2 * ws, ws, shift, device).unsqueeze(1)  # one window per kind
+    return mask, mask < SEAM
+
+
+BlockForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""``(block, flat, rows, size, ctx) -> (out, out_rows)``: a route's Swin block on tokens held in
+any row order (``flat[p]`` is token ``rows[p]``; ``rows`` None: token order)."""
+
+
+def blocks_in_window_order(blocks, x: torch.Tensor, size: tuple[int, int], ctx, block_forward: BlockForward) -> torch.Tensor:
+    """The Swin blocks of one RSTB on (B, H*W, C) tokens, each block gathering its windows straight
+    from the previous one's output (``block_forward``); the result in token order again."""
+    flat, rows = x.reshape(-1, x.shape[-1]), None
+    for block in blocks:
+        flat, rows = block_forward(block, flat, rows, size, ctx)
+    return flat.index_select(0, inverse_permutation(rows)).view(x.shape)
