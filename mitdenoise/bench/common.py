@@ -1,4 +1,5 @@
-"""What the benchmarks share: the made-up test image, number formatting, the progress callback type, the sgemm line and the result files."""
+"""What the benchmarks share: the made-up test image, number formatting, the progress callback type,
+the sgemm line, the results table and the result files."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +52,34 @@ def format_number(value: float | None, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+@dataclass
+class ResultTable:
+    """A benchmark's table, built once from its results and rendered twice: as Markdown into the
+    result files (:meth:`markdown`) and by the command line with rich. Cells are Markdown text,
+    ``**...**`` marking a best value."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Lines under the table: the sgemm ceiling, what the numbers count, the run's notes."""
+    text_columns: int = 1
+    """How many leading columns hold names (left-aligned); the rest hold numbers."""
+
+    def markdown(self) -> str:
+        lines = [self.title, ""] if self.title else []
+        lines += ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.notes:
+            lines.append("")
+            lines += self.notes
+        return "\n".join(lines) + "\n"
+
+
 def sgemm_lines(results: dict) -> list[str]:
     """One line per device: the sgemm ceiling a benchmark measured beside its runs."""
     return [
-        f"\nsgemm {s['n']}x{s['n']} float32 on {dev}: {s['gflops']:.1f} GFLOP/s (median of {s['runs']})."
+        f"sgemm {s['n']}x{s['n']} float32 on {dev}: {s['gflops']:.1f} GFLOP/s (median of {s['runs']})."
         for dev, s in results["sgemm"].items()
     ]
 

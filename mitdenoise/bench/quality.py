@@ -31,7 +31,7 @@ from ..files import write_atomically
 from ..imageio import center_crop, image_files, from_float, read_rgb8, to_float, to_rgb8
 from ..metrics import psnr, ssim
 from ..defaults import DEFAULT_OVERLAP
-from .common import Progress, format_number, synthetic_image, write_results
+from .common import Progress, ResultTable, format_number, synthetic_image, write_results
 
 BASELINES = ("noisy", "nlm", "bm3d")
 DEFAULT_NOISES = "gaussian:5,gaussian:15,poisson:2,speckle:0.024,saltpepper:0.002"
@@ -472,27 +472,28 @@ def score_cells(row: dict, names: Sequence[str], bold: Callable[[str], str]) -> 
     return cells
 
 
-def quality_markdown(results: dict) -> str:
-    """The table as Markdown: PSNR (dB) / SSIM on RGB, best of each row in bold."""
+def quality_tables(results: dict) -> list[ResultTable]:
+    """PSNR (dB) / SSIM on RGB, best of each row in bold, then Y-channel PSNR: for the result file;
+    the terminal shows the first."""
     names = [m["name"] for m in results["methods"]]
-    lines = [
-        f"Mean PSNR (dB) / SSIM on 8-bit RGB over {len(results['images'])} image(s); best in bold.",
-        "",
-        "| noise | sigma | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
-    ]
-    for row in results["rows"]:
-        cells = score_cells(row, names, lambda text: f"**{text}**")
-        lines.append(f"| {row['noise']} | {format_number(row['sigma']['mean_255'], 1)} | " + " | ".join(cells) + " |")
-    lines += ["", "Y-channel PSNR (dB):", "", "| noise | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for row in results["rows"]:
-        lines.append(f"| {row['noise']} | " + " | ".join(format_number(row["results"][n]["psnr_y"], 2) for n in names) + " |")
-    if results["notes"]:
-        lines += [""] + [f"- {note}" for note in results["notes"]]
     c = results["config"]
-    lines += ["", f"Seed {c['seed']}, crop {c['crop']}; sigma (8-bit levels, mean of the row), also given to nlm/bm3d: "
-              f"{'true sigma of Gaussian noise, else estimated' if c['oracle_sigma'] else 'estimated from each image'}."]
-    return "\n".join(lines) + "\n"
+    main = ResultTable(f"Mean PSNR (dB) / SSIM on 8-bit RGB over {len(results['images'])} image(s); best in bold.",
+                       ["noise", "sigma", *names], text_columns=1)
+    for row in results["rows"]:
+        main.rows.append([row["noise"], format_number(row["sigma"]["mean_255"], 1),
+                          *score_cells(row, names, lambda text: f"**{text}**")])
+    main.notes += [f"- {note}" for note in results["notes"]]
+    main.notes.append(f"Seed {c['seed']}, crop {c['crop']}; sigma (8-bit levels, mean of the row), also given to "
+                      f"nlm/bm3d: {'true sigma of Gaussian noise, else estimated' if c['oracle_sigma'] else 'estimated from each image'}.")
+    luma = ResultTable("Y-channel PSNR (dB):", ["noise", *names])
+    for row in results["rows"]:
+        luma.rows.append([row["noise"], *(format_number(row["results"][n]["psnr_y"], 2) for n in names)])
+    return [main, luma]
+
+
+def quality_markdown(results: dict) -> str:
+    """:func:`quality_tables` as Markdown."""
+    return "\n".join(table.markdown() for table in quality_tables(results))
 
 
 def _slug(text: str) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..imageio import from_float, to_float
 from ..defaults import DEFAULT_OVERLAP
-from .common import Progress, format_number, sgemm_lines, synthetic_image, write_results
+from .common import Progress, ResultTable, format_number, sgemm_lines, synthetic_image, write_results
 
 MACS_PER_PIXEL_RELEASED = 959_445
 """Multiply-adds per pixel of the released network (see shared fixtures README): 1.92 TFLOP per megapixel."""
@@ -384,33 +384,44 @@ def _measure(fn: Callable[[], object], device, runs: int, warmup: int) -> dict:
     return row
 
 
-def _speedup(row: dict) -> str:
-    return f"{row['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in row else "-"
-
-
-def speed_markdown(results: dict) -> str:
-    """The speed table as Markdown."""
-    lines = [
-        "| device | precision | size | tile | batch | median s | MP/s | s/MP | GFLOP/s | of sgemm "
-        "| peak RSS MiB | CUDA MiB | vs reference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["rows"]:
-        lines.append(
-            f"| {r['device']} | {r['precision']} | {r['height']}x{r['width']} | "
-            f"{'whole (reference)' if r['kind'] == 'reference' else r['tile']} | {r['batch_size']} | "
-            f"{r['median_s']:.3f} | {r['mp_per_s']:.4f} | {r['s_per_mp']:.1f} | {r['gflops_effective']:.1f} | "
-            f"{100 * r['fraction_of_sgemm']:.1f}% | {r['peak_rss_mb']:.0f} | "
-            f"{format_number(r['cuda_peak_mb'], 0)} | "
-            f"{_speedup(r)} |"
-        )
-    lines += sgemm_lines(results)
+def speed_table(results: dict) -> ResultTable:
+    """The speed table, for the result file and the terminal."""
     c = results["config"]
-    lines.append(f"\nNetwork cost: {c['macs_per_pixel']:,} multiply-adds per pixel "
-                 f"= {c['tflop_per_megapixel']:.2f} TFLOP per megapixel.")
-    lines += [f"- {n}" for n in results["notes"]]
-    return "\n".join(lines) + "\n"
+    table = ResultTable(
+        f"Speed, median of {c['runs']} after {c['warmup']} warm-up, {c['threads']} CPU thread(s).",
+        ["device", "precision", "size", "tile", "batch", "median s", "MP/s", "s/MP", "GFLOP/s", "of sgemm",
+         "peak RSS MiB", "CUDA MiB", "vs reference"],
+        text_columns=3,
+    )
+    for r in results["rows"]:
+        reference = r["kind"] == "reference"
+        speedup = "1.00x" if reference else (f"**{r['speedup_vs_reference']:.2f}x**" if "speedup_vs_reference" in r else "-")
+        table.rows.append([
+            r["device"], r["precision"], f"{r['height']}x{r['width']}", "whole (reference)" if reference else str(r["tile"]),
+            str(r["batch_size"]), f"{r['median_s']:.3f}", f"{r['mp_per_s']:.4f}", f"{r['s_per_mp']:.1f}",
+            f"{r['gflops_effective']:.1f}", f"{100 * r['fraction_of_sgemm']:.1f}%", f"{r['peak_rss_mb']:.0f}",
+            format_number(r["cuda_peak_mb"], 0), speedup,
+        ])
+    table.notes += sgemm_lines(results)
+    for device, s in results["sgemm"].items():
+        best = max((r for r in results["rows"] if r["device"] == device), key=lambda r: r["mp_per_s"], default=None)
+        if best is not None:
+            table.notes.append(f"Best row on {device}: {best['gflops_effective']:.1f} GFLOP/s effective = "
+                               f"{100 * best['fraction_of_sgemm']:.1f}% of sgemm.")
+    groups: dict[tuple, list[dict]] = {}
+    for r in results["rows"]:
+        if r["kind"] == "tiled" and "speedup_vs_reference" in r:
+            groups.setdefault((r["device"], r["height"], r["width"]), []).append(r)
+    for (device, h, w), rows in groups.items():
+        best = max(rows, key=lambda r: r["speedup_vs_reference"])
+        table.notes.append(f"{h}x{w} on {device}: the tiled path at best {best['speedup_vs_reference']:.2f}x the "
+                           f"reference ({best['precision']}, tile {best['tile']}, batch {best['batch_size']}).")
+    table.notes.append(f"Network cost: {c['macs_per_pixel']:,} multiply-adds per pixel = {c['tflop_per_megapixel']:.2f} "
+                       f"TFLOP per megapixel; GFLOP/s counts image pixels only. Reference: {c['reference']}. Peak RSS "
+                       f"{'reset before each row' if c['peak_rss_per_row'] else 'is the process peak so far'}.")
+    table.notes += [f"- {n}" for n in results["notes"]]
+    return table
 
 
 def write_speed_outputs(results: dict, out_dir: str | os.PathLike) -> None:
-    write_results(results, out_dir, "speed", speed_markdown(results))
+    write_results(results, out_dir, "speed", speed_table(results).markdown())

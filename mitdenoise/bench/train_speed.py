@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from .common import Progress, sgemm_lines, synthetic_image, write_results
+from .common import Progress, ResultTable, sgemm_lines, synthetic_image, write_results
 from .speed import json_config, macs_per_pixel, sgemm_gflops
 
 ROUTE_DESCRIPTION = (
@@ -165,29 +165,26 @@ def run_train_speed(
     }
 
 
-def train_speed_markdown(results: dict) -> str:
-    """The training-speed table as Markdown."""
+def train_speed_table(results: dict) -> ResultTable:
+    """The training-speed table, for the result file and the terminal."""
     c = results["config"]
-    lines = [
+    table = ResultTable(
         f"Training step, batch {c['batch']} of {c['patch']}x{c['patch']}, attention mask {c['attn_mask']}, "
         f"input mask {c['input_mask']}, {c['threads']} thread(s), median of {c['iterations']} alternating steps "
         f"after {c['warmup']} warm-up; network: {c['network_from']}.",
-        "",
-        "| route | median s/step | patches/s | GFLOP/s | of sgemm | vs plain |",
-        "|---|---|---|---|---|---|",
-    ]
+        ["route", "median s/step", "patches/s", "GFLOP/s", "of sgemm", "vs plain"],
+    )
     for r in results["rows"]:
-        lines.append(
-            f"| {r['route']} | {r['median_s']:.3f} | {r['patches_per_s']:.2f} | {r['gflops_effective']:.1f} | "
-            f"{100 * r['fraction_of_sgemm']:.1f}% | {r.get('speedup_vs_plain', 1.0):.2f}x |"
-        )
-    lines += sgemm_lines(results)
-    lines.append(f"GFLOP/s counts {c['gflop_per_step']:.2f} GFLOP a step (3 x the plain forward's "
-                 f"{c['macs_per_pixel']:,} multiply-adds per pixel). Data pipeline: "
-                 f"{results['data_ms_per_batch']:.1f} ms a batch.")
-    lines += [f"- {n}" for n in results["notes"]]
-    return "\n".join(lines) + "\n"
+        speedup = f"**{r['speedup_vs_plain']:.2f}x**" if "speedup_vs_plain" in r else "1.00x"
+        table.rows.append([r["route"], f"{r['median_s']:.3f}", f"{r['patches_per_s']:.2f}",
+                           f"{r['gflops_effective']:.1f}", f"{100 * r['fraction_of_sgemm']:.1f}%", speedup])
+    table.notes += sgemm_lines(results)
+    table.notes.append(f"GFLOP/s counts {c['gflop_per_step']:.2f} GFLOP a step (3 x the plain forward's "
+                       f"{c['macs_per_pixel']:,} multiply-adds per pixel). Data pipeline: "
+                       f"{results['data_ms_per_batch']:.1f} ms a batch.")
+    table.notes += [f"- {n}" for n in results["notes"]]
+    return table
 
 
 def write_train_speed_outputs(results: dict, out_dir: str | os.PathLike) -> None:
-    write_results(results, out_dir, "train-speed", train_speed_markdown(results))
+    write_results(results, out_dir, "train-speed", train_speed_table(results).markdown())

@@ -155,23 +155,32 @@ def _print_notes_or_json(results: dict, as_json: bool, quiet: bool) -> bool:
 
 
 def _report_quality(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
-    from ..bench.common import format_number
-    from ..bench.quality import score_cells
+    from ..bench.quality import quality_tables
 
     if _print_notes_or_json(results, as_json, quiet):
         return
-    names = [m["name"] for m in results["methods"]]
-    table = Table(title=f"PSNR dB / SSIM, 8-bit RGB, mean of {len(results['images'])} image(s)",
-                  caption=f"best in bold; Y-channel PSNR and per-image values in {escape(str(out_dir / 'results.json'))}",
-                  caption_justify="left")
-    table.add_column("noise")
-    table.add_column("sigma", justify="right")
-    for name in names:
-        table.add_column(escape(name), justify="right")
-    for row in results["rows"]:
-        cells = score_cells(row, names, lambda text: f"[bold]{text}[/]")
-        table.add_row(escape(row["noise"]), format_number(row["sigma"]["mean_255"], 1), *cells)
-    out.print(table, highlight=False)
+    table = quality_tables(results)[0]
+    table.notes = []  # the notes went to stderr above; the seed line is in results.md
+    _print_table(table, f"Y-channel PSNR and per-image values in {out_dir / 'results.json'}")
+
+
+def _print_table(table, caption: str) -> None:
+    """A :class:`~mitdenoise.bench.common.ResultTable` on stdout with rich: its ``**best**`` cells
+    bold, its notes as lines under it."""
+    rich_table = Table(title=escape(table.title), caption=escape(caption), caption_justify="left")
+    for i, column in enumerate(table.columns):
+        rich_table.add_column(escape(column), justify="left" if i < table.text_columns else "right")
+    for row in table.rows:
+        rich_table.add_row(*(_bold(cell) for cell in row))
+    out.print(rich_table, highlight=False)
+    for line in table.notes:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _bold(cell: str) -> str:
+    """Markdown's ``**x**`` as rich's ``[bold]x[/]``, the rest escaped."""
+    parts = cell.split("**")
+    return "".join(f"[bold]{escape(p)}[/]" if i % 2 else escape(p) for i, p in enumerate(parts))
 
 
 def _models(specs: Optional[list[str]]) -> list[Optional[str]]:
@@ -237,59 +246,13 @@ def bench_speed_command(
 
 
 def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
-    from ..bench.common import format_number
+    from ..bench.speed import speed_table
 
     if _print_notes_or_json(results, as_json, quiet):
         return
-    c = results["config"]
-    table = Table(
-        title=f"Speed, median of {c['runs']} after {c['warmup']} warm-up, {c['threads']} CPU thread(s)",
-        caption=(f"{c['macs_per_pixel']:,} multiply-adds per pixel = {c['tflop_per_megapixel']:.2f} TFLOP/MP; "
-                 f"GFLOP/s counts image pixels only. Reference: {c['reference']}. "
-                 f"Peak RSS {'reset before each row' if c['peak_rss_per_row'] else 'is the process peak so far'}. "
-                 f"Also in {escape(str(out_dir / 'speed.json'))}"),
-        caption_justify="left",
-    )
-    cuda = any(r["cuda_peak_mb"] is not None for r in results["rows"])
-    columns = ["device", "size", "tile x batch", "MP/s", "s/MP", "GFLOP/s", "of sgemm", "RSS MiB"]
-    columns += ["CUDA MiB"] if cuda else []
-    for col in columns + ["vs ref"]:
-        table.add_column(col, justify="left" if col in ("device", "size", "tile x batch") else "right")
-    for r in results["rows"]:
-        ref = r["kind"] == "reference"
-        if ref:
-            speedup = "1.00x"
-        elif "speedup_vs_reference" in r:
-            speedup = f"[bold]{r['speedup_vs_reference']:.2f}x[/]"
-        else:
-            speedup = "-"
-        cells = [
-            f"{r['device']} {r['precision']}", f"{r['height']}x{r['width']}",
-            "whole (ref)" if ref else f"{r['tile']} x {r['batch_size']}",
-            f"{r['mp_per_s']:.4f}", f"{r['s_per_mp']:.1f}", f"{r['gflops_effective']:.1f}",
-            f"{100 * r['fraction_of_sgemm']:.1f}%", f"{r['peak_rss_mb']:.0f}",
-        ]
-        cells += [format_number(r["cuda_peak_mb"], 0)] if cuda else []
-        table.add_row(*cells, speedup)
-    out.print(table, highlight=False)
-    for device, s in results["sgemm"].items():
-        best = max((r for r in results["rows"] if r["device"] == device), key=lambda r: r["mp_per_s"], default=None)
-        line = f"sgemm {s['n']}x{s['n']} float32 on {device}: {s['gflops']:.1f} GFLOP/s"
-        if best is not None:
-            line += (f"; best row reaches {best['gflops_effective']:.1f} GFLOP/s effective = "
-                     f"{100 * best['fraction_of_sgemm']:.1f}% of it")
-        out.print(line, highlight=False)
-    groups: dict[tuple, list[dict]] = {}
-    for r in results["rows"]:
-        if r["kind"] == "tiled" and "speedup_vs_reference" in r:
-            groups.setdefault((r["device"], r["height"], r["width"]), []).append(r)
-    for (device, h, w), rows in groups.items():
-        best = max(rows, key=lambda r: r["speedup_vs_reference"])
-        out.print(
-            f"{h}x{w} on {device}: tiled path at best {best['speedup_vs_reference']:.2f}x the speed of the reference "
-            f"({best['precision']}, tile {best['tile']}, batch {best['batch_size']}; reference: whole image, host NumPy masks)",
-            highlight=False,
-        )
+    table = speed_table(results)
+    table.notes = [n for n in table.notes if not n.startswith("- ")]  # the run's notes went to stderr above
+    _print_table(table, f"Also in {out_dir / 'speed.json'}")
 
 
 # --- bench train --------------------------------------------------------------------------------
@@ -342,27 +305,13 @@ def bench_train_command(
 
 
 def _report_train_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
+    from ..bench.train_speed import train_speed_table
+
     if _print_notes_or_json(results, as_json, quiet):
         return
-    c = results["config"]
-    table = Table(
-        title=(f"Training step, batch {c['batch']} of {c['patch']}x{c['patch']}, attention mask {c['attn_mask']}, "
-               f"input mask {c['input_mask']}, {c['threads']} CPU thread(s), median of {c['iterations']} "
-               f"alternating steps after {c['warmup']} warm-up"),
-        caption=(f"Network: {escape(c['network_from'])}. GFLOP/s counts {c['gflop_per_step']:.2f} GFLOP a step "
-                 f"(3 x the plain forward). Data pipeline {results['data_ms_per_batch']:.1f} ms a batch. "
-                 f"Also in {escape(str(out_dir / 'train-speed.json'))}"),
-        caption_justify="left",
-    )
-    for col in ("route", "s/step", "patches/s", "GFLOP/s", "of sgemm", "vs plain"):
-        table.add_column(col, justify="left" if col == "route" else "right")
-    for r in results["rows"]:
-        speedup = f"[bold]{r['speedup_vs_plain']:.2f}x[/]" if "speedup_vs_plain" in r else "1.00x"
-        table.add_row(r["route"], f"{r['median_s']:.3f}", f"{r['patches_per_s']:.2f}", f"{r['gflops_effective']:.1f}",
-                      f"{100 * r['fraction_of_sgemm']:.1f}%", speedup)
-    out.print(table, highlight=False)
-    for device, s in results["sgemm"].items():
-        out.print(f"sgemm {s['n']}x{s['n']} float32 on {device}: {s['gflops']:.1f} GFLOP/s", highlight=False)
+    table = train_speed_table(results)
+    table.notes = [n for n in table.notes if not n.startswith("- ")]  # the run's notes went to stderr above
+    _print_table(table, f"Also in {out_dir / 'train-speed.json'}")
 
 
 # --- bench (default) ----------------------------------------------------------------------------
