@@ -307,7 +307,7 @@ def test_noise_cli_runs_folders_as_denoise_does_a_bad_file_fails_alone_and_a_rer
     result = runner.invoke(cli(), args)
     assert result.exit_code == 1 and "b.png" in result.output and "wrote 2 file(s); 1 failed" in result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
-    again = runner.invoke(cli(), args[:-4] + ["--kind", "camera", "--level", "2"])
+    again = runner.invoke(cli(), args)
     assert "2 skipped" in again.output
 
 

@@ -478,7 +478,7 @@ def quality_tables(results: dict) -> list[ResultTable]:
     names = [m["name"] for m in results["methods"]]
     c = results["config"]
     main = ResultTable(f"Mean PSNR (dB) / SSIM on 8-bit RGB over {len(results['images'])} image(s); best in bold.",
-                       ["noise", "sigma", *names], text_columns=1)
+                       ["noise", "sigma", *names])
     for row in results["rows"]:
         main.rows.append([row["noise"], format_number(row["sigma"]["mean_255"], 1),
                           *score_cells(row, names, lambda text: f"**{text}**")])

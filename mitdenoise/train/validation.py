@@ -39,7 +39,7 @@ class ValSet:
 
 
 VAL_CAMERA_LEVEL = 4.0
-"""The camera-noise validation set's level (``mitdenoise.camera``): a phone indoors, noisy about 28 dB."""
+"""The camera-noise validation set's level (``mitdenoise.camera``): a phone indoors."""
 
 
 def synthetic_sets(clean_dir: str | Path, limit: int, crop: int, seed: int) -> list[ValSet]:
