@@ -227,6 +227,28 @@ def test_speed_reports_mp_per_s_the_reference_row_and_the_sgemm_ceiling(tmp_path
     assert "whole (reference)" in (tmp_path / "speed.md").read_text()
 
 
+def test_speed_puts_bf16_beside_fp32_with_its_own_gemm_ceiling(tmp_path, tiny_model, monkeypatch):
+    from mitdenoise import devices
+
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)
+    res = speed.run_speed(tiny_model, sizes=[(32, 40)], tiles=[32], precisions=["fp32", "bf16"], runs=1, warmup=0,
+                          devices=["cpu"], sgemm_n=64, reference=False)
+    fp32, bf16 = res["rows"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    ceiling = res["bf16_gemm"]["cpu"]
+    assert ceiling["dtype"] == "bf16" and ceiling["n"] == 64 and ceiling["gflops"] > 0
+    assert bf16["fraction_of_bf16_gemm"] == pytest.approx(bf16["gflops_effective"] / ceiling["gflops"])
+    assert "fraction_of_bf16_gemm" not in fp32 and res["sgemm"]["cpu"]["dtype"] == "fp32"
+    markdown = speed.speed_table(res).markdown()
+    assert "| of bf16 GEMM |" in markdown and f"{100 * bf16['fraction_of_bf16_gemm']:.1f}%" in markdown
+    assert "GEMM 64x64 bf16 on cpu:" in markdown and "sgemm 64x64 float32 on cpu:" in markdown
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: False)
+    res = speed.run_speed(tiny_model, sizes=[(32, 40)], tiles=[32], precisions=["fp32", "bf16"], runs=1, warmup=0,
+                          devices=["cpu"], sgemm_n=64, reference=False)
+    assert [r["precision"] for r in res["rows"]] == ["fp32"] and res["bf16_gemm"] == {}
+    assert any("cpu bf16 tile 32 batch 1 skipped: this CPU has no native bf16" in n for n in res["notes"])
+
+
 def test_bench_json_names_the_model_that_ran_the_fallback_with_its_notice_offline(clean_dir, tiny_model):
     from mitdenoise.registry import FALLBACK_MODEL
 

@@ -77,10 +77,13 @@ class ResultTable:
 
 
 def sgemm_lines(results: dict) -> list[str]:
-    """One line per device: the sgemm ceiling a benchmark measured beside its runs."""
+    """One line per device and precision: the GEMM ceilings a benchmark measured beside its runs."""
+    ceilings = [(s, "float32") for s in results["sgemm"].values()]
+    ceilings += [(s, "bf16") for s in results.get("bf16_gemm", {}).values()]
     return [
-        f"sgemm {s['n']}x{s['n']} float32 on {dev}: {s['gflops']:.1f} GFLOP/s (median of {s['runs']})."
-        for dev, s in results["sgemm"].items()
+        f"{'sgemm' if kind == 'float32' else 'GEMM'} {s['n']}x{s['n']} {kind} on {s['device']}: "
+        f"{s['gflops']:.1f} GFLOP/s (median of {s['runs']})."
+        for s, kind in ceilings
     ]
 
 

@@ -120,16 +120,19 @@ def time_runs(fn: Callable[[], object], device, runs: int, warmup: int) -> list[
     return times
 
 
-def sgemm_gflops(device, n: int = 2048, runs: int = 5) -> dict:
-    """Median rate of an n x n float32 matmul on ``device``: the practical FLOP ceiling."""
+def sgemm_gflops(device, n: int = 2048, runs: int = 5, dtype: str = "fp32") -> dict:
+    """Median rate of an n x n matmul on ``device`` (float32, or bf16 for ``dtype="bf16"``):
+    the practical FLOP ceiling of that precision."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device)
-    b = torch.randn(n, n, generator=g).to(device)
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(n, n, generator=g).to(device, kind)
+    b = torch.randn(n, n, generator=g).to(device, kind)
     times = time_runs(lambda: torch.mm(a, b), device, runs, warmup=1)
     median = statistics.median(times)
-    return {"device": str(device), "n": n, "runs": runs, "median_s": median, "gflops": 2 * n**3 / median / 1e9}
+    return {"device": str(device), "n": n, "runs": runs, "median_s": median, "gflops": 2 * n**3 / median / 1e9,
+            "dtype": dtype}
 
 
 def host_numpy_mask_drawer(seed: int = 0) -> tuple[Callable, list[int]]:
@@ -257,104 +260,149 @@ def run_speed(
 
     Per row: median seconds of ``runs`` after ``warmup``, MP/s, effective GFLOP/s
     (``2 * macs_per_pixel * MP/s``, image pixels only), its fraction of the sgemm
-    rate, peak RSS (reset before each row where Linux allows it) and on CUDA the peak
+    rate (and of the bf16 GEMM rate for bf16 rows, measured beside it where bf16 is asked
+    for), peak RSS (reset before each row where Linux allows it) and on CUDA the peak
     allocated memory; tiled rows also get the speed-up over the reference of the same
     device and size. Combinations that can't run here (no CUDA, no bf16) become notes.
     """
     import torch
 
     from ..checkpoints import load_model
-    from ..denoiser import Denoiser
-    from ..devices import pick_device
-    from ..errors import MitdenoiseError
-    from ..registry import network_of, resolve, shipped_checkpoint
 
     if threads is not None:
         torch.set_num_threads(threads)
     notes: list[str] = []
-    resolved = resolve(model)
-    notes += [resolved.notice] if resolved.notice else []
-    model, model_path = resolved.name, resolved.path
-    if model_path is None:
-        network = network_of(model)
-        notes.append(f"{model} times its network {network}; the noise estimate and the second stage come on top "
-                     f"(docs/benchmarks.md)")
-        model_path = shipped_checkpoint(network)
+    model, model_path = _network_to_time(model, notes)
     net = load_model(model_path)
-    config = net.config
-    macs = macs_per_pixel(config)
-    resolved = []
-    for name in devices:
-        try:
-            resolved.append(pick_device(name))
-        except MitdenoiseError as e:
-            notes.append(f"device {name} skipped: {e}")
-    resolved = list(dict.fromkeys(resolved))
+    macs = macs_per_pixel(net.config)
+    targets = _devices(devices, notes)
     combos = [(p, t, b) for p in precisions for t in tiles for b in batch_sizes]
     if on_total:
-        on_total(len(resolved) * (1 + len(sizes) * (len(combos) + (1 if reference else 0))))
+        on_total(len(targets) * (1 + len(sizes) * (len(combos) + (1 if reference else 0))))
 
-    ceilings = {}
-    rows = []
-    for device in resolved:
-        ceilings[str(device)] = sgemm_gflops(device, sgemm_n)
+    sgemm, bf16_gemm, rows = {}, {}, []
+    for device in targets:
+        sgemm[str(device)] = sgemm_gflops(device, sgemm_n)
+        if "bf16" in precisions and _computes_bf16(device):
+            bf16_gemm[str(device)] = sgemm_gflops(device, sgemm_n, dtype="bf16")
         if on_progress:
             on_progress(f"sgemm {sgemm_n} on {device}")
-        for h, w in sizes:
-            image = synthetic_image(h, w, seed)
-            size_rows = []
-            for precision, tile, batch in combos:
-                try:
-                    den = Denoiser(net, device=str(device), precision=precision, tile=tile, tile_overlap=tile_overlap,
-                                   batch_size=batch, seed=seed)
-                except (MitdenoiseError, ValueError) as e:
-                    notes.append(f"{device} {precision} tile {tile} batch {batch} skipped: {e}")
-                    if on_progress:
-                        on_progress(f"skipped {precision} tile {tile}")
-                    continue
-                row = _measure(lambda: den.denoise_array(image), device, runs, warmup)
-                row.update(kind="tiled", device=str(device), precision=precision, height=h, width=w, tile=tile,
-                           tile_overlap=tile_overlap, batch_size=batch, tiles=den.count_tiles(h, w))
-                size_rows.append(row)
-                if on_progress:
-                    on_progress(f"{h}x{w} tile {tile} batch {batch} {precision} on {device}")
+        for size in sizes:
+            size_rows = _tiled_rows(net, device, size, combos, tile_overlap, seed, runs, warmup, notes, on_progress)
             if reference:
-                row = measure_reference(model_path, device, (h, w), seed, runs, warmup, torch.get_num_threads())
-                if row is None:
-                    notes.append(f"reference at {h}x{w} on {device} did not finish (out of memory?)")
-                    rows += size_rows
-                    continue
-                row.update(kind="reference", device=str(device), precision="fp32", height=h, width=w, tile=None,
-                           tile_overlap=None, batch_size=1, tiles=1)
-                for other in size_rows:
-                    other["speedup_vs_reference"] = row["median_s"] / other["median_s"]
-                row["speedup_vs_reference"] = 1.0
-                size_rows.append(row)
-                if on_progress:
-                    on_progress(f"{h}x{w} reference on {device}")
+                _add_reference(size_rows, model_path, device, size, seed, runs, warmup, notes, on_progress)
             rows += size_rows
-
     for row in rows:
-        mp = row["height"] * row["width"] / 1e6
-        row["megapixels"] = mp
-        row["mp_per_s"] = mp / row["median_s"]
-        row["s_per_mp"] = row["median_s"] / mp
-        row["gflops_effective"] = 2 * macs * row["mp_per_s"] * 1e6 / 1e9
-        ceiling = ceilings[row["device"]]["gflops"]
-        row["fraction_of_sgemm"] = row["gflops_effective"] / ceiling if ceiling else None
+        _add_rates(row, macs, sgemm[row["device"]], bf16_gemm.get(row["device"]))
     return {
         "schema": "mitdenoise.bench.speed/1",
         "config": {
-            "model": str(model), "model_config": json_config(config),
+            "model": str(model), "model_config": json_config(net.config),
             "macs_per_pixel": macs, "tflop_per_megapixel": 2 * macs * 1e6 / 1e12,
             "runs": runs, "warmup": warmup, "threads": torch.get_num_threads(), "seed": seed,
             "torch": torch.__version__, "peak_rss_per_row": all(r["peak_rss_is_per_row"] for r in rows),
             "reference": REFERENCE_DESCRIPTION,
         },
-        "sgemm": ceilings,
+        "sgemm": sgemm,
+        "bf16_gemm": bf16_gemm,
         "rows": rows,
         "notes": notes,
     }
+
+
+def _network_to_time(model, notes: list[str]) -> tuple[str, Path]:
+    """The model's name and the checkpoint to time: a route's network stands in for the route."""
+    from ..registry import network_of, resolve, shipped_checkpoint
+
+    resolved = resolve(model)
+    notes += [resolved.notice] if resolved.notice else []
+    if resolved.path is not None:
+        return resolved.name, resolved.path
+    network = network_of(resolved.name)
+    notes.append(f"{resolved.name} times its network {network}; the noise estimate and the second stage come on top "
+                 f"(docs/benchmarks.md)")
+    return resolved.name, shipped_checkpoint(network)
+
+
+def _devices(names: Sequence[str], notes: list[str]) -> list:
+    """The devices named, each once; those not here become notes."""
+    from ..devices import pick_device
+    from ..errors import MitdenoiseError
+
+    found = []
+    for name in names:
+        try:
+            found.append(pick_device(name))
+        except MitdenoiseError as e:
+            notes.append(f"device {name} skipped: {e}")
+    return list(dict.fromkeys(found))
+
+
+def _computes_bf16(device) -> bool:
+    import torch
+
+    from ..devices import cpu_computes_bf16
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_computes_bf16()
+
+
+def _tiled_rows(net, device, size, combos, tile_overlap, seed, runs, warmup, notes, on_progress) -> list[dict]:
+    """One timed row per (precision, tile, batch) at ``size``; combinations refused here become notes."""
+    from ..denoiser import Denoiser
+    from ..errors import MitdenoiseError
+
+    h, w = size
+    image = synthetic_image(h, w, seed)
+    rows = []
+    for precision, tile, batch in combos:
+        try:
+            den = Denoiser(net, device=str(device), precision=precision, tile=tile, tile_overlap=tile_overlap,
+                           batch_size=batch, seed=seed)
+        except (MitdenoiseError, ValueError) as e:
+            notes.append(f"{device} {precision} tile {tile} batch {batch} skipped: {e}")
+            if on_progress:
+                on_progress(f"skipped {precision} tile {tile}")
+            continue
+        row = _measure(lambda: den.denoise_array(image), device, runs, warmup)
+        row.update(kind="tiled", device=str(device), precision=precision, height=h, width=w, tile=tile,
+                   tile_overlap=tile_overlap, batch_size=batch, tiles=den.count_tiles(h, w))
+        rows.append(row)
+        if on_progress:
+            on_progress(f"{h}x{w} tile {tile} batch {batch} {precision} on {device}")
+    return rows
+
+
+def _add_reference(size_rows, model_path, device, size, seed, runs, warmup, notes, on_progress) -> None:
+    """Time the reference at ``size`` and give every row of ``size_rows`` its speed-up over it."""
+    import torch
+
+    h, w = size
+    row = measure_reference(model_path, device, size, seed, runs, warmup, torch.get_num_threads())
+    if row is None:
+        notes.append(f"reference at {h}x{w} on {device} did not finish (out of memory?)")
+        return
+    row.update(kind="reference", device=str(device), precision="fp32", height=h, width=w, tile=None,
+               tile_overlap=None, batch_size=1, tiles=1)
+    for other in size_rows:
+        other["speedup_vs_reference"] = row["median_s"] / other["median_s"]
+    row["speedup_vs_reference"] = 1.0
+    size_rows.append(row)
+    if on_progress:
+        on_progress(f"{h}x{w} reference on {device}")
+
+
+def _add_rates(row: dict, macs: int, sgemm: dict, bf16_gemm: dict | None) -> None:
+    """MP/s, s/MP, effective GFLOP/s and its share of the GEMM ceilings, into ``row``."""
+    mp = row["height"] * row["width"] / 1e6
+    row["megapixels"] = mp
+    row["mp_per_s"] = mp / row["median_s"]
+    row["s_per_mp"] = row["median_s"] / mp
+    row["gflops_effective"] = 2 * macs * row["mp_per_s"] * 1e6 / 1e9
+    row["fraction_of_sgemm"] = row["gflops_effective"] / sgemm["gflops"] if sgemm["gflops"] else None
+    if row["precision"] == "bf16" and bf16_gemm and bf16_gemm["gflops"]:
+        row["fraction_of_bf16_gemm"] = row["gflops_effective"] / bf16_gemm["gflops"]
 
 
 def json_config(config) -> dict:
@@ -390,7 +438,7 @@ def speed_table(results: dict) -> ResultTable:
     table = ResultTable(
         f"Speed, median of {c['runs']} after {c['warmup']} warm-up, {c['threads']} CPU thread(s).",
         ["device", "precision", "size", "tile", "batch", "median s", "MP/s", "s/MP", "GFLOP/s", "of sgemm",
-         "peak RSS MiB", "CUDA MiB", "vs reference"],
+         "of bf16 GEMM", "peak RSS MiB", "CUDA MiB", "vs reference"],
         text_columns=3,
     )
     for r in results["rows"]:
@@ -399,7 +447,8 @@ def speed_table(results: dict) -> ResultTable:
         table.rows.append([
             r["device"], r["precision"], f"{r['height']}x{r['width']}", "whole (reference)" if reference else str(r["tile"]),
             str(r["batch_size"]), f"{r['median_s']:.3f}", f"{r['mp_per_s']:.4f}", f"{r['s_per_mp']:.1f}",
-            f"{r['gflops_effective']:.1f}", f"{100 * r['fraction_of_sgemm']:.1f}%", f"{r['peak_rss_mb']:.0f}",
+            f"{r['gflops_effective']:.1f}", f"{100 * r['fraction_of_sgemm']:.1f}%",
+            f"{100 * r['fraction_of_bf16_gemm']:.1f}%" if "fraction_of_bf16_gemm" in r else "-", f"{r['peak_rss_mb']:.0f}",
             format_number(r["cuda_peak_mb"], 0), speedup,
         ])
     table.notes += sgemm_lines(results)
