@@ -250,6 +250,8 @@ class Denoiser:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision == "fp32":
             return self.model(x, generator=self._generator)
+        if self.device.type == "cpu":  # bf16 products in the CPU route's linears, not autocast
+            return self.model(x, generator=self._generator, matmul_dtype=torch.bfloat16)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         state = self._generator.get_state()
         with torch.autocast(self.device.type, dtype=dtype):

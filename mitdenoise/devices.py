@@ -28,13 +28,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX) and torch's oneDNN uses it:
+    where it does not, bf16 matmuls are emulated and slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    native = any(
+        bool(getattr(cpu, name, lambda: False)())
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    mkldnn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return native and bool(mkldnn)
+
+
 def pick_precision(requested: str, device: torch.device, *, training: bool = False) -> str:
     """The precision to run in: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
     ``auto`` is bf16 on a GPU that computes it natively (much faster, a negligible loss:
-    docs/benchmarks.md) and fp32 everywhere else. Asked for by name, bf16 on a GPU without it
-    is an error; for inference, half precision on the CPU is one too (eager bf16 there is far
-    slower than fp32: docs/benchmarks.md), while training may ask for CPU bf16 autocast.
+    docs/benchmarks.md) and fp32 everywhere else, the CPU included: there bf16 gains too little
+    to pick it unasked (docs/benchmarks.md). Asked for by name, bf16 on a GPU without it is an
+    error, and so is bf16 inference on a CPU that only emulates it (:func:`cpu_computes_bf16`)
+    and fp16 inference on any CPU; training may ask for CPU bf16 autocast.
     """
     allowed = PRECISIONS[:3] if training else PRECISIONS
     if requested not in allowed:
@@ -44,6 +57,9 @@ def pick_precision(requested: str, device: torch.device, *, training: bool = Fal
         return "bf16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     if cuda and requested == "bf16" and not torch.cuda.is_bf16_supported():
         raise DeviceError("bf16 is not supported on this GPU (use --precision fp32)")
-    if not cuda and requested != "fp32" and not training:
-        raise DeviceError(f"--precision {requested} is for CUDA; on the CPU use fp32 (half precision is slower there)")
+    if not cuda and not training:
+        if requested == "fp16":
+            raise DeviceError("--precision fp16 is for CUDA; on the CPU use fp32 or bf16")
+        if requested == "bf16" and not cpu_computes_bf16():
+            raise DeviceError("this CPU has no native bf16 (AVX-512 BF16 or AMX), where it is slower: use --precision fp32")
     return requested

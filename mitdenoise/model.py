@@ -367,8 +367,12 @@ class ForwardContext:
         kernel_dtype: torch.dtype | None = None,
         draw_mask: KeepMaskDrawer = draw_keep_mask,
         train_route: bool = False,
+        matmul_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.ratio = ratio
+        self.matmul_dtype = matmul_dtype
+        """The CPU route's linears multiply in this type (float32 or bfloat16); sums, norms, softmax
+        and the residual stream stay float32."""
         self.train_route = train_route
         """Set: the residual groups take the CPU training route (route_train.py)."""
         self.masked_shortcut = masked_shortcut
@@ -434,6 +438,7 @@ class SwinIR(nn.Module):
         chunked: bool = True,
         draw_mask: KeepMaskDrawer = draw_keep_mask,
         mask_ratio: tuple[int, int] | None = None,
+        matmul_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Denoise ``x``; ``generator`` makes the attention mask reproducible.
 
@@ -448,7 +453,9 @@ class SwinIR(nn.Module):
         at once, and ``draw_mask`` draws the attention keep-masks instead of
         :func:`~mitdenoise.masking.draw_keep_mask`: the speed reference runs the network as
         the authors' code does. ``mask_ratio`` replaces the config's attention-mask ratio for
-        this call (training's curriculum ramps it up).
+        this call (training's curriculum ramps it up). ``matmul_dtype=torch.bfloat16`` has the
+        CPU route's linears multiply in bf16 (:func:`mitdenoise.route_cpu.linear`); it is an
+        error on any other route.
         """
         h, w = x.shape[-2:]
         ws = self.config.window_size
@@ -466,8 +473,11 @@ class SwinIR(nn.Module):
             from . import triton_block  # only here: importing Triton takes a while, and fp32 never needs it
 
             kernel_dtype = triton_block.autocast_dtype(self.config, x.device)
+        if matmul_dtype != torch.float32 and not shortcut:
+            raise ValueError(f"matmul_dtype={matmul_dtype} is for the CPU inference route only")
         ctx = ForwardContext(
-            ratio, generator, self._layout_cache, chunk, shortcut, fused, kernel_dtype, draw_mask, train_route
+            ratio, generator, self._layout_cache, chunk, shortcut, fused, kernel_dtype, draw_mask, train_route,
+            matmul_dtype,
         )
         if ctx.channels_last:  # the tokens' own layout: no transposes around the convs
             x = x.contiguous(memory_format=torch.channels_last)

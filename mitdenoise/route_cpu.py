@@ -73,6 +73,43 @@ def cpu_linear(
     return F.gelu(y) if gelu else y
 
 
+_BF16_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``nn.Linear -> (key, weight, bias)``: its weights in bf16, prepacked for oneDNN, gone with it."""
+
+
+def _bf16_weights(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``layer``'s weight in bf16 (in oneDNN's blocked layout where :data:`ONEDNN_LINEAR`) and
+    bias in bf16; kept until the weights change in place or are replaced."""
+    weight, bias = layer.weight, layer.bias
+    key = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
+    last = _BF16_WEIGHTS.get(layer)
+    if last is not None and last[0] == key:
+        return last[1], last[2]
+    packed = weight.detach().to(torch.bfloat16)
+    if ONEDNN_LINEAR:
+        packed = torch.ops.mkldnn._reorder_linear_weight(packed, MLP_ROWS)
+    bias16 = None if bias is None else bias.detach().to(torch.bfloat16)
+    _BF16_WEIGHTS[layer] = (key, packed, bias16)
+    return packed, bias16
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (then GELU if ``gelu``) for 2-D inference inputs, products in ``dtype``.
+
+    float32: :func:`cpu_linear`. bfloat16: ``x`` rounded to bf16 (if it is not already) against
+    the layer's bf16 weights (:func:`_bf16_weights`), sums in float32 inside oneDNN, the result
+    in bf16: the caller adds it into a float32 residual or hands it to the next bf16 linear.
+    """
+    if dtype == torch.float32:
+        return cpu_linear(x, layer.weight, layer.bias, gelu=gelu)
+    weight, bias = _bf16_weights(layer)
+    x = x.to(dtype)
+    if ONEDNN_LINEAR:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
 def short_row_softmax(scores: torch.Tensor) -> torch.Tensor:
     """``scores.softmax(-1)`` for rows of n_kept + 1 scores; rows under :data:`SHORT_ROW` are done in
     ``scores`` itself (the caller drops it), longer ones in a new tensor.
@@ -171,6 +208,7 @@ def masked_attention(
     exp_biases: tuple[torch.Tensor, torch.Tensor],
     kinds: torch.Tensor,
     norm: nn.Module,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
     """``x += attn(norm(x), keep)``, in place, on the kept tokens (inference only).
 
@@ -186,7 +224,8 @@ def masked_attention(
       with value ``v_bias``, whose position bias is ``log sum_j exp(bias_ij)`` over the
       rest (a column of that same GEMM).
 
-    ``norm`` (the block's first LayerNorm) is applied here, to the listed tokens only.
+    ``norm`` (the block's first LayerNorm) is applied here, to the listed tokens only. ``qkv``
+    and ``proj`` take their products in ``dtype`` (:func:`linear`), the attention in float32.
     Returns None, with ``x`` untouched, where weights could underflow (the caller then
     takes :func:`attention_by_kind`).
     """
@@ -200,7 +239,7 @@ def masked_attention(
     listed_rows = (order + torch.arange(0, bw * n, n, device=x.device).unsqueeze(1)).flatten()  # into (bw * N) rows
     x_kept = norm(x.view(bw * n, c).index_select(0, listed_rows).view(bw, n_kept, c))
     x_kept *= torch.gather(keep, 1, order).unsqueeze(-1)
-    qkv_kept = cpu_linear(x_kept.view(bw * n_kept, c), attn.qkv.weight, attn.qkv.bias)
+    qkv_kept = linear(x_kept.view(bw * n_kept, c), attn.qkv, dtype).float()
     qkv_kept = qkv_kept.view(bw, n_kept, 3, heads, hd).permute(2, 3, 0, 1, 4)  # (3, heads, bw, nk, hd)
     q_bias, k_bias, v_bias = attn.qkv.bias.view(3, heads, 1, hd)
 
@@ -257,12 +296,15 @@ def masked_attention(
     scores = short_row_softmax(scores)
     kept_out = torch.bmm(scores, vals.view(heads * bw, n_kept + 1, hd)).view(heads, bw, n_kept, hd)
     out.view(bw * n, c).index_copy_(0, listed_rows, kept_out.permute(1, 2, 0, 3).reshape(bw * n_kept, c))
-    x.view(bw * n, c).add_(cpu_linear(out.view(bw * n, c), attn.proj.weight, attn.proj.bias))
+    x.view(bw * n, c).add_(linear(out.view(bw * n, c), attn.proj, dtype))
     return x
 
 
-def unmasked_attention(attn, x: torch.Tensor, bias: torch.Tensor, kinds: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """``x += attn(norm(x))``, in place, for windows without a keep-mask (inference only).
+def unmasked_attention(
+    attn, x: torch.Tensor, bias: torch.Tensor, kinds: torch.Tensor, norm: nn.Module, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``x += attn(norm(x))``, in place, for windows without a keep-mask (inference only); ``qkv``
+    and ``proj`` take their products in ``dtype`` (:func:`linear`), the attention float32.
 
     ``kinds`` must be sorted (:func:`block_forward` sorts the windows by kind), so each
     kind is one run of windows and takes its bias in ``F.scaled_dot_product_attention``
@@ -271,7 +313,7 @@ def unmasked_attention(attn, x: torch.Tensor, bias: torch.Tensor, kinds: torch.T
     """
     bw, n, c = x.shape
     heads, hd = attn.num_heads, c // attn.num_heads
-    qkv = cpu_linear(norm(x).view(bw * n, c), attn.qkv.weight, attn.qkv.bias)
+    qkv = linear(norm(x).view(bw * n, c), attn.qkv, dtype).float()
     q, k, v = qkv.view(bw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)  # (bw, heads, N, hd) each
     out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
     start = 0
@@ -283,7 +325,7 @@ def unmasked_attention(attn, x: torch.Tensor, bias: torch.Tensor, kinds: torch.T
             )
             out[part] = attended.transpose(1, 2)
             start += count
-    return x.view(bw * n, c).add_(cpu_linear(out.view(bw * n, c), attn.proj.weight, attn.proj.bias)).view(bw, n, c)
+    return x.view(bw * n, c).add_(linear(out.view(bw * n, c), attn.proj, dtype)).view(bw, n, c)
 
 
 def attention_by_kind(attn, x: torch.Tensor, keep: torch.Tensor | None, bias: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
@@ -297,10 +339,11 @@ def attention_by_kind(attn, x: torch.Tensor, keep: torch.Tensor | None, bias: to
 # --- blocks -------------------------------------------------------------------------------------
 
 
-def mlp_add_to(mlp, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``residual += mlp(x)`` in place, for 2-D ``x``, through :func:`cpu_linear`."""
-    hidden = cpu_linear(x, mlp.fc1.weight, mlp.fc1.bias, gelu=True)
-    return residual.add_(cpu_linear(hidden, mlp.fc2.weight, mlp.fc2.bias))
+def mlp_add_to(mlp, residual: torch.Tensor, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``residual += mlp(x)`` in place, for 2-D ``x``, products in ``dtype`` (:func:`linear`): in
+    bf16 the hidden layer stays bf16 and only the residual is float32."""
+    hidden = linear(x, mlp.fc1, dtype, gelu=True)
+    return residual.add_(linear(hidden, mlp.fc2, dtype))
 
 
 def window_step(
@@ -310,17 +353,19 @@ def window_step(
     bias: torch.Tensor,
     exp_biases: tuple[torch.Tensor, torch.Tensor] | None,
     kinds: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """The block on windows in any order (sorted by kind where there is no ``keep``), in
     place: without a keep-mask through :func:`unmasked_attention`, with one through
-    :func:`masked_attention` where ``exp_biases`` allow and its weights do not underflow."""
+    :func:`masked_attention` where ``exp_biases`` allow and its weights do not underflow.
+    Linears take their products in ``dtype``; the residual stream stays float32."""
     attn = block.attn
     if keep is None:
-        unmasked_attention(attn, windows, bias, kinds, block.norm1)
-    elif exp_biases is None or masked_attention(attn, windows, keep, bias, exp_biases, kinds, block.norm1) is None:
+        unmasked_attention(attn, windows, bias, kinds, block.norm1, dtype)
+    elif exp_biases is None or masked_attention(attn, windows, keep, bias, exp_biases, kinds, block.norm1, dtype) is None:
         windows += attention_by_kind(attn, block.norm1(windows), keep, bias, kinds)
     for rows in windows.view(-1, windows.shape[-1]).split(MLP_ROWS):
-        mlp_add_to(block.mlp, rows, block.norm2(rows))
+        mlp_add_to(block.mlp, rows, block.norm2(rows), dtype)
 
 
 def block_forward(
@@ -357,7 +402,7 @@ def block_forward(
         windows = out[start * n : stop * n]
         torch.index_select(flat, 0, source[start * n : stop * n], out=windows)
         part_keep = None if keep is None else keep[start:stop]
-        window_step(block, windows.view(stop - start, n, c), part_keep, bias, exps, kinds[start:stop])
+        window_step(block, windows.view(stop - start, n, c), part_keep, bias, exps, kinds[start:stop], ctx.matmul_dtype)
 
     map_chunks(run_chunk, list(range(0, len(order), step)))
     return out, out_rows

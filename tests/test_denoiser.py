@@ -145,9 +145,9 @@ def test_auto_precision_is_fp32_on_the_cpu_and_bf16_on_a_gpu(tiny):
         assert Denoiser(tiny, device="cuda").precision == "bf16"
 
 
-def test_half_precision_on_cpu_is_refused_with_the_reason(tiny):
-    with pytest.raises(DeviceError, match="on the CPU use fp32"):
-        Denoiser(tiny, device="cpu", precision="bf16")
+def test_fp16_on_cpu_is_refused_with_the_reason(tiny):
+    with pytest.raises(DeviceError, match="on the CPU use fp32 or bf16"):
+        Denoiser(tiny, device="cpu", precision="fp16")
 
 
 def test_unknown_precision_and_missing_cuda_are_user_errors(tiny):
@@ -218,6 +218,29 @@ def test_strength_is_monotone_and_1_is_the_full_effect(tiny):
     assert changes[0] < changes[1] < changes[2] < np.abs(full - pixels).mean()
 
 
+def test_bf16_on_the_cpu_only_where_it_is_native(monkeypatch):
+    from mitdenoise import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: False)
+    with pytest.raises(DeviceError, match="^this CPU has no native bf16 .*use --precision fp32$"):
+        devices.pick_precision("bf16", cpu)
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)
+    assert devices.pick_precision("bf16", cpu) == "bf16" and devices.pick_precision("auto", cpu) == "fp32"
+
+
+def test_bf16_denoiser_on_the_cpu_stays_close_to_fp32(tiny, monkeypatch):
+    from mitdenoise import devices
+
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)  # emulated where not native: slow, same values
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    fp32 = Denoiser(tiny, device="cpu", precision="fp32", seed=0)(image)
+    bf16 = Denoiser(tiny, device="cpu", precision="bf16", seed=0)(image)
+    assert bf16.dtype == np.uint8 and bf16.shape == image.shape
+    diff = np.abs(bf16.astype(int) - fp32.astype(int))
+    assert diff.max() <= 8 and diff.mean() < 1.0
+
+
 @pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan"), "1"])
 def test_strength_outside_0_to_1_is_refused(tiny, strength):
     with pytest.raises(ValueError, match="strength must be a number from 0 to 1"):
@@ -230,8 +253,8 @@ def test_one_precision_decision_for_inference_and_training_on_the_cpu():
     cpu = torch.device("cpu")
     assert pick_precision("auto", cpu) == "fp32" and pick_precision("auto", cpu, training=True) == "fp32"
     assert pick_precision("bf16", cpu, training=True) == "bf16"  # CPU bf16 autocast is a training option
-    with pytest.raises(DeviceError, match="--precision bf16 is for CUDA; on the CPU use fp32"):
-        pick_precision("bf16", cpu)
+    with pytest.raises(DeviceError, match="^--precision fp16 is for CUDA; on the CPU use fp32 or bf16$"):
+        pick_precision("fp16", cpu)
     with pytest.raises(DeviceError, match="unknown precision 'fp16': use one of auto, fp32, bf16$"):
         pick_precision("fp16", cpu, training=True)
     with pytest.raises(DeviceError, match="unknown precision 'int8'"):

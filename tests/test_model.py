@@ -240,9 +240,9 @@ def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monk
     kinds_seen = []
     original = route_cpu.unmasked_attention
 
-    def spy(attn, x, bias, kinds, norm):
+    def spy(attn, x, bias, kinds, norm, dtype):
         kinds_seen.append(kinds.tolist())
-        return original(attn, x, bias, kinds, norm)
+        return original(attn, x, bias, kinds, norm, dtype)
 
     monkeypatch.setattr(route_cpu, "unmasked_attention", spy)
     model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=(0, 0))
@@ -403,6 +403,53 @@ def test_cpu_linear_equals_linear_then_gelu(monkeypatch, onednn, gelu, rows, col
         got = route_cpu.cpu_linear(x, weight, b, gelu=gelu)
         assert got.dtype == torch.float32 and got.shape == (rows, out)
         assert (got.double() - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("gelu", [True, False])
+def test_bf16_linear_multiplies_bf16_values_and_follows_weight_changes(monkeypatch, onednn, gelu):
+    monkeypatch.setattr(route_cpu, "ONEDNN_LINEAR", onednn and route_cpu.ONEDNN_LINEAR)
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(60, 120)
+    x = torch.randn(300, 60, generator=g)
+
+    def expected():  # bf16-rounded operands, exact products and sums
+        y = torch.nn.functional.linear(
+            x.bfloat16().double(), layer.weight.bfloat16().double(), layer.bias.bfloat16().double()
+        )
+        return torch.nn.functional.gelu(y) if gelu else y
+
+    for _ in range(2):
+        got = route_cpu.linear(x, layer, torch.bfloat16, gelu=gelu)
+        want = expected()
+        assert got.dtype == torch.bfloat16 and got.shape == (300, 120)
+        assert (got.double() - want).abs().max() <= 2**-7 * want.abs().max()  # the result's own bf16 rounding
+        with torch.no_grad():
+            layer.weight.mul_(-2.0)  # in place: the cached bf16 weights must follow
+    assert (route_cpu.linear(x, layer, torch.float32, gelu=gelu).double() - expected()).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("ratio", [(0, 0), (75, 75)])
+def test_bf16_cpu_route_is_close_to_fp32_and_keeps_a_float32_result(fixtures_dir, ratio):
+    """bf16 products in the route's linears (masked and unmasked attention, MLP): the output
+    moves by bf16 rounding, not more, and comes back in float32."""
+    model = load_model(fixtures_dir / "official_tiny_random.pth", attn_mask_ratio=ratio)
+    x = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fp32 = model(x, generator=torch.Generator().manual_seed(1))
+        bf16 = model(x, generator=torch.Generator().manual_seed(1), matmul_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    diff = (bf16 - fp32).abs()
+    assert 1e-4 < diff.max() < 0.05 and diff.mean() < 0.005
+
+
+def test_bf16_products_are_for_the_cpu_inference_route_only(fixtures_dir):
+    model = load_model(fixtures_dir / "official_tiny_random.pth")
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="matmul_dtype=torch.bfloat16 is for the CPU inference route only"):
+        model(x, matmul_dtype=torch.bfloat16)  # under autograd: the training route
+    with torch.inference_mode(), pytest.raises(ValueError, match="for the CPU inference route only"):
+        model(x, shortcut=False, matmul_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("width", [1, 5, 15, 16, 29])

@@ -39,7 +39,7 @@ def denoise_command(
     tile: Annotated[int, typer.Option(help="Tile size in pixels (memory grows with its square).")] = DEFAULT_TILE,
     tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = DEFAULT_OVERLAP,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA where supported, else fp32), fp32, or bf16/fp16 on CUDA (fp16 tiles that overflow are redone in fp32).")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA where supported, else fp32), fp32, bf16 (CUDA, or a CPU with native bf16), or fp16 on CUDA (fp16 tiles that overflow are redone in fp32).")] = "auto",
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed of the attention-mask draws (same seed, same output).")] = 0,
     passes: Annotated[int, typer.Option(help="Average this many independent attention-mask draws.")] = 1,
     attn_mask_ratio: Annotated[
