@@ -15,6 +15,7 @@ CPU in fp32 :mod:`mitdenoise.route_train`. :meth:`SwinIR.forward` picks one.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import re
@@ -221,13 +222,12 @@ class SwinTransformerBlock(nn.Module):
         ws, shift = self.window_size, self.shift_size
         n_rows, n_cols = h // ws, w // ws
         keep = ctx.keep_mask((b * n_rows * n_cols, ws * ws, 1), x.device)
-        if ctx.kernel_dtype is not None:
+        if ctx.route is Route.TRITON:
             from . import triton_block
 
-            out = triton_block.block_forward(self, x, size, keep, ctx.kernel_dtype)
+            out = triton_block.block_forward(self, x, size, keep, ctx.dtype)
             if out is not None:
-                return out
-            ctx.kernel_dtype = None  # the kernel cannot run here: this block and the rest take the fused route
+                return out  # else the kernel cannot run here (it said so once): the fused attention below
         mask = ctx.shift_mask(h, w, ws, shift, x.device) if shift else None
         chunks = list(window_chunks(b, n_rows, n_cols, ctx.chunk_windows))
         image = x.view(b, h, w, c)
@@ -238,7 +238,7 @@ class SwinTransformerBlock(nn.Module):
             windows = window_partition(image[first_image:stop_image, first_row * ws : stop_row * ws], ws)
             start = (first_image * n_rows + first_row) * n_cols
             part_keep = None if keep is None else keep[start : start + windows.shape[0]]
-            windows = self.window_step(windows, part_keep, mask, (first_row, stop_row), ctx.fused_attention)
+            windows = self.window_step(windows, part_keep, mask, (first_row, stop_row), ctx.route in FUSED_ROUTES)
             result = window_reverse(windows, ws, (stop_row - first_row) * ws, w)
             if len(chunks) == 1:
                 out = result
@@ -277,9 +277,9 @@ class ResidualGroup(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], ctx: ForwardContext) -> torch.Tensor:
-        if ctx.masked_shortcut:
+        if ctx.route is Route.CPU:
             return route_cpu.residual_group_forward(self.blocks, x, size, ctx)
-        if ctx.train_route:
+        if ctx.route is Route.CPU_TRAINING:
             return route_train.residual_group_forward(self.blocks, x, size, ctx)
         for block in self.blocks:
             x = block(x, size, ctx)
@@ -353,40 +353,68 @@ def train_route_applies(x: torch.Tensor) -> bool:
     )
 
 
-class ForwardContext:
-    """Per-forward state shared by all layers: the route taken, the mask draws and cached layouts."""
+class Route(enum.Enum):
+    """Which code every Swin block of one forward runs; :func:`choose_route` picks it once."""
 
-    def __init__(
-        self,
-        ratio: tuple[int, int],
-        generator: torch.Generator | None,
-        cache: dict,
-        chunk_windows: int | None,
-        masked_shortcut: bool,
-        fused_attention: bool = False,
-        kernel_dtype: torch.dtype | None = None,
-        draw_mask: KeepMaskDrawer = draw_keep_mask,
-        train_route: bool = False,
-        matmul_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.ratio = ratio
-        self.matmul_dtype = matmul_dtype
-        """The CPU route's linears multiply in this type (float32 or bfloat16); sums, norms, softmax
-        and the residual stream stay float32."""
-        self.train_route = train_route
-        """Set: the residual groups take the CPU training route (route_train.py)."""
-        self.masked_shortcut = masked_shortcut
-        """Set: the residual groups take the CPU route (route_cpu.py)."""
-        self.fused_attention = fused_attention
-        """Set: attention takes the fused kernel (route_fused.py)."""
-        self.kernel_dtype = kernel_dtype
-        """Set: every Swin block is one Triton kernel (triton_block.py) with products in this type."""
-        self.channels_last = masked_shortcut or kernel_dtype is not None
+    PLAIN = "plain"
+    """The modules' own code, the authors' formulation: training on CUDA, the speed reference."""
+    CPU = "cpu"
+    """CPU inference: :mod:`mitdenoise.route_cpu`, a residual group at a time."""
+    CPU_TRAINING = "cpu-training"
+    """CPU training in fp32: :mod:`mitdenoise.route_train`, a residual group at a time."""
+    FUSED = "fused"
+    """CUDA inference: the blocks' attention through :mod:`mitdenoise.route_fused`."""
+    TRITON = "triton"
+    """CUDA inference under bf16/fp16 autocast: each block one kernel of :mod:`mitdenoise.triton_block`
+    (the fused attention for any block where the kernel cannot run)."""
+
+
+FUSED_ROUTES = (Route.FUSED, Route.TRITON)
+"""Routes whose blocks take the fused attention where they run the modules' code."""
+
+
+def choose_route(x: torch.Tensor, config: ModelConfig, shortcut: bool = True) -> tuple[Route, torch.dtype]:
+    """The route a forward on ``x`` takes, and the type its products are in there (float32 but for
+    :attr:`Route.TRITON`: the autocast type). ``shortcut=False``: the plain route."""
+    if not shortcut:
+        return Route.PLAIN, torch.float32
+    if torch.is_grad_enabled():
+        return (Route.CPU_TRAINING if train_route_applies(x) else Route.PLAIN), torch.float32
+    if x.device.type == "cpu":
+        return Route.CPU, torch.float32
+    if x.device.type != "cuda":
+        return Route.PLAIN, torch.float32
+    if torch.is_autocast_enabled("cuda"):
+        from . import triton_block  # only here: importing Triton takes a while, and fp32 never needs it
+
+        dtype = triton_block.autocast_dtype(config, x.device)
+        if dtype is not None:
+            return Route.TRITON, dtype
+    return Route.FUSED, torch.float32
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Per-forward settings shared by all layers: the route, the mask draws and the layout cache.
+    Fixed for the forward: nothing in it changes while the layers run."""
+
+    route: Route
+    ratio: tuple[int, int]
+    """The attention-mask ratio range, percent."""
+    generator: torch.Generator | None = None
+    cache: dict = dataclasses.field(default_factory=dict)
+    """The network's layout cache (shift masks, window orders), kept across forwards."""
+    chunk_windows: int | None = None
+    """Windows a block takes at a time (None: all at once)."""
+    draw_mask: KeepMaskDrawer = draw_keep_mask
+    dtype: torch.dtype = torch.float32
+    """The products' type: bf16 where the CPU route's linears multiply in bf16, the autocast type for
+    :attr:`Route.TRITON`; sums, norms, softmax and the residual stream stay float32."""
+
+    @property
+    def channels_last(self) -> bool:
         """Features between convs in channels-last memory: the tokens' own layout, so no transposes."""
-        self.generator = generator
-        self.cache = cache
-        self.chunk_windows = chunk_windows
-        self.draw_mask = draw_mask
+        return self.route in (Route.CPU, Route.TRITON)
 
     def keep_mask(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         return self.draw_mask(shape, self.ratio, self.generator, device)
@@ -442,11 +470,11 @@ class SwinIR(nn.Module):
     ) -> torch.Tensor:
         """Denoise ``x``; ``generator`` makes the attention mask reproducible.
 
-        On CPU without autograd, the residual groups take the CPU route
-        (:mod:`mitdenoise.route_cpu`), and under autograd in fp32 the training route
+        The route is chosen once, by :func:`choose_route`: on CPU without autograd the CPU
+        route (:mod:`mitdenoise.route_cpu`), under autograd in fp32 the training route
         (:mod:`mitdenoise.route_train`, :func:`train_route_applies`); on CUDA without
-        autograd, attention takes a fused kernel (:mod:`mitdenoise.route_fused`), or under
-        bf16/fp16 autocast each Swin block is one Triton kernel
+        autograd the fused attention (:mod:`mitdenoise.route_fused`), or under bf16/fp16
+        autocast each Swin block as one Triton kernel
         (:func:`mitdenoise.triton_block.autocast_dtype`).
         ``shortcut=False`` forces the plain computation (the speed reference and the tests
         that pin the routes to it). ``chunked=False`` has every block take all its windows
@@ -464,21 +492,13 @@ class SwinIR(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
         x = x - self.mean
         ratio = self.config.attn_mask_ratio if mask_ratio is None else tuple(mask_ratio)
-        fused = shortcut and x.device.type == "cuda" and not torch.is_grad_enabled()
-        chunk = attention_chunk(x.device.type, fused) if chunked else None
-        train_route = shortcut and train_route_applies(x)
-        shortcut = shortcut and x.device.type == "cpu" and not torch.is_grad_enabled()
-        kernel_dtype = None
-        if fused and torch.is_autocast_enabled("cuda"):
-            from . import triton_block  # only here: importing Triton takes a while, and fp32 never needs it
-
-            kernel_dtype = triton_block.autocast_dtype(self.config, x.device)
-        if matmul_dtype != torch.float32 and not shortcut:
-            raise ValueError(f"matmul_dtype={matmul_dtype} is for the CPU inference route only")
-        ctx = ForwardContext(
-            ratio, generator, self._layout_cache, chunk, shortcut, fused, kernel_dtype, draw_mask, train_route,
-            matmul_dtype,
-        )
+        route, dtype = choose_route(x, self.config, shortcut)
+        if matmul_dtype != torch.float32:
+            if route is not Route.CPU:
+                raise ValueError(f"matmul_dtype={matmul_dtype} is for the CPU inference route only")
+            dtype = matmul_dtype
+        chunk = attention_chunk(x.device.type, route in FUSED_ROUTES) if chunked else None
+        ctx = ForwardContext(route, ratio, generator, self._layout_cache, chunk, draw_mask, dtype)
         if ctx.channels_last:  # the tokens' own layout: no transposes around the convs
             x = x.contiguous(memory_format=torch.channels_last)
         first = self.conv_first(x)

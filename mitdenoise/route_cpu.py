@@ -402,7 +402,7 @@ def block_forward(
         windows = out[start * n : stop * n]
         torch.index_select(flat, 0, source[start * n : stop * n], out=windows)
         part_keep = None if keep is None else keep[start:stop]
-        window_step(block, windows.view(stop - start, n, c), part_keep, bias, exps, kinds[start:stop], ctx.matmul_dtype)
+        window_step(block, windows.view(stop - start, n, c), part_keep, bias, exps, kinds[start:stop], ctx.dtype)
 
     map_chunks(run_chunk, list(range(0, len(order), step)))
     return out, out_rows

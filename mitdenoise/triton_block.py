@@ -201,6 +201,9 @@ def block_forward(
     shifted image, as the plain route draws it, or None. ``dot_dtype``: the products'
     operand type (bf16 on a GPU; fp32 for the interpreter, which has no bf16 products).
     """
+    global _failed
+    if _failed is not None:
+        return None  # it failed once in this process: it would again
     h, w = size
     b, n_tokens, c = x.shape
     ws, shift = block.window_size, block.shift_size
@@ -224,7 +227,6 @@ def block_forward(
             num_warps=NUM_WARPS,
         )
     except Exception as e:  # noqa: BLE001 - Triton's compile and resource errors, a GPU it doesn't support
-        global _failed
         _failed = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         warnings.warn(f"the one-kernel Swin block cannot run here ({_failed}); using the slower fused route", RuntimeWarning)
         return None

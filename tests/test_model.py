@@ -262,15 +262,12 @@ def test_gathered_route_without_a_mask_equals_the_plain_route(fixtures_dir, monk
 def force_fused_attention(monkeypatch, force: dict) -> None:
     """While ``force["on"]``, every forward takes the CUDA route's fused attention, on any device;
     otherwise the plain route (not the CPU training route)."""
-    original = model_module.ForwardContext.__init__
+    route = model_module.Route
 
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.train_route = False  # under autograd on the CPU: the plain route, or the fused one forced
-        if force["on"]:
-            self.masked_shortcut, self.fused_attention = False, True
+    def choose(x, config, shortcut=True):
+        return (route.FUSED if force["on"] else route.PLAIN), torch.float32
 
-    monkeypatch.setattr(model_module.ForwardContext, "__init__", init)
+    monkeypatch.setattr(model_module, "choose_route", choose)
 
 
 @pytest.mark.parametrize("chunk", [None, 4, 12, 30])

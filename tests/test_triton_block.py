@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -19,20 +20,18 @@ INTERPRETED = r"""
 import json, sys
 import torch
 from mitdenoise import triton_block
-from mitdenoise.model import ForwardContext, SwinTransformerBlock
+from mitdenoise.model import ForwardContext, Route, SwinTransformerBlock
 
-class GivenKeep(ForwardContext):
-    def __init__(self, keep):
-        super().__init__((75, 75) if keep is not None else (0, 0), None, {}, None, False)
-        self.keep = keep
-
-    def keep_mask(self, shape, device):
-        assert self.keep is None or self.keep.shape == shape
-        return self.keep
+def given_keep(keep):
+    # the plain route, with keep as every block's attention keep-mask
+    def draw(shape, ratio, generator, device):
+        assert keep is None or keep.shape == shape
+        return keep
+    return ForwardContext(Route.PLAIN, (75, 75) if keep is not None else (0, 0), draw_mask=draw)
 
 def max_error(block, x, size, keep):
     with torch.no_grad():
-        plain = block(x, size, GivenKeep(keep))
+        plain = block(x, size, given_keep(keep))
         kernel = triton_block.block_forward(block, x, size, keep, torch.float32)
     return float((kernel - plain).abs().max() / plain.abs().max())
 
@@ -110,21 +109,29 @@ def test_kernel_route_on_cuda_is_as_close_to_fp32_as_the_fused_route(fixtures_di
 
 def test_where_the_kernel_cannot_run_the_block_warns_once_and_takes_the_other_route(monkeypatch):
     """Here the kernel gets CPU tensors outside the interpreter, which Triton refuses, as it would
-    refuse a GPU it can't compile for: the block's output is the plain route's, with one warning."""
+    refuse a GPU it can't compile for: the block's output is the fused route's, with one warning,
+    and the next block does not try the kernel again."""
     pytest.importorskip("triton", reason="Triton is in the test extras: pip install -e '.[test]'")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter runs on CPU tensors")
     from mitdenoise import triton_block
-    from mitdenoise.model import ForwardContext, SwinTransformerBlock
+    from mitdenoise.model import ForwardContext, Route, SwinTransformerBlock
 
     monkeypatch.setattr(triton_block, "_failed", None)
     torch.manual_seed(0)
     block = SwinTransformerBlock(12, 2, 8, 4, 2.0).eval()
     x = torch.randn(1, 16 * 24, 12)
     with torch.no_grad():
-        plain = block(x, (16, 24), ForwardContext((0, 0), None, {}, None, False))
-        ctx = ForwardContext((0, 0), None, {}, None, False, kernel_dtype=torch.float32)
+        plain = block(x, (16, 24), ForwardContext(Route.PLAIN, (0, 0)))
+        fused = block(x, (16, 24), ForwardContext(Route.FUSED, (0, 0)))
+        ctx = ForwardContext(Route.TRITON, (0, 0), dtype=torch.float32)
         with pytest.warns(RuntimeWarning, match="one-kernel Swin block cannot run here"):
             out = block(x, (16, 24), ctx)
-        assert ctx.kernel_dtype is None and triton_block._failed and not triton_block.available()
-        assert torch.equal(out, plain)
+        assert triton_block._failed and not triton_block.available()
+        assert torch.equal(out, fused) and (out - plain).abs().max() < 1e-5
+        launched = []
+        monkeypatch.setattr(triton_block, "_packed", lambda *args: launched.append(args))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning, no second try
+            again = block(x, (16, 24), ctx)
+        assert launched == [] and torch.equal(again, fused) and ctx.route is Route.TRITON
