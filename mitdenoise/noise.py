@@ -40,21 +40,33 @@ def as_rng(rng: Rng) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def derived_rng(seed: int, *keys: int | str | float) -> np.random.Generator:
-    """A Generator for ``seed`` and a tuple of keys (image index, noise name, ...).
+def seed_sequence(*keys: int | str | float) -> np.random.SeedSequence:
+    """The one way this package derives a random stream from a tuple of keys (a seed, a step, an
+    image index, a noise name, ...): NumPy's SeedSequence over them, so nearby tuples give
+    unrelated streams and the result doesn't depend on the order anything is processed in.
 
-    Every key tuple gets its own independent stream, so results don't depend on the
-    order in which images or noises are processed. Strings and floats are hashed
-    with CRC-32 (stable across runs and machines, unlike ``hash``).
+    Non-negative integers enter as they are, negative ones as their low 32 bits; strings and
+    floats as the CRC-32 of their text (stable across runs and machines, unlike ``hash``).
     """
-    entropy = [int(seed) & 0xFFFFFFFF]
+    entropy = []
     for key in keys:
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            entropy.append(int(key) & 0xFFFFFFFF)
+            entropy.append(int(key) if key >= 0 else int(key) & 0xFFFFFFFF)
         else:
             text = f"{key:g}" if isinstance(key, float) else str(key)
             entropy.append(zlib.crc32(text.encode()))
-    return np.random.default_rng(np.random.SeedSequence(entropy))
+    return np.random.SeedSequence(entropy)
+
+
+def derived_rng(seed: int, *keys: int | str | float) -> np.random.Generator:
+    """A NumPy Generator of its own for ``seed`` and a tuple of keys (:func:`seed_sequence`)."""
+    return np.random.default_rng(seed_sequence(seed, *keys))
+
+
+def derive_seed(*keys: int | str | float) -> int:
+    """A 63-bit integer seed (for a ``torch.Generator``) for a tuple of keys (:func:`seed_sequence`)."""
+    state = seed_sequence(*keys).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def _check_image(x: np.ndarray) -> np.ndarray:

@@ -153,6 +153,23 @@ def test_noise_models_refuse_integer_images_and_wrong_shapes():
         gaussian(np.zeros((8, 8)), 15, 0)
 
 
+def test_one_seed_derivation_keeps_the_values_runs_were_made_with():
+    """derive_seed (training's patches and masks: a resumed run must see the same batches) and
+    derived_rng (bench noise) are one derivation now; their values for the keys they take are
+    those of the formulas each had before."""
+    from mitdenoise.noise import derive_seed, seed_sequence
+
+    for parts in [(0, 0, 0), (7, 123456, 31), (2**33 + 5, 4, 1), (0, 5, 2, 1)]:
+        state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+        assert derive_seed(*parts) == (int(state[0]) << 31) ^ int(state[1])
+    import zlib
+
+    old = np.random.default_rng(np.random.SeedSequence([3, 1, zlib.crc32(b"gaussian"), zlib.crc32(b"15")]))
+    assert np.array_equal(derived_rng(3, 1, "gaussian", 15.0).random(5), old.random(5))
+    assert seed_sequence(-1).entropy == [0xFFFFFFFF]
+    assert derive_seed(1, 2) != derive_seed(2, 1)
+
+
 def test_derived_rng_depends_on_keys_not_on_call_order():
     a1 = derived_rng(0, 1, "gaussian", 15.0).random(4)
     derived_rng(0, 2, "poisson", 2.0).random(4)

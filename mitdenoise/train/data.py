@@ -65,12 +65,6 @@ def augment_inverse(x: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.rot90(x, -(mode % 4), dims=(-2, -1))
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from a tuple of integers (NumPy's SeedSequence hashing: nearby tuples give unrelated seeds)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
 #: JPEG's (BT.601 full-range) YCbCr back to RGB: columns are what a unit of Y, Cb, Cr adds to R, G, B.
 YCBCR_TO_RGB = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
 #: Ranges the correlated noise's shape is drawn from, uniformly, per patch (see ``correlated_noise``).
@@ -222,7 +216,7 @@ class PatchBatches(Dataset):
 
     def patch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch ``index`` of the global batch of ``step``: the authors' recipe, in their order."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, step, index))
+        g = torch.Generator().manual_seed(noises.derive_seed(self.seed, step, index))
         image = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
         if self.broad:
             return self._broad_patch(image, step, index, g)
@@ -245,7 +239,7 @@ class PatchBatches(Dataset):
 
     def _broad_patch(self, image: np.ndarray, step: int, index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A patch of the broad recipe (:func:`broad_noise`), drawn with a margin and cropped at a drawn offset."""
-        rng = np.random.default_rng(derive_seed(self.seed, step, index, 1))
+        rng = np.random.default_rng(noises.derive_seed(self.seed, step, index, 1))
         p, margin = self.patch_size, BROAD_MARGIN
         big = p + 2 * margin
         h, w = image.shape[:2]

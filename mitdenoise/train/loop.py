@@ -52,7 +52,8 @@ from .checkpoint import (
     unpack_schedule,
 )
 from .config import TrainConfig
-from .data import PatchBatches, derive_seed, find_images, load_images, make_loader, min_image_size
+from ..noise import derive_seed
+from .data import PatchBatches, find_images, load_images, make_loader, min_image_size
 from .report import Reporter, TrainObserver
 from .validation import ValSet, evaluate, pair_set, synthetic_sets
 
