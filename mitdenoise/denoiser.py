@@ -12,7 +12,7 @@ from . import imageio
 from .adaptive import keep_share_of_change
 from .checkpoints import load_model, read_validation
 from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
-from .devices import PRECISIONS, pick_device, pick_precision
+from .devices import pick_device, pick_precision
 from .errors import ModelLoadError
 from .model import SwinIR
 from .registry import DownloadProgress, resolve

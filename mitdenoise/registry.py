@@ -28,7 +28,7 @@ from . import checkpoints
 from .checkpoints import CONFIG_KEY, SOURCE_BLOB_KEY, SOURCE_KEY, convert_checkpoint, git_blob_id, human_size
 from .defaults import DEFAULT_MODEL, DEFAULT_MODEL_TIMEOUT_S, FALLBACK_MODEL
 from .errors import ModelLoadError, ModelUnavailableError, first_line
-from .hub import HF_SCHEME, download_hf, hf_endpoint, hub_cache_dir, offline_mode
+from .hub import HF_SCHEME, download_hf, hub_cache_dir, offline_mode
 from .model import ModelConfig
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .common import Progress, ResultTable, sgemm_lines, synthetic_image, write_results
 from .speed import json_config, macs_per_pixel, sgemm_gflops
@@ -88,7 +88,6 @@ def run_train_speed(
     import torch
 
     from ..train.config import TrainConfig
-    from ..train.data import PatchBatches
     from ..train.loop import Run
 
     if threads is not None:
@@ -101,54 +100,17 @@ def run_train_speed(
     device = torch.device("cpu")
     names = ("plain", "route", "route, one forward") if one_forward else ("plain", "route")
     runs = {name: Run.build(train_config, device, None) for name in names}  # seeded: same weights
-    image = synthetic_image(max(256, patch), max(256, patch), seed)
-    data = PatchBatches([image], patch_size=patch, batch_size=batch, steps=warmup + iterations + 3, seed=seed,
-                        noise_sigma=15.0, mask_ratio=tuple(input_mask))
-    noisy, clean = data[0]
-    data_times = []
-    for step in range(1, 4):
-        start = time.perf_counter()
-        data[step]
-        data_times.append(time.perf_counter() - start)
+    (noisy, clean), data_ms = _timed_batch(patch, batch, warmup + iterations, input_mask, seed)
     if on_total:
         on_total(1 + len(names) * (warmup + iterations))
     ceiling = sgemm_gflops(device, sgemm_n)
     if on_progress:
         on_progress(f"sgemm {sgemm_n}")
-
-    ratio = tuple(attn_mask)
-    no_autocast = torch.autocast("cpu", enabled=False)
-    steps = {
-        "plain": lambda run, g: one_forward_step(run, noisy, clean, g, ratio, shortcut=False),
-        "route": lambda run, g: run.step(noisy, clean, g, no_autocast),
-        "route, one forward": lambda run, g: one_forward_step(run, noisy, clean, g, ratio, shortcut=True),
-    }
-    steps = {name: steps[name] for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(warmup + iterations):
-        for name, step in steps.items():
-            generator = torch.Generator().manual_seed(seed + i)  # both routes draw the same masks
-            start = time.perf_counter()
-            step(runs[name], generator)
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times[name].append(elapsed)
-            if on_progress:
-                on_progress(f"{name} step {i + 1}{' (warm-up)' if i < warmup else ''}")
-
+    steps = _steps(noisy, clean, tuple(attn_mask), names)
+    times = _alternate(steps, runs, warmup, iterations, seed, on_progress)
     macs = macs_per_pixel(config)
     flop_per_step = 3 * 2 * macs * patch * patch * batch  # the backward's work is about twice the forward's
-    rows = []
-    for name, values in times.items():
-        median = statistics.median(values)
-        gflops = flop_per_step / median / 1e9
-        rows.append({
-            "route": name, "times_s": values, "median_s": median, "min_s": min(values),
-            "patches_per_s": batch / median, "gflops_effective": gflops,
-            "fraction_of_sgemm": gflops / ceiling["gflops"] if ceiling["gflops"] else None,
-        })
-    for row in rows[1:]:
-        row["speedup_vs_plain"] = rows[0]["median_s"] / row["median_s"]
+    rows = _rows(times, flop_per_step, batch, ceiling)
     return {
         "schema": "mitdenoise.bench.train/1",
         "config": {
@@ -160,9 +122,72 @@ def run_train_speed(
         },
         "sgemm": {str(device): ceiling},
         "rows": rows,
-        "data_ms_per_batch": 1000 * statistics.median(data_times),
+        "data_ms_per_batch": data_ms,
         "notes": [],
     }
+
+
+def _timed_batch(patch: int, batch: int, steps: int, input_mask, seed: int) -> tuple[tuple, float]:
+    """The batch every step trains on, and the data pipeline's median time for one (ms)."""
+    from ..train.data import PatchBatches
+
+    image = synthetic_image(max(256, patch), max(256, patch), seed)
+    data = PatchBatches([image], patch_size=patch, batch_size=batch, steps=steps + 3, seed=seed,
+                        noise_sigma=15.0, mask_ratio=tuple(input_mask))
+    times = []
+    for step in range(1, 4):
+        start = time.perf_counter()
+        data[step]
+        times.append(time.perf_counter() - start)
+    return data[0], 1000 * statistics.median(times)
+
+
+def _steps(noisy, clean, ratio: tuple[int, int], names: Sequence[str]) -> dict[str, Callable]:
+    """One training step a route, by name: ``step(run, generator)``."""
+    import torch
+
+    no_autocast = torch.autocast("cpu", enabled=False)
+    steps = {
+        "plain": lambda run, g: one_forward_step(run, noisy, clean, g, ratio, shortcut=False),
+        "route": lambda run, g: run.step(noisy, clean, g, no_autocast),
+        "route, one forward": lambda run, g: one_forward_step(run, noisy, clean, g, ratio, shortcut=True),
+    }
+    return {name: steps[name] for name in names}
+
+
+def _alternate(steps: dict, runs: dict, warmup: int, iterations: int, seed: int, on_progress) -> dict[str, list[float]]:
+    """Each route's step times, the routes taking turns step by step (so a drift in the machine's
+    speed falls on all of them); the first ``warmup`` rounds untimed."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + iterations):
+        for name, step in steps.items():
+            generator = torch.Generator().manual_seed(seed + i)  # both routes draw the same masks
+            start = time.perf_counter()
+            step(runs[name], generator)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+            if on_progress:
+                on_progress(f"{name} step {i + 1}{' (warm-up)' if i < warmup else ''}")
+    return times
+
+
+def _rows(times: dict[str, list[float]], flop_per_step: float, batch: int, ceiling: dict) -> list[dict]:
+    """A result row a route: medians, patches/s, GFLOP/s and its share of sgemm, speed-up over plain."""
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        gflops = flop_per_step / median / 1e9
+        rows.append({
+            "route": name, "times_s": values, "median_s": median, "min_s": min(values),
+            "patches_per_s": batch / median, "gflops_effective": gflops,
+            "fraction_of_sgemm": gflops / ceiling["gflops"] if ceiling["gflops"] else None,
+        })
+    for row in rows[1:]:
+        row["speedup_vs_plain"] = rows[0]["median_s"] / row["median_s"]
+    return rows
 
 
 def train_speed_table(results: dict) -> ResultTable:

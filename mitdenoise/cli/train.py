@@ -64,41 +64,9 @@ def train_command(
 ) -> None:
     """Train the masked-training denoiser on a folder of clean images."""
     from ..errors import MitdenoiseError
-    from ..train.config import resolve_config
 
+    resolved = _resolve(dict(locals()))  # every option as given: nothing else is defined yet
     main_rank = os.environ.get("RANK", "0") == "0"
-    overrides = {
-        "data": None if data is None else str(data),
-        "out": None if out_dir is None else str(out_dir),
-        "iterations": iterations,
-        "batch_size": batch_size,
-        "patch_size": patch_size,
-        "lr": lr,
-        "seed": seed,
-        "mask_ramp": mask_ramp,
-        "checkpoint_every": checkpoint_every,
-        "log_every": log_every,
-        "val_every": val_every,
-        "val_clean": None if val_clean is None else str(val_clean),
-        "val_pairs": val_pairs,
-        "val_images": val_images,
-        "workers": workers,
-        "device": device,
-        "precision": precision,
-        "threads": threads,
-        "export": None if export is None else str(export),
-        "init": init,
-    }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        if noise_sigma is not None:
-            low, high = parse_range(noise_sigma, "--noise-sigma", float)
-            overrides["noise_sigma"] = low if "," not in noise_sigma else [low, high]
-        if milestones is not None:
-            overrides["milestones"] = [int(m) for m in milestones.replace(" ", "").split(",") if m]
-        resolved = resolve_config(preset, config, overrides, baseline=baseline, resume=resume)
-    except ValueError as e:
-        fail(str(e), 2)
 
     from ..train.loop import train
 
@@ -111,23 +79,55 @@ def train_command(
     except ValueError as e:
         fail(str(e), 2)
     if main_rank:
-        if result.signal is not None:
-            import signal
-
-            name = signal.Signals(result.signal).name
-            err.print(
-                f"[yellow]stopped by {name} at iteration {result.iteration}[/]: checkpoint {escape(str(result.checkpoint))}; "
-                f"continue with: mitdenoise train --out {escape(str(result.run_dir))} --resume",
-                highlight=False,
-                soft_wrap=True,
-            )
-        else:
-            out.print(
-                f"{result.iteration} iterations: weights {result.export}, checkpoint {result.checkpoint}",
-                markup=False, highlight=False, soft_wrap=True,
-            )
+        _say_how_it_ended(result)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+_PATH_SETTINGS = {"data": "data", "out_dir": "out", "val_clean": "val_clean", "export": "export"}
+"""Options that are paths, and the setting each sets."""
+_PLAIN_SETTINGS = ("iterations", "batch_size", "patch_size", "lr", "seed", "mask_ramp", "checkpoint_every", "log_every",
+                   "val_every", "val_pairs", "val_images", "workers", "device", "precision", "threads", "init")
+"""Options that set the setting of their name as they are."""
+
+
+def _resolve(options: dict):
+    """The run's settings: preset, then TOML, then the options given (``train.config.resolve_config``);
+    a bad value exits with its one-line error."""
+    from ..train.config import resolve_config
+
+    overrides = {setting: str(options[name]) for name, setting in _PATH_SETTINGS.items() if options[name] is not None}
+    overrides.update({name: options[name] for name in _PLAIN_SETTINGS if options[name] is not None})
+    try:
+        sigma = options["noise_sigma"]
+        if sigma is not None:
+            low, high = parse_range(sigma, "--noise-sigma", float)
+            overrides["noise_sigma"] = low if "," not in sigma else [low, high]
+        if options["milestones"] is not None:
+            overrides["milestones"] = [int(m) for m in options["milestones"].replace(" ", "").split(",") if m]
+        return resolve_config(options["preset"], options["config"], overrides, baseline=options["baseline"],
+                              resume=options["resume"])
+    except ValueError as e:
+        fail(str(e), 2)
+
+
+def _say_how_it_ended(result) -> None:
+    """The run's last line: where its weights are, or where it stopped and how to go on."""
+    if result.signal is not None:
+        import signal
+
+        name = signal.Signals(result.signal).name
+        err.print(
+            f"[yellow]stopped by {name} at iteration {result.iteration}[/]: checkpoint {escape(str(result.checkpoint))}; "
+            f"continue with: mitdenoise train --out {escape(str(result.run_dir))} --resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(
+            f"{result.iteration} iterations: weights {result.export}, checkpoint {result.checkpoint}",
+            markup=False, highlight=False, soft_wrap=True,
+        )
 
 
 class TrainDisplay:
