@@ -229,9 +229,7 @@ def masked_attention(
     Returns None, with ``x`` untouched, where weights could underflow (the caller then
     takes :func:`attention_by_kind`).
     """
-    exp_bias, row_max = exp_biases
     bw, n, c = x.shape
-    heads, hd = attn.num_heads, c // attn.num_heads
     keep = keep.view(bw, n)
     n_kept = int(keep.sum(1).max())
     # The first n_kept tokens of every window after this sort include all its kept ones.
@@ -240,21 +238,42 @@ def masked_attention(
     x_kept = norm(x.view(bw * n, c).index_select(0, listed_rows).view(bw, n_kept, c))
     x_kept *= torch.gather(keep, 1, order).unsqueeze(-1)
     qkv_kept = linear(x_kept.view(bw * n_kept, c), attn.qkv, dtype).float()
-    qkv_kept = qkv_kept.view(bw, n_kept, 3, heads, hd).permute(2, 3, 0, 1, 4)  # (3, heads, bw, nk, hd)
-    q_bias, k_bias, v_bias = attn.qkv.bias.view(3, heads, 1, hd)
+    qkv_kept = qkv_kept.view(bw, n_kept, 3, attn.num_heads, -1).permute(2, 3, 0, 1, 4)  # (3, heads, bw, nk, hd)
+    masked = _masked_queries(attn, qkv_kept, order, exp_biases[0], kinds)
+    if masked is None:
+        return None
+    out, rest_sums = masked
+    kept_out = _listed_queries(attn, qkv_kept, order, bias, exp_biases[1], rest_sums, kinds)
+    out.view(bw * n, c).index_copy_(0, listed_rows, kept_out.permute(1, 2, 0, 3).reshape(bw * n_kept, c))
+    x.view(bw * n, c).add_(linear(out.view(bw * n, c), attn.proj, dtype))
+    return x
 
-    # Masked queries: weights exp(c_j - max c) * exp_bias_ij over all N keys, then normalise.
+
+def _masked_queries(
+    attn, qkv_kept: torch.Tensor, order: torch.Tensor, exp_bias: torch.Tensor, kinds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`masked_attention`'s masked queries, in aggregate: every token's output as a masked
+    query (bw, N, heads, hd) and, per head, key position and window, the sum of the rest's
+    exp_bias (heads, N, bw); None where a row's weights underflowed.
+
+    Weights ``exp(c_j - max c) * exp_bias_ij`` over all N keys, then normalised; one GEMM per
+    window kind against, per window, head and key j: ``[w_j v_j, w_j, 1 if j is in the rest]``.
+    """
+    heads, bw, n_kept, hd = qkv_kept.shape[1:]
+    n = exp_bias.shape[-1]
+    q_bias, k_bias, v_bias = attn.qkv.bias.view(3, heads, 1, hd)
     listed_scores = (qkv_kept[1] @ (q_bias * attn.scale).unsqueeze(-1)).squeeze(-1)  # (heads, bw, nk)
     rest_score = (k_bias * q_bias).sum(-1) * attn.scale  # (heads, 1)
     top = torch.maximum(listed_scores.amax(-1), rest_score)  # (heads, bw)
     listed_weights = (listed_scores - top.unsqueeze(-1)).exp_()
     rest_weights = (rest_score - top).exp_()
     # Per window, head and key position j: [w_j v_j, w_j, 1 if j is in the rest], keys last.
-    values = torch.empty(heads, bw, hd + 2, n, dtype=x.dtype, device=x.device)
+    dtype, device = qkv_kept.dtype, qkv_kept.device
+    values = torch.empty(heads, bw, hd + 2, n, dtype=dtype, device=device)
     values[:, :, :hd] = (rest_weights.unsqueeze(-1) * v_bias).unsqueeze(-1)
     values[:, :, hd] = rest_weights.unsqueeze(-1)
     values[:, :, hd + 1] = 1.0
-    listed = torch.empty(heads, bw, hd + 2, n_kept, dtype=x.dtype, device=x.device)
+    listed = torch.empty(heads, bw, hd + 2, n_kept, dtype=dtype, device=device)
     torch.mul(qkv_kept[2].transpose(2, 3), listed_weights.unsqueeze(2), out=listed[:, :, :hd])
     listed[:, :, hd] = listed_weights
     listed[:, :, hd + 1] = 0.0
@@ -270,34 +289,48 @@ def masked_attention(
     inverse_sums = sums[..., hd].reciprocal()
     if not bool(inverse_sums.amax() < 1 / REST_FLOOR):
         return None  # a row sees only keys whose weights underflowed
-    out = torch.empty(bw, n, heads, hd, dtype=x.dtype, device=x.device)
+    out = torch.empty(bw, n, heads, hd, dtype=dtype, device=device)
     torch.mul(sums[..., :hd], inverse_sums.unsqueeze(-1), out=out.permute(2, 1, 0, 3))
+    return out, sums[..., hd + 1]
 
-    # Listed queries: the listed keys one by one, then the rest as one key.
+
+def _listed_queries(
+    attn,
+    qkv_kept: torch.Tensor,
+    order: torch.Tensor,
+    bias: torch.Tensor,
+    row_max: torch.Tensor,
+    rest_sums: torch.Tensor,
+    kinds: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`masked_attention`'s listed queries: each attends to the listed keys one by one and to
+    the rest as one key, ``k_bias`` with value ``v_bias``, whose position bias is the log of
+    its exp_bias row sum (``rest_sums``, from :func:`_masked_queries`) plus the row's scale.
+    Returns (heads, bw, n_kept, hd)."""
+    heads, bw, n_kept, hd = qkv_kept.shape[1:]
+    n = rest_sums.shape[1]
+    _, k_bias, v_bias = attn.qkv.bias.view(3, heads, 1, hd)
+    dtype, device = qkv_kept.dtype, qkv_kept.device
     positions = order.unsqueeze(2) * n + order.unsqueeze(1)  # (bw, nk, nk) into an N x N bias
     positions += (kinds * (n * n)).view(bw, 1, 1)
-    scores = torch.empty(heads, bw, n_kept, n_kept + 1, dtype=x.dtype, device=x.device)
+    scores = torch.empty(heads, bw, n_kept, n_kept + 1, dtype=dtype, device=device)
     per_head = bias.transpose(0, 1).reshape(heads, -1)
     scores[..., :n_kept] = per_head.index_select(1, positions.flatten()).view(heads, bw, n_kept, n_kept)
-    # The rest's position bias: log of its exp_bias row sum, plus the row's scale.
-    rest_bias = sums[..., hd + 1].gather(1, order.t().unsqueeze(0).expand(heads, n_kept, bw)).log_().transpose(1, 2)
+    rest_bias = rest_sums.gather(1, order.t().unsqueeze(0).expand(heads, n_kept, bw)).log_().transpose(1, 2)
     query_rows = (order + (kinds * n).unsqueeze(1)).flatten()
     rest_bias += row_max.transpose(0, 1).reshape(heads, -1).index_select(1, query_rows).view(heads, bw, n_kept)
     scores[..., n_kept] = rest_bias
-    keys = torch.empty(heads, bw, n_kept + 1, hd, dtype=x.dtype, device=x.device)
+    keys = torch.empty(heads, bw, n_kept + 1, hd, dtype=dtype, device=device)
     keys[:, :, :n_kept] = qkv_kept[1]
     keys[:, :, n_kept] = k_bias
-    vals = torch.empty(heads, bw, n_kept + 1, hd, dtype=x.dtype, device=x.device)
+    vals = torch.empty(heads, bw, n_kept + 1, hd, dtype=dtype, device=device)
     vals[:, :, :n_kept] = qkv_kept[2]
     vals[:, :, n_kept] = v_bias
     scores = scores.view(heads * bw, n_kept, n_kept + 1)
     q = qkv_kept[0].reshape(heads * bw, n_kept, hd)
     scores.baddbmm_(q, keys.view(heads * bw, n_kept + 1, hd).transpose(1, 2), alpha=attn.scale)
     scores = short_row_softmax(scores)
-    kept_out = torch.bmm(scores, vals.view(heads * bw, n_kept + 1, hd)).view(heads, bw, n_kept, hd)
-    out.view(bw * n, c).index_copy_(0, listed_rows, kept_out.permute(1, 2, 0, 3).reshape(bw * n_kept, c))
-    x.view(bw * n, c).add_(linear(out.view(bw * n, c), attn.proj, dtype))
-    return x
+    return torch.bmm(scores, vals.view(heads * bw, n_kept + 1, hd)).view(heads, bw, n_kept, hd)
 
 
 def unmasked_attention(
