@@ -463,8 +463,6 @@ def _download(
     url = entry.url
     host = httpx2.URL(url).host
     timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT if timeout is None else timeout
-    received = 0
-    cut_short = None
     try:
         with http_stream_backoff(
             "GET",
@@ -474,38 +472,8 @@ def _download(
             retry_on_status_codes=(429, 500, 502, 503, 504),
             timeout=timeout,
         ) as response:
-            if response.status_code != 200:
-                status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
-                raise ModelUnavailableError(
-                    f"cannot download model '{entry.name}' from {url}: {status}", f"{host} answered {status}"
-                )
-            total = _content_length(response)
-            if total is not None and total > checkpoints.MAX_CHECKPOINT_BYTES:
-                raise ModelUnavailableError(
-                    f"refusing to download model '{entry.name}' from {url}: {human_size(total)} is over the "
-                    f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} limit for a checkpoint",
-                    f"the file on {host} is over the size limit for a checkpoint",
-                )
-            if on_download is not None:
-                on_download(entry.name, 0, total)
-            with dest.open("wb") as f:
-                try:
-                    for chunk in response.iter_bytes(chunk_size=1 << 20):
-                        received += len(chunk)
-                        if received > checkpoints.MAX_CHECKPOINT_BYTES:
-                            raise ModelUnavailableError(
-                                f"refusing to download model '{entry.name}' from {url}: more than "
-                                f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} (the limit for a checkpoint); "
-                                "the partial file was deleted",
-                                f"the file on {host} is over the size limit for a checkpoint",
-                            )
-                        f.write(chunk)
-                        if on_download is not None:
-                            on_download(entry.name, received, total)
-                except (httpx2.TransportError, httpx2.StreamError):
-                    # truncated or stalled: the checksum will reject it
-                    of = f" of {total}" if total is not None else ""
-                    cut_short = f"the transfer was cut short after {received}{of} bytes"
+            total = _expected_size(entry, response, host)
+            cut_short = _save_stream(entry, response, dest, total, host, on_download)
     except OfflineModeIsEnabled:
         why = "offline mode is on (HF_HUB_OFFLINE)"
         raise ModelUnavailableError(_unavailable(entry, why), f"it is not in the cache and {why}") from None
@@ -524,6 +492,55 @@ def _download(
         why = f"cannot write to the cache {dest.parent}: {first_line(e)}"
         raise ModelUnavailableError(why, why) from None
     return cut_short
+
+
+def _expected_size(entry: ModelEntry, response, host: str) -> int | None:
+    """The size the answer announces (None: not said); an error answer, or a size over the limit
+    for a checkpoint, is a :class:`ModelUnavailableError`."""
+    if response.status_code != 200:
+        status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+        raise ModelUnavailableError(
+            f"cannot download model '{entry.name}' from {entry.url}: {status}", f"{host} answered {status}"
+        )
+    total = _content_length(response)
+    if total is not None and total > checkpoints.MAX_CHECKPOINT_BYTES:
+        raise ModelUnavailableError(
+            f"refusing to download model '{entry.name}' from {entry.url}: {human_size(total)} is over the "
+            f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} limit for a checkpoint",
+            f"the file on {host} is over the size limit for a checkpoint",
+        )
+    return total
+
+
+def _save_stream(
+    entry: ModelEntry, response, dest: Path, total: int | None, host: str, on_download: DownloadProgress | None
+) -> str | None:
+    """Write the answer's body to ``dest`` part by part, telling ``on_download``; past the size limit
+    a :class:`ModelUnavailableError`. A transfer cut short returns a note saying how short (the
+    checksum that follows rejects the file); a whole one returns None."""
+    import httpx2
+
+    received = 0
+    if on_download is not None:
+        on_download(entry.name, 0, total)
+    with dest.open("wb") as f:
+        try:
+            for chunk in response.iter_bytes(chunk_size=1 << 20):
+                received += len(chunk)
+                if received > checkpoints.MAX_CHECKPOINT_BYTES:
+                    raise ModelUnavailableError(
+                        f"refusing to download model '{entry.name}' from {entry.url}: more than "
+                        f"{human_size(checkpoints.MAX_CHECKPOINT_BYTES)} (the limit for a checkpoint); "
+                        "the partial file was deleted",
+                        f"the file on {host} is over the size limit for a checkpoint",
+                    )
+                f.write(chunk)
+                if on_download is not None:
+                    on_download(entry.name, received, total)
+        except (httpx2.TransportError, httpx2.StreamError):
+            of = f" of {total}" if total is not None else ""
+            return f"the transfer was cut short after {received}{of} bytes"
+    return None
 
 
 def _content_length(response) -> int | None:
