@@ -369,6 +369,29 @@ class Route(enum.Enum):
     (the fused attention for any block where the kernel cannot run)."""
 
 
+@dataclass(frozen=True)
+class RouteCapabilities:
+    """What a route can run, as data a caller reads (``ROUTES[Route.CPU].products``) instead of code."""
+
+    devices: tuple[str, ...]
+    """Device types :func:`choose_route` sends to it."""
+    products: tuple[torch.dtype, ...]
+    """The types its products can be in (float32 always; half types by autocast or ``matmul_dtype``)."""
+    autograd: bool
+    """Whether a forward through it can be differentiated (training)."""
+    code: str
+    """The module that holds it."""
+
+
+ROUTES: dict[Route, RouteCapabilities] = {
+    Route.PLAIN: RouteCapabilities(("cpu", "cuda"), (torch.float32, torch.bfloat16, torch.float16), True, "mitdenoise.model"),
+    Route.CPU: RouteCapabilities(("cpu",), (torch.float32, torch.bfloat16), False, "mitdenoise.route_cpu"),
+    Route.CPU_TRAINING: RouteCapabilities(("cpu",), (torch.float32,), True, "mitdenoise.route_train"),
+    Route.FUSED: RouteCapabilities(("cuda",), (torch.float32,), True, "mitdenoise.route_fused"),
+    Route.TRITON: RouteCapabilities(("cuda",), (torch.bfloat16, torch.float16), False, "mitdenoise.triton_block"),
+}
+"""Every route's capabilities; all of them run the attention keep-mask (the method needs it at inference)."""
+
 FUSED_ROUTES = (Route.FUSED, Route.TRITON)
 """Routes whose blocks take the fused attention where they run the modules' code."""
 
@@ -494,7 +517,7 @@ class SwinIR(nn.Module):
         ratio = self.config.attn_mask_ratio if mask_ratio is None else tuple(mask_ratio)
         route, dtype = choose_route(x, self.config, shortcut)
         if matmul_dtype != torch.float32:
-            if route is not Route.CPU:
+            if route is not Route.CPU or matmul_dtype not in ROUTES[route].products:
                 raise ValueError(f"matmul_dtype={matmul_dtype} is for the CPU inference route only")
             dtype = matmul_dtype
         chunk = attention_chunk(x.device.type, route in FUSED_ROUTES) if chunked else None

@@ -440,6 +440,27 @@ def test_bf16_cpu_route_is_close_to_fp32_and_keeps_a_float32_result(fixtures_dir
     assert 1e-4 < diff.max() < 0.05 and diff.mean() < 0.005
 
 
+def test_the_route_chosen_can_do_what_the_forward_asks(fixtures_dir):
+    """choose_route and ROUTES agree: the route taken lists the device, the products' type and,
+    under autograd, differentiation."""
+    config = load_model(fixtures_dir / "official_tiny_random.pth").config
+    cases = [
+        (torch.zeros(1, 3, 8, 8), False, model_module.Route.CPU),
+        (torch.zeros(1, 3, 8, 8), True, model_module.Route.CPU_TRAINING),
+        (torch.zeros(1, 3, 8, 8).double(), True, model_module.Route.PLAIN),
+    ]
+    if torch.cuda.is_available():
+        cases += [(torch.zeros(1, 3, 8, 8, device="cuda"), False, model_module.Route.FUSED)]
+    for x, grad, expected in cases:
+        with torch.set_grad_enabled(grad):
+            route, dtype = model_module.choose_route(x, config)
+        capabilities = model_module.ROUTES[route]
+        assert route is expected and x.device.type in capabilities.devices and dtype in capabilities.products
+        assert capabilities.autograd or not grad
+    assert model_module.choose_route(torch.zeros(1), config, shortcut=False)[0] is model_module.Route.PLAIN
+    assert set(model_module.ROUTES) == set(model_module.Route)
+
+
 def test_bf16_products_are_for_the_cpu_inference_route_only(fixtures_dir):
     model = load_model(fixtures_dir / "official_tiny_random.pth")
     x = torch.rand(1, 3, 16, 16)
