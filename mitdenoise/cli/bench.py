@@ -12,12 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from ..errors import MitdenoiseError
-from .console import err, fail, note, out, parse_range, set_threads
+from .console import counting_bars, fail, note, out, parse_range, set_threads
 
 DEFAULT_OUT = Path("bench-results")
 
@@ -37,8 +36,7 @@ class _Bar:
     """A rich progress bar on stderr driven by the library's ``on_total`` / ``on_progress`` callbacks."""
 
     def __init__(self, quiet: bool, what: str) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=err, disable=quiet, transient=True)
+        self.progress = counting_bars(quiet)
         self.task = self.progress.add_task(what, total=None)
 
     def total(self, n: int) -> None:
@@ -248,11 +246,16 @@ def bench_speed_command(
 def _report_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
     from ..bench.speed import speed_table
 
+    _report_timings(results, speed_table, out_dir / "speed.json", as_json, quiet)
+
+
+def _report_timings(results: dict, make_table, saved: Path, as_json: bool, quiet: bool) -> None:
+    """A timing benchmark's notes on stderr, then its table (or the JSON) on stdout."""
     if _print_notes_or_json(results, as_json, quiet):
         return
-    table = speed_table(results)
+    table = make_table(results)
     table.notes = [n for n in table.notes if not n.startswith("- ")]  # the run's notes went to stderr above
-    _print_table(table, f"Also in {out_dir / 'speed.json'}")
+    _print_table(table, f"Also in {saved}")
 
 
 # --- bench train --------------------------------------------------------------------------------
@@ -307,11 +310,7 @@ def bench_train_command(
 def _report_train_speed(results: dict, out_dir: Path, as_json: bool, quiet: bool) -> None:
     from ..bench.train_speed import train_speed_table
 
-    if _print_notes_or_json(results, as_json, quiet):
-        return
-    table = train_speed_table(results)
-    table.notes = [n for n in table.notes if not n.startswith("- ")]  # the run's notes went to stderr above
-    _print_table(table, f"Also in {out_dir / 'train-speed.json'}")
+    _report_timings(results, train_speed_table, out_dir / "train-speed.json", as_json, quiet)
 
 
 # --- bench (default) ----------------------------------------------------------------------------

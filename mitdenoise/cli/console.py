@@ -78,6 +78,15 @@ def show_library_log(quiet: bool = False) -> None:
     LIBRARY_LOGGER.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def counting_bars(quiet: bool):
+    """A rich progress display on stderr for counted work (files, tiles, benchmark units): each
+    task a description, a bar, done/total and the time so far; gone when done, nothing when quiet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, disable=quiet, transient=True)
+
+
 class DownloadBar:
     """A rich download bar on stderr, driven by the library's ``on_download`` callback
     (:data:`mitdenoise.registry.DownloadProgress`); off with ``--quiet`` or

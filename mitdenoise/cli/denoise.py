@@ -6,12 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..defaults import DEFAULT_MODEL, DEFAULT_OVERLAP, DEFAULT_TILE, FALLBACK_MODEL
 from ..errors import MitdenoiseError
 from ..stopping import StopFlag, signal_exit_code
-from .console import DownloadBar, err, error, fail, note, notice, set_threads, show_library_log, warn
+from .console import DownloadBar, counting_bars, err, error, fail, note, notice, set_threads, show_library_log, warn
 
 EPILOG = (
     "Examples:\n\n"
@@ -108,10 +107,7 @@ def _run_with_progress(jobs, denoiser, overwrite: bool, quiet: bool, stop: StopF
     """Run the jobs with a files bar and a tiles bar on stderr, until ``stop`` is set."""
     from ..batch import run_jobs
 
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, disable=quiet, transient=True,
-    )
+    progress = counting_bars(quiet)
     files_task = progress.add_task("files", total=len(jobs))
     tiles_task = progress.add_task("tiles", total=1)
 
