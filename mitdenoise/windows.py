@@ -13,17 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-MAX_BIAS_SPREAD = 60.0
-"""Above this spread of a bias row, ``exp(bias - row max)`` could underflow to 0 for keys that
-count: the masked-token shortcuts of the CPU routes then take the plain attention."""
 SEAM = -50.0
 """A bias below this is the shift mask's seam (its -100): no attention across it."""
-REST_FLOOR = 1e-30
-"""Smallest sum of exponentiated biases taken as it is: below it a rest key weighs nothing, and
-masked queries whose weights sum below it take the plain attention."""
-SHORT_ROW = 16
-"""Softmax rows shorter than this take separate vectorised passes: torch's CPU softmax (and its
-backward) runs a scalar loop there."""
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:

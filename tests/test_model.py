@@ -172,9 +172,9 @@ def test_masked_token_shortcut_is_used_for_the_full_network(fixtures_dir, monkey
     model = load_model(fixtures_dir / "official_full_random.pth")
     x = torch.rand(1, 3, 48, 56, generator=torch.Generator().manual_seed(0))
     calls = []
-    original = route_cpu.masked_attention
+    original = route_cpu.masked_query_attention
     monkeypatch.setattr(
-        route_cpu, "masked_attention", lambda *a: (result := original(*a), calls.append(result is not None))[0]
+        route_cpu, "masked_query_attention", lambda *a: (result := original(*a), calls.append(result is not None))[0]
     )
     with torch.inference_mode():
         fast = model(x, generator=torch.Generator().manual_seed(3))
@@ -183,9 +183,17 @@ def test_masked_token_shortcut_is_used_for_the_full_network(fixtures_dir, monkey
     assert (fast - plain).abs().max() < 1e-5
 
 
-def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fixtures_dir):
+def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fixtures_dir, monkeypatch):
     """A huge query bias makes exp(c_j - max c) underflow for a whole shift region: the block
-    must fall back to the plain attention, not return NaN; so must a position bias spanning > 60."""
+    must fall back to the plain attention, not return NaN; a position bias spanning > 60 must
+    list every token (no rest key) without trying."""
+    from mitdenoise import masked_windows
+
+    calls = []
+    original = route_cpu.masked_query_attention
+    monkeypatch.setattr(
+        route_cpu, "masked_query_attention", lambda *a: (result := original(*a), calls.append(result is not None))[0]
+    )
     model = load_model(fixtures_dir / "official_tiny_random.pth")
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     attn = model.layers[0].residual_group.blocks[1].attn  # a shifted block
@@ -195,28 +203,25 @@ def test_masked_token_shortcut_steps_aside_where_its_weights_would_underflow(fix
     with torch.inference_mode():
         fast = model(x, generator=torch.Generator().manual_seed(3))
         plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
-        assert torch.isfinite(fast).all()
-        assert (fast - plain).abs().max() < 1e-4
-        bias = route_cpu.kind_biases(attn, 4)
-        keep = torch.ones(16, 64, 1)
-        keep[:, 1::2] = 0
-        windows = torch.randn(16, 64, 12)
-        before = windows.clone()
-        kinds = torch.tensor([0, 0, 0, 1] * 3 + [2, 2, 2, 3])
-        exps = route_cpu.exp_biases(attn, bias)
-        assert route_cpu.masked_attention(attn, windows, keep, bias, exps, kinds, torch.nn.Identity()) is None
-        assert torch.equal(windows, before)  # left untouched for the fallback
-        model = load_model(fixtures_dir / "official_tiny_random.pth")
-        attn = model.layers[0].residual_group.blocks[1].attn
-        attn.relative_position_bias_table.data[0] = 70.0
-        assert route_cpu.exp_biases(attn, route_cpu.kind_biases(attn, 4)) is None
+    assert torch.isfinite(fast).all()
+    assert (fast - plain).abs().max() < 1e-4
+    blocks = sum(model.config.depths)
+    assert len(calls) == blocks and calls.count(False) == 1  # that block fell back, the others did not
+
+    calls.clear()
+    model = load_model(fixtures_dir / "official_tiny_random.pth")
+    attn = model.layers[0].residual_group.blocks[1].attn
+    attn.relative_position_bias_table.data[0] = 70.0
+    assert not masked_windows.rest_key_applies(attn)
+    with torch.inference_mode():
         fast = model(x, generator=torch.Generator().manual_seed(3))
         plain = model(x, generator=torch.Generator().manual_seed(3), shortcut=False)
-        assert (fast - plain).abs().max() < 1e-4
+    assert (fast - plain).abs().max() < 1e-4
+    assert calls == [True] * (blocks - 1)  # that block never tried
 
 
 def test_the_shortcut_follows_weights_changed_between_calls(fixtures_dir):
-    """exp_biases is kept from call to call: it must be redone when the position bias changes."""
+    """Nothing of a position bias is kept from call to call: a changed bias table takes effect."""
     model = load_model(fixtures_dir / "official_tiny_random.pth")
     x = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -471,12 +476,12 @@ def test_bf16_products_are_for_the_cpu_inference_route_only(fixtures_dir):
 
 
 @pytest.mark.parametrize("width", [1, 5, 15, 16, 29])
-def test_short_row_softmax_equals_softmax(width):
-    from mitdenoise.route_cpu import short_row_softmax
+def test_the_shared_softmax_equals_softmax(width):
+    from mitdenoise.masked_windows import softmax
 
     scores = torch.randn(3, 7, width, generator=torch.Generator().manual_seed(width)) * 30 + 500
     expected = scores.double().softmax(-1)
-    got = short_row_softmax(scores.clone())
+    got = softmax(scores)
     assert (got.double() - expected).abs().max() < 1e-6
     assert torch.allclose(got.sum(-1), torch.ones(3, 7))
 

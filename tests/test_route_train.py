@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mitdenoise import model as model_module
-from mitdenoise import route_train
+from mitdenoise import masked_windows, route_train
 from mitdenoise.masking import input_mask
 from mitdenoise.model import ModelConfig, SwinIR
 
@@ -155,7 +155,7 @@ def test_short_row_softmax_has_the_values_and_gradients_of_softmax():
     for width in (7, 20):
         y = torch.randn(9, width, generator=g, requires_grad=True)
         w = torch.randn(9, width, generator=g)
-        fast = route_train.softmax(y)
+        fast = masked_windows.softmax(y)
         (fast * w).sum().backward()
         grad, y.grad = y.grad.clone(), None
         (y.softmax(-1) * w).sum().backward()
@@ -169,7 +169,7 @@ def test_masked_layouts_gathers_put_every_row_where_it_belongs():
     g = torch.Generator().manual_seed(0)
     bw, n, nk, heads = 5, 16, 6, 3
     pos = torch.stack([torch.randperm(n, generator=g) for _ in range(bw)])
-    layout = route_train.MaskedLayout(pos, torch.zeros(bw, dtype=torch.long), nk, heads, 1)
+    layout = masked_windows.MaskedLayout(pos, torch.zeros(bw, dtype=torch.long), nk, heads, 1)
 
     rows = torch.arange(bw * (nk + 1))  # the listed keys' rows (bw, nk), then one rest row a window
     keys = rows.index_select(0, layout.key_sources).view(n, bw)
