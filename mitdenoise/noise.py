@@ -9,6 +9,11 @@ uses: Gaussian sigma on the 0..255 scale, Poisson scale alpha, speckle variance,
 salt-and-pepper density. The camera kinds (``camera``, ``poissongaussian``,
 ``gaussianjpeg``) give their level as a standard deviation on the 0..255 scale.
 
+Correlated noise comes in two forms, on purpose: ``correlated``, the test kind (white noise
+through a 3x3 box, channel by channel), and :func:`structured_noise`, the family training draws
+from (brightness and colour blurred by drawn amounts, on torch generators). Testing on a form
+no network was trained on keeps the unseen-noise tables honest.
+
 ``camera`` also changes the clean image (its pipeline demosaics and develops it):
 :func:`noisy_pair` returns the noisy image with the clean image it should be compared to.
 
@@ -27,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import camera
+from .metrics import gaussian_window
 
 Rng = np.random.Generator | int | None
 
@@ -104,6 +110,61 @@ def correlated(x: np.ndarray, sigma255: float, rng: Rng = None) -> np.ndarray:
     rows = white[:-2] + white[1:-1] + white[2:]
     box = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 9.0
     return _finish(x + box * (3.0 * sigma255 / 255.0), x)
+
+
+YCBCR_TO_RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))
+"""JPEG's (BT.601 full-range) YCbCr back to RGB: columns are what a unit of Y, Cb, Cr adds to R, G, B."""
+LUMA_BLUR = (0.0, 1.0)
+CHROMA_BLUR = (0.0, 2.0)
+CHROMA_RATIO = (0.3, 1.2)
+"""Ranges :func:`structured_noise`'s shape is drawn from, uniformly, per field."""
+
+
+def uniform_draw(generator, low: float, high: float) -> float:
+    """A draw from U(low, high) from a ``torch.Generator``; none (the stream untouched) when the
+    range is one value."""
+    import torch
+
+    return low if low == high else low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _unit_blur(x, std: float, border: int):
+    """Gaussian blur of a (N, H, W) white torch field, cropped by ``border`` on every side, scaled back to unit std."""
+    import torch
+
+    if std < 0.05:  # under a twentieth of a pixel the blur is the identity
+        return x[:, border : x.shape[1] - border, border : x.shape[2] - border]
+    k = torch.from_numpy(gaussian_window(std, border)).float()
+    gain = float((k * k).sum())  # the separable blur's output std for unit white input
+    n = x.shape[0]
+    x = torch.nn.functional.conv2d(x[:, None], k.view(1, 1, 1, -1))
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1))
+    return x.view(n, x.shape[2], x.shape[3]) / gain
+
+
+def structured_noise(size: int, sigma: float, generator):
+    """(3, size, size) torch Gaussian noise with a camera's structure, per-channel RMS std ``sigma``
+    (on [0, 1]), from a ``torch.Generator``: the correlated noise training draws.
+
+    A camera's sRGB noise is not white: demosaicking correlates neighbouring pixels, and the
+    colour pipeline and JPEG's chroma subsampling leave the colour part coarser than the
+    brightness part and at its own level. So the noise is drawn in YCbCr: white Gaussian fields
+    for Y, Cb and Cr, Y blurred by a Gaussian of std in ``LUMA_BLUR`` px, Cb and Cr by one in
+    ``CHROMA_BLUR``, each scaled back to unit std; chroma's level is ``CHROMA_RATIO`` times the
+    luma's; then to RGB, scaled so the three channels' mean variance is ``sigma**2``. Still
+    Gaussian noise (a linear map of white noise): no real noise, no camera model is learnt from.
+    """
+    import torch
+
+    luma_blur, chroma_blur, ratio = (uniform_draw(generator, *r) for r in (LUMA_BLUR, CHROMA_BLUR, CHROMA_RATIO))
+    border = max(1, int(np.ceil(3 * CHROMA_BLUR[1])))
+    white = torch.randn((3, size + 2 * border, size + 2 * border), generator=generator)
+    ycc = torch.cat([_unit_blur(white[:1], luma_blur, border), _unit_blur(white[1:], chroma_blur, border)])
+    ycc[1:] *= ratio
+    to_rgb = torch.tensor(YCBCR_TO_RGB)
+    rgb = torch.einsum("ij,jhw->ihw", to_rgb, ycc)
+    variance = float((to_rgb**2 @ torch.tensor([1.0, ratio**2, ratio**2])).mean())
+    return rgb * (sigma / variance**0.5)
 
 
 def poisson(x: np.ndarray, alpha: float, rng: Rng = None) -> np.ndarray:

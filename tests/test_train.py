@@ -25,7 +25,8 @@ from mitdenoise.errors import MitdenoiseError, TrainSetupError
 from mitdenoise.masking import MASKED_VALUE, input_mask
 from mitdenoise.model import ModelConfig
 from mitdenoise.train import PRESETS, TrainConfig, resolve_config, train
-from mitdenoise.train.data import YCBCR_TO_RGB, PatchBatches, augment, augment_inverse, correlated_noise, find_images, load_images
+from mitdenoise.noise import YCBCR_TO_RGB, structured_noise
+from mitdenoise.train.data import PatchBatches, augment, augment_inverse, find_images, load_images
 from mitdenoise.train.loop import CHECKPOINT_NAME, EXPORT_NAME
 from mitdenoise.train.validation import synthetic_sets
 
@@ -159,10 +160,10 @@ def test_clip_noisy_off_leaves_noise_past_black_and_white_and_on_keeps_the_strea
 
 def test_correlated_noise_has_the_asked_level_and_is_coarser_in_colour_than_in_brightness():
     g = torch.Generator().manual_seed(0)
-    fields = torch.stack([correlated_noise(64, 10.0, g) for _ in range(300)])
+    fields = torch.stack([structured_noise(64, 10.0, g) for _ in range(300)])
     assert fields.shape == (300, 3, 64, 64)
     assert abs(float(fields.pow(2).mean().sqrt()) - 10.0) < 0.3  # per-channel RMS std is sigma
-    ycc = torch.einsum("ij,njhw->nihw", torch.linalg.inv(YCBCR_TO_RGB), fields)
+    ycc = torch.einsum("ij,njhw->nihw", torch.linalg.inv(torch.tensor(YCBCR_TO_RGB)), fields)
 
     def neighbour_correlation(x):  # over patches and pixels, per component
         return ((x[..., 1:] * x[..., :-1]).mean(dim=(0, 2, 3)) / x.pow(2).mean(dim=(0, 2, 3))).tolist()
@@ -171,8 +172,8 @@ def test_correlated_noise_has_the_asked_level_and_is_coarser_in_colour_than_in_b
     assert 0.2 < luma < 0.7 and 0.5 < cb < 0.9 and 0.5 < cr < 0.9 and min(cb, cr) > luma + 0.1
     per_patch = [neighbour_correlation(f[None])[0] for f in ycc[:, :1]]
     assert min(per_patch) < 0.1 and max(per_patch) > 0.6, "the blur is drawn per patch, from none to about 1 px"
-    assert torch.equal(correlated_noise(16, 5.0, torch.Generator().manual_seed(3)),
-                       correlated_noise(16, 5.0, torch.Generator().manual_seed(3)))
+    assert torch.equal(structured_noise(16, 5.0, torch.Generator().manual_seed(3)),
+                       structured_noise(16, 5.0, torch.Generator().manual_seed(3)))
 
 
 def test_a_share_of_patches_gets_correlated_noise_in_its_own_sigma_range(images):

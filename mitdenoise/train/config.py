@@ -55,7 +55,7 @@ class TrainConfig:
     so it does not learn to push values near black and white outwards (a colour shift on photos)."""
     correlated_noise: float = 0.0
     """Share of patches (0-1) whose Gaussian noise has a camera's structure instead of being white:
-    spatially correlated, coarser and at its own level in colour (``data.correlated_noise``), with
+    spatially correlated, coarser and at its own level in colour (``noise.structured_noise``), with
     sigma drawn from ``correlated_sigma``. Meant for photos, whose noise a white-noise model
     leaves as coarse colour blotches."""
     correlated_sigma: tuple[float, float] = (1.0, 15.0)

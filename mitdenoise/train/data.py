@@ -23,7 +23,6 @@ from .. import camera, imageio
 from .. import noise as noises
 from ..errors import TrainDataError
 from ..masking import input_mask, ramped
-from ..metrics import gaussian_window
 
 IMAGE_SUFFIXES = imageio.SUPPORTED_SUFFIXES
 
@@ -65,52 +64,6 @@ def augment_inverse(x: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.rot90(x, -(mode % 4), dims=(-2, -1))
 
 
-#: JPEG's (BT.601 full-range) YCbCr back to RGB: columns are what a unit of Y, Cb, Cr adds to R, G, B.
-YCBCR_TO_RGB = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
-#: Ranges the correlated noise's shape is drawn from, uniformly, per patch (see ``correlated_noise``).
-LUMA_BLUR = (0.0, 1.0)
-CHROMA_BLUR = (0.0, 2.0)
-CHROMA_RATIO = (0.3, 1.2)
-
-
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    """A draw from U(low, high); none (the stream untouched) when the range is one value."""
-    return low if low == high else low + (high - low) * float(torch.rand((), generator=generator))
-
-
-def _unit_blur(x: torch.Tensor, std: float, border: int) -> torch.Tensor:
-    """Gaussian blur of a (N, H, W) white field, cropped by ``border`` on every side, scaled back to unit std."""
-    if std < 0.05:  # under a twentieth of a pixel the blur is the identity
-        return x[:, border : x.shape[1] - border, border : x.shape[2] - border]
-    k = torch.from_numpy(gaussian_window(std, border)).float()
-    gain = float((k * k).sum())  # the separable blur's output std for unit white input
-    n = x.shape[0]
-    x = torch.nn.functional.conv2d(x[:, None], k.view(1, 1, 1, -1))
-    x = torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1))
-    return x.view(n, x.shape[2], x.shape[3]) / gain
-
-
-def correlated_noise(size: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """(3, size, size) Gaussian noise with a camera's structure, per-channel RMS std ``sigma``.
-
-    A camera's sRGB noise is not white: demosaicking correlates neighbouring pixels, and the
-    colour pipeline and JPEG's chroma subsampling leave the colour part coarser than the
-    brightness part and at its own level. So the noise is drawn in YCbCr: white Gaussian fields
-    for Y, Cb and Cr, Y blurred by a Gaussian of std in ``LUMA_BLUR`` px, Cb and Cr by one in
-    ``CHROMA_BLUR``, each scaled back to unit std; chroma's level is ``CHROMA_RATIO`` times the
-    luma's; then to RGB, scaled so the three channels' mean variance is ``sigma**2``. Still
-    Gaussian noise (a linear map of white noise): no real noise, no camera model is learnt from.
-    """
-    luma_blur, chroma_blur, ratio = (_uniform(generator, *r) for r in (LUMA_BLUR, CHROMA_BLUR, CHROMA_RATIO))
-    border = max(1, int(np.ceil(3 * CHROMA_BLUR[1])))
-    white = torch.randn((3, size + 2 * border, size + 2 * border), generator=generator)
-    ycc = torch.cat([_unit_blur(white[:1], luma_blur, border), _unit_blur(white[1:], chroma_blur, border)])
-    ycc[1:] *= ratio
-    rgb = torch.einsum("ij,jhw->ihw", YCBCR_TO_RGB, ycc)
-    variance = float((YCBCR_TO_RGB**2 @ torch.tensor([1.0, ratio**2, ratio**2])).mean())
-    return rgb * (sigma / variance**0.5)
-
-
 BROAD_MARGIN = 8
 """Extra pixels drawn around a patch for the broad recipe: the demosaic's filters and JPEG's 8x8
 blocks see past the patch's edge, and the patch's offset in the block grid is drawn."""
@@ -140,7 +93,7 @@ def broad_noise(x: np.ndarray, rng: np.random.Generator, generator: torch.Genera
 
     Kinds by ``BROAD_KINDS``: a camera's pipeline (``mitdenoise.camera``: the target is its
     clean twin), white Gaussian, Poisson-Gaussian, camera-structured correlated Gaussian
-    (:func:`correlated_noise`), or a mixture of white and correlated in a drawn order of
+    (:func:`~mitdenoise.noise.structured_noise`), or a mixture of white and correlated in a drawn order of
     size; then, for all but the camera, JPEG with ``BROAD_JPEG_SHARE``. ``clip`` clips
     uncompressed additive noise to [0, 1] (JPEG and the camera always clip).
     """
@@ -155,18 +108,18 @@ def broad_noise(x: np.ndarray, rng: np.random.Generator, generator: torch.Genera
     elif kind == "poissongaussian":
         noise = noises.poisson_gaussian_std(x, rng.uniform(*BROAD_POISSON_GAUSSIAN)) * rng.standard_normal(x.shape)
     elif kind == "correlated":
-        noise = _correlated_field(size, rng.uniform(*BROAD_CORRELATED_SIGMA), generator)
+        noise = _structured_field(size, rng.uniform(*BROAD_CORRELATED_SIGMA), generator)
     else:
         white, blotch = rng.uniform(0.0, 25.0), rng.uniform(1.0, 15.0)
-        noise = rng.normal(0.0, white / 255.0, x.shape) + _correlated_field(size, blotch, generator)
+        noise = rng.normal(0.0, white / 255.0, x.shape) + _structured_field(size, blotch, generator)
     noisy = x + noise
     if rng.random() < BROAD_JPEG_SHARE:
         return camera.jpeg(np.clip(noisy, 0.0, 1.0), int(rng.integers(BROAD_JPEG_QUALITY[0], BROAD_JPEG_QUALITY[1] + 1))), x
     return (np.clip(noisy, 0.0, 1.0) if clip else noisy), x
 
 
-def _correlated_field(size: int, sigma255: float, generator: torch.Generator) -> np.ndarray:
-    return correlated_noise(size, sigma255 / 255.0, generator).permute(1, 2, 0).double().numpy()
+def _structured_field(size: int, sigma255: float, generator: torch.Generator) -> np.ndarray:
+    return noises.structured_noise(size, sigma255 / 255.0, generator).permute(1, 2, 0).double().numpy()
 
 
 class PatchBatches(Dataset):
@@ -228,9 +181,9 @@ class PatchBatches(Dataset):
         crop = torch.from_numpy(np.ascontiguousarray(image[top : top + p, left : left + p]))
         clean = augment(crop.permute(2, 0, 1).float().div_(255.0), mode).contiguous()
         if self.correlated_share and float(torch.rand((), generator=g)) < self.correlated_share:
-            noisy = clean + correlated_noise(p, _uniform(g, *self.correlated_sigma), g)
+            noisy = clean + noises.structured_noise(p, noises.uniform_draw(g, *self.correlated_sigma), g)
         else:
-            sigma = _uniform(g, *self.sigma_range)
+            sigma = noises.uniform_draw(g, *self.sigma_range)
             noisy = clean + torch.randn(clean.shape, generator=g) * sigma if sigma else clean.clone()
         if self.clip_noisy:
             noisy = noisy.clamp_(0.0, 1.0)
