@@ -40,6 +40,14 @@ def cpu_computes_bf16() -> bool:
     return native and bool(mkldnn)
 
 
+def computes_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies in bf16 natively: a GPU with bf16 units, a CPU with
+    :func:`cpu_computes_bf16`."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_computes_bf16()
+
+
 def pick_precision(requested: str, device: torch.device, *, training: bool = False) -> str:
     """The precision to run in: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
@@ -54,7 +62,7 @@ def pick_precision(requested: str, device: torch.device, *, training: bool = Fal
         raise DeviceError(f"unknown precision {requested!r}: use one of {', '.join(allowed)}")
     cuda = device.type == "cuda"
     if requested == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+        return "bf16" if cuda and computes_bf16(device) else "fp32"
     if cuda and requested == "bf16" and not torch.cuda.is_bf16_supported():
         raise DeviceError("bf16 is not supported on this GPU (use --precision fp32)")
     if not cuda and not training:

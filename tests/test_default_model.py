@@ -8,7 +8,6 @@ takes the same path as the real one.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

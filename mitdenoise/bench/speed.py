@@ -268,6 +268,7 @@ def run_speed(
     import torch
 
     from ..checkpoints import load_model
+    from ..devices import computes_bf16
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -283,7 +284,7 @@ def run_speed(
     sgemm, bf16_gemm, rows = {}, {}, []
     for device in targets:
         sgemm[str(device)] = sgemm_gflops(device, sgemm_n)
-        if "bf16" in precisions and _computes_bf16(device):
+        if "bf16" in precisions and computes_bf16(device):
             bf16_gemm[str(device)] = sgemm_gflops(device, sgemm_n, dtype="bf16")
         if on_progress:
             on_progress(f"sgemm {sgemm_n} on {device}")
@@ -336,16 +337,6 @@ def _devices(names: Sequence[str], notes: list[str]) -> list:
         except MitdenoiseError as e:
             notes.append(f"device {name} skipped: {e}")
     return list(dict.fromkeys(found))
-
-
-def _computes_bf16(device) -> bool:
-    import torch
-
-    from ..devices import cpu_computes_bf16
-
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return cpu_computes_bf16()
 
 
 def _tiled_rows(net, device, size, combos, tile_overlap, seed, runs, warmup, notes, on_progress) -> list[dict]:
