@@ -110,7 +110,9 @@ def by_kind_backward(layout: MaskedLayout, exp_bias, values, d_sums) -> tuple[to
 def unmasked_attention(attn, qkv, kinds, biases) -> torch.Tensor:
     """Attention of windows without a keep-mask, tokens in position order, (heads, bw, N, hd):
     every window takes the kind-0 bias by broadcasting, and the few edge windows of a shifted
-    block their shift masks on top."""
+    block their shift masks on top. Training's own: the inference route's
+    ``F.scaled_dot_product_attention`` a window kind at a time is slower here, its backward
+    dearer than these scores' (docs/experiments.md)."""
     q, k, v = qkv.unbind(0)
     scores = (q * attn.scale) @ k.transpose(-2, -1) + biases.bias[0].unsqueeze(1)
     if biases.shift_masks is not None:
