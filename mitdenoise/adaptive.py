@@ -13,12 +13,18 @@ the noise (:func:`~mitdenoise.noise.estimate_noise`):
   and gives back texture the network took for noise;
 - heavy white noise: ``mitdenoise-camera`` (it saw white noise up to sigma 30), then non-local
   means of its own output;
+- heavy noise that is not white (a phone's, or noise JPEG has smoothed): its white part reads
+  light, so the white part alone would send it to the light path. Before taking that path the
+  route asks ``mitdenoise-camera`` how much it would remove where the image is flat
+  (:func:`probe_level`); far more than the white part explains is such noise, and it takes the
+  camera network and the second stage at its strongest;
 - lighter white noise: ``mitdenoise-mild`` at a strength that grows with the level (half its
   change at sigma 5), so texture survives.
 
 Where the numbers below come from: ``docs/experiments.md`` ("The shipped default: a route over
-two networks"). The strengths were measured on held-out training images; the second stage's
-``h`` and the camera test were chosen on CC15, our real-noise development set.
+two networks", and "Asking the camera network how much it would remove"). The strengths were
+measured on held-out training images; the second stage's ``h`` and the camera test were chosen
+on CC15, our real-noise development set; the probe's thresholds on McMaster and Kodak24 crops.
 """
 
 from __future__ import annotations
@@ -50,6 +56,25 @@ CAMERA_H_RANGE = (3 / 255, 8 / 255)
 noise at a level its texture inflates, and a large ``h`` would average its texture away."""
 HEAVY_WHITE_H = 5 / 255
 """The second stage's ``h`` on heavy white noise (the network's output smoothed by itself)."""
+PROBE_BLOCK = 16
+PROBE_FLAT_SHARE = 0.1
+"""The probe reads the camera network's change on the flattest tenth of 16x16 blocks (by the
+gradients of the network's output): there the change is noise, not texture taken for it."""
+PROBE_TILE = 256
+PROBE_TILES = 4
+"""The probe runs the network on at most this many tiles of this side: those of the image's grid
+whose flattest blocks are flattest (a 12 MP photo: about 2 % of the network's time)."""
+NON_WHITE_LEVEL = 4 / 255
+NON_WHITE_RATIO = 4.0
+"""A light-path image whose probe level reads at least ``NON_WHITE_LEVEL`` and ``NON_WHITE_RATIO``
+times its white part holds heavy noise that is not white ..."""
+NON_WHITE_H = ((4 / 255, 3 / 255), (8 / 255, 8 / 255))
+"""... and takes the camera network and the second stage guided by the input, its ``h`` growing
+with the probe level from 3 at level 4 to 8 at level 8: a textured photo under light noise that
+only just reads as heavy gets the gentlest second stage, not the strongest ..."""
+NON_WHITE_OUTPUT_LEVEL = 10 / 255
+"""... and from a probe level of 10 the second stage at h 8 guided by the network's output
+(heavier noise leaves the input too rough a target)."""
 
 
 def keep_share_of_change(x, y, strength: float):
@@ -77,6 +102,8 @@ class Plan(NamedTuple):
     """The second stage's ``h`` ([0, 1] scale; 0 without one)."""
     estimate: NoiseEstimate | None
     """What the plan was made from; None for an image too small to read."""
+    probe: float | None = None
+    """The probe's level ([0, 1] scale, :func:`probe_level`) where it was read."""
 
     def describe(self) -> str:
         """One line for the user: what was read and what ran."""
@@ -84,13 +111,17 @@ class Plan(NamedTuple):
             return "too small to read the noise: mitdenoise-mild"
         level = f"sigma {self.estimate.sigma * 255:.1f}"
         if self.network == "camera":
-            kind = "camera noise" if self.second_stage == "input" else "heavy white noise"
+            if self.probe is not None:
+                kind = f"heavy noise that is not white (the camera network removes {self.probe * 255:.1f} on flat regions)"
+            else:
+                kind = "camera noise" if self.second_stage == "input" else "heavy white noise"
             return f"{kind}, {level}: mitdenoise-camera + non-local means"
         return f"white noise, {level}: mitdenoise-mild at strength {self.strength:.2f}"
 
 
-def plan_for(estimate: NoiseEstimate | None) -> Plan:
-    """The route's choice for an image with this noise estimate."""
+def plan_for(estimate: NoiseEstimate | None, probe: float | None = None) -> Plan:
+    """The route's choice for an image with this noise estimate and, for the light path, probe
+    level (:func:`probe_level`; None: not read)."""
     if estimate is None:
         return Plan("white", 1.0, "none", 0.0, None)
     if estimate.correlation >= CAMERA_CORRELATION and estimate.white_sigma < CAMERA_WHITE_SIGMA:
@@ -98,15 +129,75 @@ def plan_for(estimate: NoiseEstimate | None) -> Plan:
         return Plan("camera", 1.0, "input", h, estimate)
     if estimate.white_sigma >= HEAVY_SIGMA:
         return Plan("camera", 1.0, "output", HEAVY_WHITE_H, estimate)
+    if probe is not None and probe >= NON_WHITE_LEVEL and probe >= NON_WHITE_RATIO * estimate.white_sigma:
+        if probe >= NON_WHITE_OUTPUT_LEVEL:
+            return Plan("camera", 1.0, "output", NON_WHITE_H[1][1], estimate, probe)
+        (low, h_low), (high, h_high) = NON_WHITE_H
+        return Plan("camera", 1.0, "input", float(np.interp(probe, (low, high), (h_low, h_high))), estimate, probe)
     sigmas, strengths = zip(*WHITE_STRENGTH)
-    return Plan("white", float(np.interp(estimate.white_sigma, sigmas, strengths)), "none", 0.0, estimate)
+    return Plan("white", float(np.interp(estimate.white_sigma, sigmas, strengths)), "none", 0.0, estimate, probe)
 
 
-def plan_image(pixels: np.ndarray) -> Plan:
-    """Estimate the noise of float (H, W, C) pixels in [0, 1] and plan from it."""
+def plan_image(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray] | None = None) -> Plan:
+    """Estimate the noise of float (H, W, C) pixels in [0, 1] and plan from it; where that plan is
+    the light path and ``camera`` (``mitdenoise-camera`` as a function on such pixels) is given,
+    probe first (:func:`probe_level`)."""
     if min(pixels.shape[:2]) < WEAK_TEXTURE_PATCH:
         return plan_for(None)
-    return plan_for(estimate_noise(pixels))
+    estimate = estimate_noise(pixels)
+    plan = plan_for(estimate)
+    if plan.network == "white" and camera is not None:
+        plan = plan_for(estimate, probe_level(pixels, camera))
+    return plan
+
+
+def _block_rows(x: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> (blocks, PROBE_BLOCK**2 * C): the whole 16x16 blocks of ``x``, row by row."""
+    b = PROBE_BLOCK
+    h, w = (x.shape[0] // b) * b, (x.shape[1] // b) * b
+    return x[:h, :w].reshape(h // b, b, w // b, b, -1).transpose(0, 2, 1, 3, 4).reshape((h // b) * (w // b), -1)
+
+
+def _gradient_energy(x: np.ndarray) -> np.ndarray:
+    """Mean absolute horizontal plus vertical difference (summed over channels) of each 16x16 block."""
+    x = np.asarray(x, np.float32)
+    grad = np.abs(np.diff(x, axis=0, append=x[-1:])).sum(2) + np.abs(np.diff(x, axis=1, append=x[:, -1:])).sum(2)
+    return _block_rows(grad[..., None]).mean(1)
+
+
+def probe_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
+    """Up to :data:`PROBE_TILES` tiles of side :data:`PROBE_TILE` (the whole image where it is no
+    larger): of the image's grid of tiles, those whose flattest tenth of blocks is flattest."""
+    h, w = pixels.shape[:2]
+    th, tw = min(h, PROBE_TILE), min(w, PROBE_TILE)
+    grid = [(top, left) for top in range(0, h - th + 1, th) for left in range(0, w - tw + 1, tw)]
+    if len(grid) <= 1:
+        return [(slice(0, th), slice(0, tw))]
+    energy = _gradient_energy(pixels)
+    per_row = w // PROBE_BLOCK
+    scores = []
+    for top, left in grid:
+        rows = np.arange(top // PROBE_BLOCK, (top + th) // PROBE_BLOCK)[:, None] * per_row
+        blocks = energy[(rows + np.arange(left // PROBE_BLOCK, (left + tw) // PROBE_BLOCK)).ravel()]
+        scores.append(np.sort(blocks)[: max(1, int(len(blocks) * PROBE_FLAT_SHARE))].mean())
+    chosen = np.argsort(scores, kind="stable")[:PROBE_TILES]
+    return [(slice(grid[i][0], grid[i][0] + th), slice(grid[i][1], grid[i][1] + tw)) for i in sorted(chosen)]
+
+
+def probe_level(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> float:
+    """How much the camera network removes where the image is flat: the rms of its change ([0, 1]
+    scale) on the flattest tenth of 16x16 blocks (by its output's gradients) of
+    :func:`probe_tiles`. Noise reads as itself there, white or not; a clean photo reads low
+    unless it has no flat region at all."""
+    changes, energies = [], []
+    for rows, cols in probe_tiles(pixels):
+        tile = np.ascontiguousarray(pixels[rows, cols])
+        out = np.asarray(camera(tile), np.float32)
+        changes.append(np.square(_block_rows(out - tile)).mean(1))
+        energies.append(_gradient_energy(out))
+    change, energy = np.concatenate(changes), np.concatenate(energies)
+    flattest = np.argsort(energy, kind="stable")[: max(1, int(len(energy) * PROBE_FLAT_SHARE))]
+    return float(np.sqrt(change[flattest].mean()))
 
 
 def run_plan(

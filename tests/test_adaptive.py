@@ -9,7 +9,7 @@ from mitdenoise import Denoiser, adaptive
 from mitdenoise.adaptive import Plan, plan_for
 from mitdenoise.bench.quality import load_quality_data, noisy_version
 from mitdenoise.metrics import psnr
-from mitdenoise.noise import NoiseEstimate, correlated, gaussian
+from mitdenoise.noise import NoiseEstimate, correlated, gaussian, gaussian_jpeg
 
 
 def _smooth_image(size=192):
@@ -48,6 +48,46 @@ def test_light_white_noise_goes_to_mild_at_a_strength_that_grows_with_the_level(
     assert plan_for(_estimate(12, 5, 0.6))[:3] == ("white", pytest.approx(0.5), "none")
     strengths = [plan_for(_estimate(s, s, 0.0)).strength for s in np.linspace(0, 17.9, 60)]
     assert strengths == sorted(strengths) and strengths[0] == 0 and strengths[-1] == 1
+
+
+def test_light_path_noise_the_camera_network_removes_far_more_of_is_heavy_and_not_white():
+    light = _estimate(12, 2, 0.3)
+    assert plan_for(light)[:3] == ("white", pytest.approx(0.15), "none")  # the white part alone: light
+    assert plan_for(light, probe=8 / 255) == Plan("camera", 1.0, "input", pytest.approx(8 / 255), light, 8 / 255)
+    # h grows with the probe level: only just heavy, the gentlest second stage
+    faint_white = _estimate(12, 0.5, 0.3)
+    assert plan_for(faint_white, probe=4 / 255)[:4] == ("camera", 1.0, "input", pytest.approx(3 / 255))
+    assert plan_for(faint_white, probe=6 / 255).h == pytest.approx(5.5 / 255)
+    assert plan_for(light, probe=12 / 255)[:4] == ("camera", 1.0, "output", pytest.approx(8 / 255))
+    # Not far more than the white part explains, or little in all: the light path stays.
+    assert plan_for(light, probe=7.9 / 255).network == "white"
+    assert plan_for(_estimate(3, 0.5, 0.3), probe=3.9 / 255).network == "white"
+    assert plan_for(light, probe=7.9 / 255).probe == pytest.approx(7.9 / 255)
+    # The camera and heavy-white paths never ask.
+    assert plan_for(_estimate(4, 0.5, 0.65), probe=20 / 255).probe is None
+
+
+def _box_blur(x: np.ndarray, k: int = 9) -> np.ndarray:
+    pad = np.pad(x, ((k // 2, k // 2), (k // 2, k // 2), (0, 0)), mode="reflect")
+    rows = sum(pad[i : i + x.shape[0]] for i in range(k)) / k
+    return (sum(rows[:, i : i + x.shape[1]] for i in range(k)) / k).astype(np.float32)
+
+
+def test_the_probe_reads_the_noise_on_flat_regions_and_a_clean_picture_as_almost_nothing():
+    """A 9x9 box blur stands in for the camera network: on flat grey under white noise of sigma 8 it
+    removes about the noise itself, on a clean picture almost nothing; the tiles it reads are the
+    flattest of the grid (a 600 x 900 picture: left half flat, right half fine stripes)."""
+    rng = np.random.default_rng(0)
+    flat = np.full((200, 200, 3), 0.5, np.float32)
+    noisy = np.clip(flat + rng.normal(0, 8 / 255, flat.shape), 0, 1).astype(np.float32)
+    assert adaptive.probe_level(noisy, _box_blur) * 255 == pytest.approx(8 * np.sqrt(1 - 1 / 81), rel=0.1)
+    assert adaptive.probe_level(_smooth_image(200).astype(np.float32), _box_blur) * 255 < 0.5
+    picture = np.full((600, 900, 3), 0.5, np.float32)
+    picture[:, 450:] += (0.2 * np.sin(np.arange(450) * 2.5)).astype(np.float32)[None, :, None]
+    tiles = adaptive.probe_tiles(picture)
+    assert len(tiles) == 4 and all(cols.start < 450 for _, cols in tiles)  # none wholly in the stripes
+    assert all(r.stop - r.start == 256 and c.stop - c.start == 256 for r, c in tiles)
+    assert adaptive.probe_tiles(flat) == [(slice(0, 200), slice(0, 200))]
 
 
 def test_an_image_too_small_to_read_gets_mild_at_full_strength():
@@ -92,6 +132,21 @@ def test_strength_scales_the_routes_change_from_the_identity_up(auto):
     assert np.array_equal(Denoiser("mitdenoise-auto", strength=0)(noisy), noisy)
     changes = [np.abs(Denoiser("mitdenoise-auto", strength=s)(noisy) - noisy.astype(np.float64)).mean() for s in (0.25, 0.5, 0.75)]
     assert changes == sorted(changes) and changes[-1] < np.abs(full - noisy).mean()
+
+
+def test_heavy_noise_that_jpeg_smoothed_is_found_by_the_probe_and_a_clean_picture_is_not(auto):
+    """Gaussian noise of sigma 25 then JPEG reads a white part of about 1 and little correlation:
+    the estimate alone sends it down the light path; the probe does not."""
+    clean = _smooth_image(256)
+    noisy = _u8(gaussian_jpeg(clean, 25, 5))
+    out = auto(noisy)
+    plan = auto.last_plan
+    assert plan_for(plan.estimate).network == "white"
+    assert plan.network == "camera" and plan.probe is not None and plan.probe > 2 * adaptive.NON_WHITE_LEVEL
+    assert "not white" in plan.describe()
+    assert psnr(out, _u8(clean)) > psnr(noisy, _u8(clean)) + 6
+    assert np.array_equal(auto(_u8(clean)), _u8(clean))
+    assert auto.last_plan.network == "white" and auto.last_plan.probe < adaptive.NON_WHITE_LEVEL
 
 
 def test_grayscale_and_16_bit_images_go_through_the_route(auto):
