@@ -286,8 +286,6 @@ class MaskedSums(NamedTuple):
     rest_weight: torch.Tensor
     query_sums: torch.Tensor
     """The masked queries' rows of the sums, (bw * (N - nk) * heads, hd + 2)."""
-    masked_out: torch.Tensor
-    """:attr:`out` as (bw * (N - nk) * heads, hd)."""
 
 
 def masked_query_sums(c, v, c_rest, v_bias, exp_bias, layout: MaskedLayout) -> MaskedSums:
@@ -323,7 +321,7 @@ def masked_query_sums(c, v, c_rest, v_bias, exp_bias, layout: MaskedLayout) -> M
     masked_out = query_sums[:, :hd] / denominator.unsqueeze(-1)
     rest_sums = flat[:, hd + 1].index_select(0, layout.listed_rows).view(heads, bw, nk)
     out = masked_out.view(bw, n - nk, heads * hd)
-    return MaskedSums(out, rest_sums, ok, values, weight, rest_weight, query_sums, masked_out)
+    return MaskedSums(out, rest_sums, ok, values, weight, rest_weight, query_sums)
 
 
 def masked_queries(c, v, c_rest, v_bias, exp_bias, layout: MaskedLayout) -> tuple[torch.Tensor, torch.Tensor, bool]:

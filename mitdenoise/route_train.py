@@ -52,7 +52,7 @@ class MaskedQueries(torch.autograd.Function):
     def forward(ctx, c, v, c_rest, v_bias, exp_bias, layout):
         sums = masked_query_sums(c, v, c_rest, v_bias, exp_bias, layout)
         ctx.layout = layout
-        ctx.save_for_backward(v, v_bias, exp_bias, sums.values, sums.weight, sums.rest_weight, sums.masked_out, sums.query_sums)
+        ctx.save_for_backward(v, v_bias, exp_bias, sums.values, sums.weight, sums.rest_weight, sums.out, sums.query_sums)
         ctx.mark_non_differentiable(flag := torch.tensor(sums.ok))
         return sums.out, sums.rest_sums, flag
 
@@ -68,7 +68,7 @@ class MaskedQueries(torch.autograd.Function):
         d_all = torch.empty(n * bw * heads, hd + 2, dtype=v.dtype, device=v.device)
         d_rows, d_listed_rows = d_all[: len(query_sums)], d_all[len(query_sums) :]
         torch.mul(d_out, inverse.unsqueeze(-1), out=d_rows[:, :hd])
-        d_rows[:, hd] = -(d_out * out).sum(-1) * inverse
+        d_rows[:, hd] = -(d_out * out.reshape(-1, hd)).sum(-1) * inverse
         d_rows[:, hd + 1] = 0.0
         d_listed_rows[:, : hd + 1] = 0.0
         d_listed_rows[:, hd + 1] = d_rest_sums.reshape(-1)
