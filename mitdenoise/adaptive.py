@@ -21,10 +21,18 @@ the noise (:func:`~mitdenoise.noise.estimate_noise`):
 - lighter white noise: ``mitdenoise-mild`` at a strength that grows with the level (half its
   change at sigma 5), so texture survives.
 
+Whatever ran, the route then keeps of its change only what the image's own noise explains
+(:func:`limit_change_to_noise`): it reads how much noise was removed where the image is flat, as
+a line over brightness, and shrinks the change wherever it is much larger than that, which is
+detail taken for noise. The networks strip fine texture and a camera's own fine structure at
+light noise; this gives it back without a threshold to fall off, and leaves a clean photo close
+to itself.
+
 Where the numbers below come from: ``docs/experiments.md`` ("The shipped default: a route over
 two networks", and "Asking the camera network how much it would remove"). The strengths were
 measured on held-out training images; the second stage's ``h`` and the camera test were chosen
-on CC15, our real-noise development set; the probe's thresholds on McMaster and Kodak24 crops.
+on CC15, our real-noise development set; the probe's thresholds on McMaster and Kodak24 crops;
+the change limit's margin on CC15 ("Keeping only the change noise explains").
 """
 
 from __future__ import annotations
@@ -75,6 +83,22 @@ only just reads as heavy gets the gentlest second stage, not the strongest ...""
 NON_WHITE_OUTPUT_LEVEL = 10 / 255
 """... and from a probe level of 10 the second stage at h 8 guided by the network's output
 (heavier noise leaves the input too rough a target)."""
+NOISE_MODEL_BLOCK = 8
+NOISE_MODEL_BANDS = 8
+NOISE_MODEL_FLAT_SHARE = 0.2
+"""The noise the route removed is read on 8x8 blocks: in each eighth of them by brightness, the
+flattest fifth, so that the model sees dark and bright noise alike. Flat by the median of the
+*input's* gradients: a block the network flattened is not flat for that, and a few spikes
+(impulse noise) do not hide a flat block."""
+CHANGE_WINDOW = 16
+"""Each pixel's change is weighed by its mean square over the 16x16 neighbourhood around it ..."""
+CHANGE_MARGIN = 1.5
+CHANGE_MARGIN_ERRORS = 3.0
+"""... against the noise variance at its brightness times a margin: 1.5 (the flattest blocks read
+less noise than there is: they are picked partly for having less, and the networks leave some in
+place), raised by three standard errors of a window's mean square, which the noise's kurtosis
+gives (sparse impulses fill one window and miss the next; Gaussian noise raises it by about a
+sixth). More than that is detail being taken for noise."""
 
 
 def keep_share_of_change(x, y, strength: float):
@@ -151,18 +175,27 @@ def plan_image(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray] | 
     return plan
 
 
-def _block_rows(x: np.ndarray) -> np.ndarray:
-    """(H, W, C) -> (blocks, PROBE_BLOCK**2 * C): the whole 16x16 blocks of ``x``, row by row."""
-    b = PROBE_BLOCK
+def _block_rows(x: np.ndarray, b: int = PROBE_BLOCK) -> np.ndarray:
+    """(H, W, C) -> (blocks, b * b * C): the whole b x b blocks of ``x``, row by row."""
     h, w = (x.shape[0] // b) * b, (x.shape[1] // b) * b
     return x[:h, :w].reshape(h // b, b, w // b, b, -1).transpose(0, 2, 1, 3, 4).reshape((h // b) * (w // b), -1)
 
 
-def _gradient_energy(x: np.ndarray) -> np.ndarray:
-    """Mean absolute horizontal plus vertical difference (summed over channels) of each 16x16 block."""
+def _gradients(x: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> (H, W, 1): absolute horizontal plus vertical difference, summed over channels."""
     x = np.asarray(x, np.float32)
     grad = np.abs(np.diff(x, axis=0, append=x[-1:])).sum(2) + np.abs(np.diff(x, axis=1, append=x[:, -1:])).sum(2)
-    return _block_rows(grad[..., None]).mean(1)
+    return grad[..., None]
+
+
+def _gradient_energy(x: np.ndarray, b: int = PROBE_BLOCK) -> np.ndarray:
+    """The mean of :func:`_gradients` over each b x b block."""
+    return _block_rows(_gradients(x), b).mean(1)
+
+
+def _median_gradient(x: np.ndarray, b: int) -> np.ndarray:
+    """The median of :func:`_gradients` over each b x b block: low on a flat block with a few spikes."""
+    return np.median(_block_rows(_gradients(x), b), axis=1)
 
 
 def probe_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
@@ -215,4 +248,79 @@ def run_plan(
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1).to(device)
         target = as_tensor(pixels) if plan.second_stage == "input" else None
         out = nonlocal_means(as_tensor(out), plan.h, target).permute(1, 2, 0).cpu().numpy()
-    return np.clip(out, 0, 1, out=out)
+    np.clip(out, 0, 1, out=out)
+    return limit_change_to_noise(pixels, out)
+
+
+class NoiseLine(NamedTuple):
+    """The noise a route removed, read where the image is flat (:func:`noise_line`)."""
+
+    intercept: float
+    slope: float
+    """Its variance at brightness ``x`` ([0, 1] scale): ``intercept + slope * x``, both >= 0."""
+    kurtosis: float
+    """``E[n^4] / E[n^2]^2`` of the change there, each band scaled to unit variance: 3 for
+    Gaussian noise, far more for sparse impulses."""
+
+
+def noise_line(noisy: np.ndarray, output: np.ndarray) -> NoiseLine:
+    """The variance of the noise removed from ``noisy``, as a line over brightness (the mean of the
+    channels), fitted on the blocks flattest in ``noisy`` in each band of brightness
+    (:data:`NOISE_MODEL_BLOCK`). A line because a sensor's noise is one: read noise plus shot
+    noise that grows with the light."""
+    b = NOISE_MODEL_BLOCK
+    changes = _block_rows(output - noisy, b)
+    if changes.size == 0:
+        return NoiseLine(0.0, 0.0, 3.0)
+    power = np.square(changes).mean(1)
+    flatness, brightness = _median_gradient(noisy, b), _block_rows(output, b).mean(1)
+    xs, vs, scaled = [], [], []
+    for band in np.array_split(np.argsort(brightness, kind="stable"), NOISE_MODEL_BANDS):
+        if band.size:
+            flat = band[np.argsort(flatness[band], kind="stable")[: max(1, int(band.size * NOISE_MODEL_FLAT_SHARE))]]
+            xs.append(brightness[flat].mean())
+            vs.append(power[flat].mean())
+            scaled.append(changes[flat].ravel() / np.sqrt(vs[-1]) if vs[-1] > 0 else changes[flat].ravel())
+    xs, vs, scaled = np.asarray(xs, np.float64), np.asarray(vs, np.float64), np.concatenate(scaled).astype(np.float64)
+    second = np.square(scaled).mean()
+    kurtosis = float(np.square(np.square(scaled)).mean() / second**2) if second > 0 else 3.0
+    if xs.size < 2 or np.ptp(xs) == 0:
+        return NoiseLine(float(vs.mean()), 0.0, kurtosis)
+    slope, intercept = np.polyfit(xs, vs, 1)
+    if slope < 0:
+        return NoiseLine(float(vs.mean()), 0.0, kurtosis)
+    if intercept < 0:
+        return NoiseLine(0.0, float((vs * xs).sum() / (xs * xs).sum()), kurtosis)
+    return NoiseLine(float(intercept), float(slope), kurtosis)
+
+
+def _local_mean(x: np.ndarray, size: int) -> np.ndarray:
+    """The mean of (H, W) ``x`` over the ``size`` x ``size`` window around each pixel (edges mirrored)."""
+    if min(x.shape) <= size:
+        return np.full_like(x, x.mean())
+    low, high = size // 2, size - 1 - size // 2
+    t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None]
+    return torch.nn.functional.avg_pool2d(torch.nn.functional.pad(t, (low, high, low, high), mode="reflect"), size, stride=1)[0, 0].numpy()
+
+
+def limit_change_to_noise(noisy: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """Shrink the change from ``noisy`` to ``output`` where it is more than noise; in place on ``output``.
+
+    Each pixel keeps the share ``min(1, margin * v / m)`` of its change: ``v`` the noise variance
+    at its brightness (:func:`noise_line`), ``m`` the mean square of the change around it
+    (:data:`CHANGE_WINDOW`). For a change that is the noise plus detail lost with it, that share
+    is Wiener's: the result's error is below both the input's noise and the detail lost, so a
+    network that smooths texture gives most of it back, continuously, with no threshold to fall
+    off, and a clean photo stays close to itself.
+    """
+    line = noise_line(noisy, output)
+    window = CHANGE_WINDOW * CHANGE_WINDOW * output.shape[2]
+    margin = CHANGE_MARGIN * (1 + CHANGE_MARGIN_ERRORS * np.sqrt(max(line.kurtosis - 1, 0) / window))
+    change = output - noisy
+    brightness = _local_mean(output.mean(2), NOISE_MODEL_BLOCK)
+    allowed = np.multiply(brightness, line.slope * margin, out=brightness)
+    allowed += line.intercept * margin
+    spread = _local_mean(np.square(change).mean(2), CHANGE_WINDOW)
+    share = np.divide(allowed, spread, out=np.ones_like(allowed), where=spread > allowed)
+    change *= share[..., None]
+    return np.add(noisy, change, out=output)
