@@ -177,8 +177,8 @@ def plan_image(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray] | 
 
 def _block_rows(x: np.ndarray, b: int = PROBE_BLOCK) -> np.ndarray:
     """(H, W, C) -> (blocks, b * b * C): the whole b x b blocks of ``x``, row by row."""
-    h, w = (x.shape[0] // b) * b, (x.shape[1] // b) * b
-    return x[:h, :w].reshape(h // b, b, w // b, b, -1).transpose(0, 2, 1, 3, 4).reshape((h // b) * (w // b), -1)
+    h, w, c = (x.shape[0] // b) * b, (x.shape[1] // b) * b, x.shape[2]
+    return x[:h, :w].reshape(h // b, b, w // b, b, c).transpose(0, 2, 1, 3, 4).reshape((h // b) * (w // b), b * b * c)
 
 
 def _gradients(x: np.ndarray) -> np.ndarray:
@@ -263,15 +263,15 @@ class NoiseLine(NamedTuple):
     Gaussian noise, far more for sparse impulses."""
 
 
-def noise_line(noisy: np.ndarray, output: np.ndarray) -> NoiseLine:
+def noise_line(noisy: np.ndarray, output: np.ndarray) -> NoiseLine | None:
     """The variance of the noise removed from ``noisy``, as a line over brightness (the mean of the
     channels), fitted on the blocks flattest in ``noisy`` in each band of brightness
     (:data:`NOISE_MODEL_BLOCK`). A line because a sensor's noise is one: read noise plus shot
-    noise that grows with the light."""
+    noise that grows with the light. None for an image without one whole block."""
     b = NOISE_MODEL_BLOCK
     changes = _block_rows(output - noisy, b)
     if changes.size == 0:
-        return NoiseLine(0.0, 0.0, 3.0)
+        return None
     power = np.square(changes).mean(1)
     flatness, brightness = _median_gradient(noisy, b), _block_rows(output, b).mean(1)
     xs, vs, scaled = [], [], []
@@ -311,9 +311,11 @@ def limit_change_to_noise(noisy: np.ndarray, output: np.ndarray) -> np.ndarray:
     (:data:`CHANGE_WINDOW`). For a change that is the noise plus detail lost with it, that share
     is Wiener's: the result's error is below both the input's noise and the detail lost, so a
     network that smooths texture gives most of it back, continuously, with no threshold to fall
-    off, and a clean photo stays close to itself.
+    off, and a clean photo stays close to itself. An image too small to read is left as it is.
     """
     line = noise_line(noisy, output)
+    if line is None:
+        return output
     window = CHANGE_WINDOW * CHANGE_WINDOW * output.shape[2]
     margin = CHANGE_MARGIN * (1 + CHANGE_MARGIN_ERRORS * np.sqrt(max(line.kurtosis - 1, 0) / window))
     change = output - noisy

@@ -142,6 +142,10 @@ def test_sparse_impulses_removed_are_kept_removed():
 
 def test_an_image_too_small_to_read_gets_mild_at_full_strength():
     assert adaptive.plan_image(np.zeros((12, 40, 3), np.float32)) == Plan("white", 1.0, "none", 0.0, None)
+    noisy = np.random.default_rng(6).random((6, 40, 3), dtype=np.float32)
+    smoothed = np.full_like(noisy, 0.5)
+    assert adaptive.noise_line(noisy, smoothed) is None
+    assert np.array_equal(adaptive.limit_change_to_noise(noisy, smoothed.copy()), smoothed)  # no block to read: kept whole
 
 
 # --- the shipped default --------------------------------------------------------------------------
@@ -197,6 +201,15 @@ def test_heavy_noise_that_jpeg_smoothed_is_found_by_the_probe_and_a_clean_pictur
     assert psnr(out, _u8(clean)) > psnr(noisy, _u8(clean)) + 6
     assert np.array_equal(auto(_u8(clean)), _u8(clean))
     assert auto.last_plan.network == "white" and auto.last_plan.probe < adaptive.NON_WHITE_LEVEL
+
+
+@pytest.mark.parametrize("shape", [(5, 30, 3), (17, 7, 3), (1, 1, 3)])
+def test_images_smaller_than_a_block_go_through_the_route(auto, shape):
+    """Under 8 pixels on a side there is no block to read the noise on: mild, whole, no error."""
+    noisy = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
+    out = auto(noisy)
+    assert out.shape == shape and out.dtype == np.uint8 and auto.last_plan.estimate is None
+    assert np.array_equal(out, Denoiser("mitdenoise-mild", device="cpu")(noisy))
 
 
 def test_grayscale_and_16_bit_images_go_through_the_route(auto):
