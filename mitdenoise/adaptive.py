@@ -188,9 +188,9 @@ def _gradients(x: np.ndarray) -> np.ndarray:
     return grad[..., None]
 
 
-def _gradient_energy(x: np.ndarray, b: int = PROBE_BLOCK) -> np.ndarray:
-    """The mean of :func:`_gradients` over each b x b block."""
-    return _block_rows(_gradients(x), b).mean(1)
+def _gradient_energy(x: np.ndarray) -> np.ndarray:
+    """The mean of :func:`_gradients` over each 16x16 block (:data:`PROBE_BLOCK`)."""
+    return _block_rows(_gradients(x)).mean(1)
 
 
 def _median_gradient(x: np.ndarray, b: int) -> np.ndarray:
