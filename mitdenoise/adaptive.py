@@ -15,9 +15,11 @@ the noise (:func:`~mitdenoise.noise.estimate_noise`):
   means of its own output;
 - heavy noise that is not white (a phone's, or noise JPEG has smoothed): its white part reads
   light, so the white part alone would send it to the light path. Before taking that path the
-  route asks ``mitdenoise-camera`` how much it would remove where the image is flat
-  (:func:`probe_level`); far more than the white part explains is such noise, and it takes the
-  camera network and the second stage at its strongest;
+  route asks ``mitdenoise-camera`` how much it would remove where the image is flat, and how
+  evenly its change spreads over flat and textured regions (:func:`probe`). Far more than the
+  white part explains is such noise; the more evenly the change spreads (noise is everywhere, a
+  photo's own fine texture is not), the less "far more" has to be. Such noise takes the camera
+  network and a second stage as strong as the level the probe read;
 - lighter white noise: ``mitdenoise-mild`` at a strength that grows with the level (half its
   change at sigma 5), so texture survives.
 
@@ -31,8 +33,10 @@ to itself.
 Where the numbers below come from: ``docs/experiments.md`` ("The shipped default: a route over
 two networks", and "Asking the camera network how much it would remove"). The strengths were
 measured on held-out training images; the second stage's ``h`` and the camera test were chosen
-on CC15, our real-noise development set; the probe's thresholds on McMaster and Kodak24 crops;
-the change limit's margin on CC15 ("Keeping only the change noise explains").
+on CC15, our real-noise development set; the probe's thresholds on McMaster and Kodak24 crops,
+its bar and evenness on the noise matrix's crops and clean McMaster, Kodak24 and CBSD68 crops
+("Heavy correlated noise below the probe's bar"); the change limit's margin on CC15 ("Keeping
+only the change noise explains").
 """
 
 from __future__ import annotations
@@ -68,21 +72,24 @@ PROBE_BLOCK = 16
 PROBE_FLAT_SHARE = 0.1
 """The probe reads the camera network's change on the flattest tenth of 16x16 blocks (by the
 gradients of the network's output): there the change is noise, not texture taken for it."""
+PROBE_TEXTURED_SHARE = 0.2
+"""Its evenness sets the change on the flattest tenth of blocks against that on the most textured
+fifth, both by the gradients of the *input*: noise is changed alike on both, a clean photo's
+texture taken for noise on the textured blocks alone."""
 PROBE_TILE = 256
 PROBE_TILES = 4
 """The probe runs the network on at most this many tiles of this side: those of the image's grid
 whose flattest blocks are flattest (a 12 MP photo: about 2 % of the network's time)."""
 NON_WHITE_LEVEL = 4 / 255
-NON_WHITE_RATIO = 4.0
-"""A light-path image whose probe level reads at least ``NON_WHITE_LEVEL`` and ``NON_WHITE_RATIO``
-times its white part holds heavy noise that is not white ..."""
-NON_WHITE_H = ((4 / 255, 3 / 255), (8 / 255, 8 / 255))
-"""... and takes the camera network and the second stage guided by the input, its ``h`` growing
-with the probe level from 3 at level 4 to 8 at level 8: a textured photo under light noise that
-only just reads as heavy gets the gentlest second stage, not the strongest ..."""
-NON_WHITE_OUTPUT_LEVEL = 10 / 255
-"""... and from a probe level of 10 the second stage at h 8 guided by the network's output
-(heavier noise leaves the input too rough a target)."""
+NON_WHITE_BAR = (4.0, 2.5)
+NON_WHITE_EVENNESS = (0.3, 0.5)
+"""A light-path image whose probe level reads at least ``NON_WHITE_LEVEL`` and a bar times its
+white part holds heavy noise that is not white. The bar slides from 4 down to 2.5 as the probe's
+evenness rises from 0.3 to 0.5, so no one reading decides alone: a clean photo's fine, correlated
+texture (demosaicked, say) can read 2.5-3.5 times its white part as well, but there the network
+changes the textured blocks far more than the flat ones. Such noise then takes the camera network
+and the second stage guided by the input at ``h`` the probe level: what the network removed where
+the image is flat is the noise left to average."""
 NOISE_MODEL_BLOCK = 8
 NOISE_MODEL_BANDS = 8
 NOISE_MODEL_FLAT_SHARE = 0.2
@@ -112,6 +119,16 @@ def keep_share_of_change(x, y, strength: float):
     return y
 
 
+class Probe(NamedTuple):
+    """What the camera network would remove (:func:`probe`)."""
+
+    level: float
+    """The rms of its change where the image is flat ([0, 1] scale): the noise, white or not."""
+    evenness: float
+    """The mean square of its change on the input's flattest blocks over that on its most
+    textured ones: about 1 for noise, near 0 for a clean photo's texture taken for noise."""
+
+
 class Plan(NamedTuple):
     """What the route does to one image, from its noise estimate."""
 
@@ -126,8 +143,8 @@ class Plan(NamedTuple):
     """The second stage's ``h`` ([0, 1] scale; 0 without one)."""
     estimate: NoiseEstimate | None
     """What the plan was made from; None for an image too small to read."""
-    probe: float | None = None
-    """The probe's level ([0, 1] scale, :func:`probe_level`) where it was read."""
+    probe: Probe | None = None
+    """What the probe read (:func:`probe`), where it was asked."""
 
     def describe(self) -> str:
         """One line for the user: what was read and what ran."""
@@ -136,16 +153,16 @@ class Plan(NamedTuple):
         level = f"sigma {self.estimate.sigma * 255:.1f}"
         if self.network == "camera":
             if self.probe is not None:
-                kind = f"heavy noise that is not white (the camera network removes {self.probe * 255:.1f} on flat regions)"
+                kind = f"heavy noise that is not white (the camera network removes {self.probe.level * 255:.1f} on flat regions)"
             else:
                 kind = "camera noise" if self.second_stage == "input" else "heavy white noise"
             return f"{kind}, {level}: mitdenoise-camera + non-local means"
         return f"white noise, {level}: mitdenoise-mild at strength {self.strength:.2f}"
 
 
-def plan_for(estimate: NoiseEstimate | None, probe: float | None = None) -> Plan:
-    """The route's choice for an image with this noise estimate and, for the light path, probe
-    level (:func:`probe_level`; None: not read)."""
+def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None) -> Plan:
+    """The route's choice for an image with this noise estimate and, for the light path, what the
+    probe read (:func:`probe`; None: not read)."""
     if estimate is None:
         return Plan("white", 1.0, "none", 0.0, None)
     if estimate.correlation >= CAMERA_CORRELATION and estimate.white_sigma < CAMERA_WHITE_SIGMA:
@@ -153,11 +170,10 @@ def plan_for(estimate: NoiseEstimate | None, probe: float | None = None) -> Plan
         return Plan("camera", 1.0, "input", h, estimate)
     if estimate.white_sigma >= HEAVY_SIGMA:
         return Plan("camera", 1.0, "output", HEAVY_WHITE_H, estimate)
-    if probe is not None and probe >= NON_WHITE_LEVEL and probe >= NON_WHITE_RATIO * estimate.white_sigma:
-        if probe >= NON_WHITE_OUTPUT_LEVEL:
-            return Plan("camera", 1.0, "output", NON_WHITE_H[1][1], estimate, probe)
-        (low, h_low), (high, h_high) = NON_WHITE_H
-        return Plan("camera", 1.0, "input", float(np.interp(probe, (low, high), (h_low, h_high))), estimate, probe)
+    if probe is not None and probe.level >= NON_WHITE_LEVEL:
+        bar = float(np.interp(probe.evenness, NON_WHITE_EVENNESS, NON_WHITE_BAR))
+        if probe.level >= bar * estimate.white_sigma:
+            return Plan("camera", 1.0, "input", probe.level, estimate, probe)
     sigmas, strengths = zip(*WHITE_STRENGTH)
     return Plan("white", float(np.interp(estimate.white_sigma, sigmas, strengths)), "none", 0.0, estimate, probe)
 
@@ -165,13 +181,13 @@ def plan_for(estimate: NoiseEstimate | None, probe: float | None = None) -> Plan
 def plan_image(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray] | None = None) -> Plan:
     """Estimate the noise of float (H, W, C) pixels in [0, 1] and plan from it; where that plan is
     the light path and ``camera`` (``mitdenoise-camera`` as a function on such pixels) is given,
-    probe first (:func:`probe_level`)."""
+    probe first (:func:`probe`)."""
     if min(pixels.shape[:2]) < WEAK_TEXTURE_PATCH:
         return plan_for(None)
     estimate = estimate_noise(pixels)
     plan = plan_for(estimate)
     if plan.network == "white" and camera is not None:
-        plan = plan_for(estimate, probe_level(pixels, camera))
+        plan = plan_for(estimate, probe(pixels, camera))
     return plan
 
 
@@ -217,20 +233,29 @@ def probe_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
     return [(slice(grid[i][0], grid[i][0] + th), slice(grid[i][1], grid[i][1] + tw)) for i in sorted(chosen)]
 
 
-def probe_level(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> float:
-    """How much the camera network removes where the image is flat: the rms of its change ([0, 1]
-    scale) on the flattest tenth of 16x16 blocks (by its output's gradients) of
-    :func:`probe_tiles`. Noise reads as itself there, white or not; a clean photo reads low
-    unless it has no flat region at all."""
-    changes, energies = [], []
+def _mean_of_share(values: np.ndarray, order: np.ndarray, share: float) -> float:
+    """The mean of ``values`` over the first ``share`` of ``order`` (at least one)."""
+    return float(values[order[: max(1, int(len(order) * share))]].mean())
+
+
+def probe(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> Probe:
+    """What the camera network removes on :func:`probe_tiles`, read on 16x16 blocks: its level, the
+    rms of the change on the flattest tenth of blocks by the output's gradients (noise reads as
+    itself there, white or not; a clean photo reads low unless it has no flat region at all), and
+    its evenness (:data:`PROBE_TEXTURED_SHARE`)."""
+    changes, flatness, textures = [], [], []
     for rows, cols in probe_tiles(pixels):
         tile = np.ascontiguousarray(pixels[rows, cols])
         out = np.asarray(camera(tile), np.float32)
         changes.append(np.square(_block_rows(out - tile)).mean(1))
-        energies.append(_gradient_energy(out))
-    change, energy = np.concatenate(changes), np.concatenate(energies)
-    flattest = np.argsort(energy, kind="stable")[: max(1, int(len(energy) * PROBE_FLAT_SHARE))]
-    return float(np.sqrt(change[flattest].mean()))
+        flatness.append(_gradient_energy(out))
+        textures.append(_gradient_energy(tile))
+    change, flatness, texture = np.concatenate(changes), np.concatenate(flatness), np.concatenate(textures)
+    level = np.sqrt(_mean_of_share(change, np.argsort(flatness, kind="stable"), PROBE_FLAT_SHARE))
+    by_texture = np.argsort(texture, kind="stable")
+    on_flat = _mean_of_share(change, by_texture, PROBE_FLAT_SHARE)
+    on_textured = _mean_of_share(change, by_texture[::-1], PROBE_TEXTURED_SHARE)
+    return Probe(float(level), on_flat / on_textured if on_textured > 0 else 0.0)
 
 
 def run_plan(

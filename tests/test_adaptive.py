@@ -8,6 +8,7 @@ import pytest
 from mitdenoise import Denoiser, adaptive
 from mitdenoise.adaptive import Plan, plan_for
 from mitdenoise.bench.quality import load_quality_data, noisy_version
+from mitdenoise.imageio import center_crop, read_rgb8
 from mitdenoise.metrics import psnr
 from mitdenoise.noise import NoiseEstimate, correlated, gaussian, gaussian_jpeg, salt_and_pepper
 
@@ -52,19 +53,22 @@ def test_light_white_noise_goes_to_mild_at_a_strength_that_grows_with_the_level(
 
 def test_light_path_noise_the_camera_network_removes_far_more_of_is_heavy_and_not_white():
     light = _estimate(12, 2, 0.3)
+    uneven, even = adaptive.Probe(8 / 255, 0.0), adaptive.Probe(6 / 255, 0.8)
     assert plan_for(light)[:3] == ("white", pytest.approx(0.15), "none")  # the white part alone: light
-    assert plan_for(light, probe=8 / 255) == Plan("camera", 1.0, "input", pytest.approx(8 / 255), light, 8 / 255)
-    # h grows with the probe level: only just heavy, the gentlest second stage
-    faint_white = _estimate(12, 0.5, 0.3)
-    assert plan_for(faint_white, probe=4 / 255)[:4] == ("camera", 1.0, "input", pytest.approx(3 / 255))
-    assert plan_for(faint_white, probe=6 / 255).h == pytest.approx(5.5 / 255)
-    assert plan_for(light, probe=12 / 255)[:4] == ("camera", 1.0, "output", pytest.approx(8 / 255))
-    # Not far more than the white part explains, or little in all: the light path stays.
-    assert plan_for(light, probe=7.9 / 255).network == "white"
-    assert plan_for(_estimate(3, 0.5, 0.3), probe=3.9 / 255).network == "white"
-    assert plan_for(light, probe=7.9 / 255).probe == pytest.approx(7.9 / 255)
+    # Four times the white part is enough however unevenly the change spreads; h is the level read.
+    assert plan_for(light, uneven) == Plan("camera", 1.0, "input", pytest.approx(8 / 255), light, uneven)
+    assert "not white" in plan_for(light, uneven).describe()
+    # Three times is enough where the change spreads evenly (noise), not where it sits on texture.
+    assert plan_for(light, even)[:4] == ("camera", 1.0, "input", pytest.approx(6 / 255))
+    assert plan_for(light, adaptive.Probe(6 / 255, 0.1)).network == "white"
+    # In between the bar slides: at evenness 0.4 it is 3.25 times the white part.
+    assert plan_for(light, adaptive.Probe(6.4 / 255, 0.4)).network == "white"
+    assert plan_for(light, adaptive.Probe(6.6 / 255, 0.4)).network == "camera"
+    # Little in all, however evenly spread or far above the white part: the light path stays.
+    assert plan_for(_estimate(3, 0.5, 0.3), adaptive.Probe(3.9 / 255, 1.0)).network == "white"
+    assert plan_for(light, adaptive.Probe(7.9 / 255, 0.0)).probe == adaptive.Probe(7.9 / 255, 0.0)
     # The camera and heavy-white paths never ask.
-    assert plan_for(_estimate(4, 0.5, 0.65), probe=20 / 255).probe is None
+    assert plan_for(_estimate(4, 0.5, 0.65), adaptive.Probe(20 / 255, 1.0)).probe is None
 
 
 def _box_blur(x: np.ndarray, k: int = 9) -> np.ndarray:
@@ -80,10 +84,15 @@ def test_the_probe_reads_the_noise_on_flat_regions_and_a_clean_picture_as_almost
     rng = np.random.default_rng(0)
     flat = np.full((200, 200, 3), 0.5, np.float32)
     noisy = np.clip(flat + rng.normal(0, 8 / 255, flat.shape), 0, 1).astype(np.float32)
-    assert adaptive.probe_level(noisy, _box_blur) * 255 == pytest.approx(8 * np.sqrt(1 - 1 / 81), rel=0.1)
-    assert adaptive.probe_level(_smooth_image(200).astype(np.float32), _box_blur) * 255 < 0.5
+    on_noise = adaptive.probe(noisy, _box_blur)
+    assert on_noise.level * 255 == pytest.approx(8 * np.sqrt(1 - 1 / 81), rel=0.1)
+    assert on_noise.evenness == pytest.approx(1, abs=0.2)  # noise is changed alike everywhere
+    assert adaptive.probe(_smooth_image(200).astype(np.float32), _box_blur).level * 255 < 0.5
     picture = np.full((600, 900, 3), 0.5, np.float32)
     picture[:, 450:] += (0.2 * np.sin(np.arange(450) * 2.5)).astype(np.float32)[None, :, None]
+    # Stripes the blur takes for noise: the change sits on them, none on the flat half.
+    assert adaptive.probe(picture[:256, 322:578], _box_blur).evenness < 0.01
+    assert adaptive.probe(picture[:256, 322:578], lambda x: x.copy()) == (0.0, 0.0)
     tiles = adaptive.probe_tiles(picture)
     assert len(tiles) == 4 and all(cols.start < 450 for _, cols in tiles)  # none wholly in the stripes
     assert all(r.stop - r.start == 256 and c.stop - c.start == 256 for r, c in tiles)
@@ -196,11 +205,39 @@ def test_heavy_noise_that_jpeg_smoothed_is_found_by_the_probe_and_a_clean_pictur
     out = auto(noisy)
     plan = auto.last_plan
     assert plan_for(plan.estimate).network == "white"
-    assert plan.network == "camera" and plan.probe is not None and plan.probe > 2 * adaptive.NON_WHITE_LEVEL
+    assert plan.network == "camera" and plan.probe is not None and plan.probe.level > 2 * adaptive.NON_WHITE_LEVEL
     assert "not white" in plan.describe()
     assert psnr(out, _u8(clean)) > psnr(noisy, _u8(clean)) + 6
     assert np.array_equal(auto(_u8(clean)), _u8(clean))
-    assert auto.last_plan.network == "white" and auto.last_plan.probe < adaptive.NON_WHITE_LEVEL
+    assert auto.last_plan.network == "white" and auto.last_plan.probe.level < adaptive.NON_WHITE_LEVEL
+
+
+@pytest.mark.parametrize("level, white", [(15, 3), (25, 5)])
+def test_heavy_correlated_noise_over_light_white_noise_takes_the_probe_path(auto, level, white):
+    """Correlated noise reads a white part of 3.6-6, under a fourth of what the camera network
+    removes but over a third: it is the evenness of that change (noise is everywhere) that sends it
+    to the camera network, and the result is no worse than the better network alone."""
+    clean = _u8(_smooth_image(256))
+    noisy = _u8(gaussian(correlated(_smooth_image(256), level, 3), white, 4))
+    out = auto(noisy)
+    plan = auto.last_plan
+    assert plan.network == "camera" and plan.probe is not None and plan.probe.evenness > adaptive.NON_WHITE_EVENNESS[1]
+    assert plan.probe.level < adaptive.NON_WHITE_BAR[0] * plan.estimate.white_sigma
+    networks = [Denoiser(name, device="cpu")(noisy) for name in ("mitdenoise-camera", "mitdenoise-mild")]
+    assert psnr(out, clean) > max(psnr(x, clean) for x in networks) - 0.3
+
+
+@pytest.mark.parametrize("name", ["2.png", "17.png"])
+def test_a_clean_photos_fine_texture_is_not_taken_for_noise(data_dir, auto, name):
+    """McMaster's fine, demosaicked texture reads 2.5-3.5 times its white part to the probe, as
+    heavy correlated noise does, but the camera network's change sits on the texture (evenness
+    under 0.3): the light path, and the photo comes back within 40 dB of itself."""
+    clean = center_crop(read_rgb8(data_dir / "test" / "mcmaster" / name), 256)
+    out = auto(clean)
+    plan = auto.last_plan
+    assert plan.network == "white" and plan.probe.level > 2.5 * plan.estimate.white_sigma
+    assert plan.probe.evenness < adaptive.NON_WHITE_EVENNESS[0]
+    assert psnr(out, clean) >= 40
 
 
 @pytest.mark.parametrize("shape", [(5, 30, 3), (17, 7, 3), (1, 1, 3)])
