@@ -87,9 +87,14 @@ NON_WHITE_EVENNESS = (0.3, 0.5)
 white part holds heavy noise that is not white. The bar slides from 4 down to 2.5 as the probe's
 evenness rises from 0.3 to 0.5, so no one reading decides alone: a clean photo's fine, correlated
 texture (demosaicked, say) can read 2.5-3.5 times its white part as well, but there the network
-changes the textured blocks far more than the flat ones. Such noise then takes the camera network
-and the second stage guided by the input at ``h`` the probe level: what the network removed where
-the image is flat is the noise left to average."""
+changes the textured blocks far more than the flat ones ..."""
+NON_WHITE_HEAVY_LEVELS = (10 / 255, 20 / 255)
+NON_WHITE_HEAVY_BAR = 2.0
+"""... and down to 2 as the probe level rises from 10 to 20, whatever the evenness: texture taken
+for noise reads far less than that, white noise reads about its white part, and very heavy
+correlated noise 2.4-3 times it (its white part swells too). Such noise then takes the camera
+network and the second stage guided by the input at ``h`` the probe level: what the network
+removed where the image is flat is the noise left to average."""
 NOISE_MODEL_BLOCK = 8
 NOISE_MODEL_BANDS = 8
 NOISE_MODEL_FLAT_SHARE = 0.2
@@ -171,7 +176,8 @@ def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None) -> Plan
     if estimate.white_sigma >= HEAVY_SIGMA:
         return Plan("camera", 1.0, "output", HEAVY_WHITE_H, estimate)
     if probe is not None and probe.level >= NON_WHITE_LEVEL:
-        bar = float(np.interp(probe.evenness, NON_WHITE_EVENNESS, NON_WHITE_BAR))
+        bar = min(np.interp(probe.evenness, NON_WHITE_EVENNESS, NON_WHITE_BAR),
+                  np.interp(probe.level, NON_WHITE_HEAVY_LEVELS, (NON_WHITE_BAR[0], NON_WHITE_HEAVY_BAR)))
         if probe.level >= bar * estimate.white_sigma:
             return Plan("camera", 1.0, "input", probe.level, estimate, probe)
     sigmas, strengths = zip(*WHITE_STRENGTH)

@@ -64,6 +64,11 @@ def test_light_path_noise_the_camera_network_removes_far_more_of_is_heavy_and_no
     # In between the bar slides: at evenness 0.4 it is 3.25 times the white part.
     assert plan_for(light, adaptive.Probe(6.4 / 255, 0.4)).network == "white"
     assert plan_for(light, adaptive.Probe(6.6 / 255, 0.4)).network == "camera"
+    # From a level of 10 the bar comes down to 2 at 20, however unevenly the change spreads.
+    heavy = _estimate(40, 8, 0.6)
+    assert plan_for(heavy, adaptive.Probe(17 / 255, 0.0)).network == "white"  # bar 2.6: needs 20.8
+    assert plan_for(heavy, adaptive.Probe(19 / 255, 0.0))[:4] == ("camera", 1.0, "input", pytest.approx(19 / 255))
+    assert plan_for(_estimate(15, 14, 0.1), adaptive.Probe(27 / 255, 1.0)).network == "white"  # white noise reads ~1x
     # Little in all, however evenly spread or far above the white part: the light path stays.
     assert plan_for(_estimate(3, 0.5, 0.3), adaptive.Probe(3.9 / 255, 1.0)).network == "white"
     assert plan_for(light, adaptive.Probe(7.9 / 255, 0.0)).probe == adaptive.Probe(7.9 / 255, 0.0)
@@ -225,6 +230,18 @@ def test_heavy_correlated_noise_over_light_white_noise_takes_the_probe_path(auto
     assert plan.probe.level < adaptive.NON_WHITE_BAR[0] * plan.estimate.white_sigma
     networks = [Denoiser(name, device="cpu")(noisy) for name in ("mitdenoise-camera", "mitdenoise-mild")]
     assert psnr(out, clean) > max(psnr(x, clean) for x in networks) - 0.3
+
+
+def test_very_heavy_correlated_noise_never_takes_the_light_path(data_dir, auto):
+    """Correlated noise of 50 swells the white part too (12.8 on this crop against a probe level of
+    30.7, 2.4x): the evenness alone would leave it on the light path, 2.7 dB under the probe path.
+    From a probe level of 10 the bar comes down with the level."""
+    photo = center_crop(read_rgb8(data_dir / "test" / "kodak24" / "kodim11.png"), 256)
+    noisy, clean = noisy_version(photo, "correlated", 50, 0, 10)
+    out = auto(noisy)
+    plan = auto.last_plan
+    assert plan.network == "camera" and plan.probe.level < adaptive.NON_WHITE_BAR[1] * plan.estimate.white_sigma
+    assert psnr(out, clean) > psnr(Denoiser("mitdenoise-camera", device="cpu")(noisy), clean) + 1
 
 
 @pytest.mark.parametrize("name", ["2.png", "17.png"])
