@@ -92,9 +92,9 @@ NON_WHITE_HEAVY_LEVELS = (10 / 255, 20 / 255)
 NON_WHITE_HEAVY_BAR = 2.0
 """... and down to 2 as the probe level rises from 10 to 20, whatever the evenness: texture taken
 for noise reads far less than that, white noise reads about its white part, and very heavy
-correlated noise 2.4-3 times it (its white part swells too). Such noise then takes the camera
-network and the second stage guided by the input at ``h`` the probe level: what the network
-removed where the image is flat is the noise left to average."""
+correlated noise two to three times it (its white part swells too). Such noise then takes the
+camera network and the second stage guided by the input at ``h`` the probe level: what the
+network removed where the image is flat is the noise left to average."""
 NOISE_MODEL_BLOCK = 8
 NOISE_MODEL_BANDS = 8
 NOISE_MODEL_FLAT_SHARE = 0.2
