@@ -220,6 +220,11 @@ def _median_gradient(x: np.ndarray, b: int) -> np.ndarray:
     return np.median(_block_rows(_gradients(x), b), axis=1)
 
 
+def _mean_of_share(values: np.ndarray, order: np.ndarray, share: float) -> float:
+    """The mean of ``values`` over the first ``share`` of ``order`` (at least one)."""
+    return float(values[order[: max(1, int(len(order) * share))]].mean())
+
+
 def probe_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
     """Up to :data:`PROBE_TILES` tiles of side :data:`PROBE_TILE` (the whole image where it is no
     larger): of the image's grid of tiles, those whose flattest tenth of blocks is flattest."""
@@ -234,14 +239,9 @@ def probe_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
     for top, left in grid:
         rows = np.arange(top // PROBE_BLOCK, (top + th) // PROBE_BLOCK)[:, None] * per_row
         blocks = energy[(rows + np.arange(left // PROBE_BLOCK, (left + tw) // PROBE_BLOCK)).ravel()]
-        scores.append(np.sort(blocks)[: max(1, int(len(blocks) * PROBE_FLAT_SHARE))].mean())
+        scores.append(_mean_of_share(blocks, np.argsort(blocks, kind="stable"), PROBE_FLAT_SHARE))
     chosen = np.argsort(scores, kind="stable")[:PROBE_TILES]
     return [(slice(grid[i][0], grid[i][0] + th), slice(grid[i][1], grid[i][1] + tw)) for i in sorted(chosen)]
-
-
-def _mean_of_share(values: np.ndarray, order: np.ndarray, share: float) -> float:
-    """The mean of ``values`` over the first ``share`` of ``order`` (at least one)."""
-    return float(values[order[: max(1, int(len(order) * share))]].mean())
 
 
 def probe(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> Probe:
@@ -249,16 +249,17 @@ def probe(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> Pro
     rms of the change on the flattest tenth of blocks by the output's gradients (noise reads as
     itself there, white or not; a clean photo reads low unless it has no flat region at all), and
     its evenness (:data:`PROBE_TEXTURED_SHARE`)."""
-    changes, flatness, textures = [], [], []
+    changes, output_energies, input_energies = [], [], []
     for rows, cols in probe_tiles(pixels):
         tile = np.ascontiguousarray(pixels[rows, cols])
         out = np.asarray(camera(tile), np.float32)
         changes.append(np.square(_block_rows(out - tile)).mean(1))
-        flatness.append(_gradient_energy(out))
-        textures.append(_gradient_energy(tile))
-    change, flatness, texture = np.concatenate(changes), np.concatenate(flatness), np.concatenate(textures)
-    level = np.sqrt(_mean_of_share(change, np.argsort(flatness, kind="stable"), PROBE_FLAT_SHARE))
-    by_texture = np.argsort(texture, kind="stable")
+        output_energies.append(_gradient_energy(out))
+        input_energies.append(_gradient_energy(tile))
+    change = np.concatenate(changes)
+    by_output = np.argsort(np.concatenate(output_energies), kind="stable")
+    level = np.sqrt(_mean_of_share(change, by_output, PROBE_FLAT_SHARE))
+    by_texture = np.argsort(np.concatenate(input_energies), kind="stable")
     on_flat = _mean_of_share(change, by_texture, PROBE_FLAT_SHARE)
     on_textured = _mean_of_share(change, by_texture[::-1], PROBE_TEXTURED_SHARE)
     return Probe(float(level), on_flat / on_textured if on_textured > 0 else 0.0)
