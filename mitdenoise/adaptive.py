@@ -33,10 +33,11 @@ to itself.
 Where the numbers below come from: ``docs/experiments.md`` ("The shipped default: a route over
 two networks", and "Asking the camera network how much it would remove"). The strengths were
 measured on held-out training images; the second stage's ``h`` and the camera test were chosen
-on CC15, our real-noise development set; the probe's thresholds on McMaster and Kodak24 crops,
-its bar and evenness on the noise matrix's crops and clean McMaster, Kodak24 and CBSD68 crops
-("Heavy correlated noise below the probe's bar"); the change limit's margin on CC15 ("Keeping
-only the change noise explains").
+on CC15, our real-noise development set; the probe's floor on McMaster and Kodak24 crops; its
+bar by evenness on the noise matrix's crops and clean McMaster, Kodak24 and CBSD68 crops, its
+bar by level on heavier noise on other crops of McMaster and Kodak24 ("Heavy correlated noise
+below the probe's bar"); the change limit's margin on CC15 ("Keeping only the change noise
+explains").
 """
 
 from __future__ import annotations
@@ -81,20 +82,21 @@ PROBE_TILES = 4
 """The probe runs the network on at most this many tiles of this side: those of the image's grid
 whose flattest blocks are flattest (a 12 MP photo: about 2 % of the network's time)."""
 NON_WHITE_LEVEL = 4 / 255
-NON_WHITE_BAR = (4.0, 2.5)
+NON_WHITE_BAR_BY_EVENNESS = (4.0, 2.5)
 NON_WHITE_EVENNESS = (0.3, 0.5)
 """A light-path image whose probe level reads at least ``NON_WHITE_LEVEL`` and a bar times its
 white part holds heavy noise that is not white. The bar slides from 4 down to 2.5 as the probe's
 evenness rises from 0.3 to 0.5, so no one reading decides alone: a clean photo's fine, correlated
-texture (demosaicked, say) can read 2.5-3.5 times its white part as well, but there the network
+texture (demosaicked, say) can read up to 4 times its white part as well, but there the network
 changes the textured blocks far more than the flat ones ..."""
 NON_WHITE_HEAVY_LEVELS = (10 / 255, 20 / 255)
-NON_WHITE_HEAVY_BAR = 2.0
-"""... and down to 2 as the probe level rises from 10 to 20, whatever the evenness: texture taken
-for noise reads far less than that, white noise reads about its white part, and very heavy
-correlated noise two to three times it (its white part swells too). Such noise then takes the
-camera network and the second stage guided by the input at ``h`` the probe level: what the
-network removed where the image is flat is the noise left to average."""
+NON_WHITE_LOWEST_BAR = 2.0
+"""... and the lower of that bar and one sliding from 4 down to 2 as the probe level rises from 10
+to 20, whatever the evenness, holds: texture taken for noise reads far less than that, white
+noise reads about its white part, and very heavy correlated noise two to three and a half times
+it (its white part swells too). Such noise then takes the camera network and the second stage
+guided by the input at ``h`` the probe level, uncapped: what the network removed where the image
+is flat is the noise left to average."""
 NOISE_MODEL_BLOCK = 8
 NOISE_MODEL_BANDS = 8
 NOISE_MODEL_FLAT_SHARE = 0.2
@@ -131,7 +133,8 @@ class Probe(NamedTuple):
     """The rms of its change where the image is flat ([0, 1] scale): the noise, white or not."""
     evenness: float
     """The mean square of its change on the input's flattest blocks over that on its most
-    textured ones: about 1 for noise, near 0 for a clean photo's texture taken for noise."""
+    textured ones: about 1 for noise, near 0 for a clean photo's texture taken for noise; 0 where
+    there are too few blocks to tell the two apart or no change at all."""
 
 
 class Plan(NamedTuple):
@@ -176,8 +179,8 @@ def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None) -> Plan
     if estimate.white_sigma >= HEAVY_SIGMA:
         return Plan("camera", 1.0, "output", HEAVY_WHITE_H, estimate)
     if probe is not None and probe.level >= NON_WHITE_LEVEL:
-        bar = min(np.interp(probe.evenness, NON_WHITE_EVENNESS, NON_WHITE_BAR),
-                  np.interp(probe.level, NON_WHITE_HEAVY_LEVELS, (NON_WHITE_BAR[0], NON_WHITE_HEAVY_BAR)))
+        bar = min(np.interp(probe.evenness, NON_WHITE_EVENNESS, NON_WHITE_BAR_BY_EVENNESS),
+                  np.interp(probe.level, NON_WHITE_HEAVY_LEVELS, (NON_WHITE_BAR_BY_EVENNESS[0], NON_WHITE_LOWEST_BAR)))
         if probe.level >= bar * estimate.white_sigma:
             return Plan("camera", 1.0, "input", probe.level, estimate, probe)
     sigmas, strengths = zip(*WHITE_STRENGTH)
@@ -248,7 +251,7 @@ def probe(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> Pro
     """What the camera network removes on :func:`probe_tiles`, read on 16x16 blocks: its level, the
     rms of the change on the flattest tenth of blocks by the output's gradients (noise reads as
     itself there, white or not; a clean photo reads low unless it has no flat region at all), and
-    its evenness (:data:`PROBE_TEXTURED_SHARE`)."""
+    its evenness (:data:`PROBE_TEXTURED_SHARE`). The pixels must hold one whole block at least."""
     changes, output_energies, input_energies = [], [], []
     for rows, cols in probe_tiles(pixels):
         tile = np.ascontiguousarray(pixels[rows, cols])
@@ -259,10 +262,14 @@ def probe(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> Pro
     change = np.concatenate(changes)
     by_output = np.argsort(np.concatenate(output_energies), kind="stable")
     level = np.sqrt(_mean_of_share(change, by_output, PROBE_FLAT_SHARE))
+    if len(change) * PROBE_FLAT_SHARE < 1:  # the flattest tenth would be one block, or all of them
+        return Probe(float(level), 0.0)
     by_texture = np.argsort(np.concatenate(input_energies), kind="stable")
     on_flat = _mean_of_share(change, by_texture, PROBE_FLAT_SHARE)
     on_textured = _mean_of_share(change, by_texture[::-1], PROBE_TEXTURED_SHARE)
-    return Probe(float(level), on_flat / on_textured if on_textured > 0 else 0.0)
+    if on_textured == 0:
+        return Probe(float(level), 0.0 if on_flat == 0 else float("inf"))
+    return Probe(float(level), on_flat / on_textured)
 
 
 def run_plan(
