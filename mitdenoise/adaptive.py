@@ -223,9 +223,10 @@ def _median_gradient(x: np.ndarray, b: int) -> np.ndarray:
     return np.median(_block_rows(_gradients(x), b), axis=1)
 
 
-def _mean_of_share(values: np.ndarray, order: np.ndarray, share: float) -> float:
-    """The mean of ``values`` over the first ``share`` of ``order`` (at least one)."""
-    return float(values[order[: max(1, int(len(order) * share))]].mean())
+def _first_share(a: np.ndarray, share: float) -> np.ndarray:
+    """The first ``share`` of ``a`` (at least one element): of an ordering, the flattest or the most
+    textured blocks."""
+    return a[: max(1, int(len(a) * share))]
 
 
 def probe_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
@@ -242,7 +243,7 @@ def probe_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
     for top, left in grid:
         rows = np.arange(top // PROBE_BLOCK, (top + th) // PROBE_BLOCK)[:, None] * per_row
         blocks = energy[(rows + np.arange(left // PROBE_BLOCK, (left + tw) // PROBE_BLOCK)).ravel()]
-        scores.append(_mean_of_share(blocks, np.argsort(blocks, kind="stable"), PROBE_FLAT_SHARE))
+        scores.append(_first_share(np.sort(blocks), PROBE_FLAT_SHARE).mean())
     chosen = np.argsort(scores, kind="stable")[:PROBE_TILES]
     return [(slice(grid[i][0], grid[i][0] + th), slice(grid[i][1], grid[i][1] + tw)) for i in sorted(chosen)]
 
@@ -261,12 +262,12 @@ def probe(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> Pro
         input_energies.append(_gradient_energy(tile))
     change = np.concatenate(changes)
     by_output = np.argsort(np.concatenate(output_energies), kind="stable")
-    level = np.sqrt(_mean_of_share(change, by_output, PROBE_FLAT_SHARE))
+    level = np.sqrt(float(change[_first_share(by_output, PROBE_FLAT_SHARE)].mean()))
     if len(change) * PROBE_FLAT_SHARE < 1:  # the flattest tenth would be one block, or all of them
         return Probe(float(level), 0.0)
     by_texture = np.argsort(np.concatenate(input_energies), kind="stable")
-    on_flat = _mean_of_share(change, by_texture, PROBE_FLAT_SHARE)
-    on_textured = _mean_of_share(change, by_texture[::-1], PROBE_TEXTURED_SHARE)
+    on_flat = float(change[_first_share(by_texture, PROBE_FLAT_SHARE)].mean())
+    on_textured = float(change[_first_share(by_texture[::-1], PROBE_TEXTURED_SHARE)].mean())
     if on_textured == 0:
         return Probe(float(level), 0.0 if on_flat == 0 else float("inf"))
     return Probe(float(level), on_flat / on_textured)
@@ -316,7 +317,7 @@ def noise_line(noisy: np.ndarray, output: np.ndarray) -> NoiseLine | None:
     xs, vs, scaled = [], [], []
     for band in np.array_split(np.argsort(brightness, kind="stable"), NOISE_MODEL_BANDS):
         if band.size:
-            flat = band[np.argsort(flatness[band], kind="stable")[: max(1, int(band.size * NOISE_MODEL_FLAT_SHARE))]]
+            flat = band[_first_share(np.argsort(flatness[band], kind="stable"), NOISE_MODEL_FLAT_SHARE)]
             xs.append(brightness[flat].mean())
             vs.append(power[flat].mean())
             scaled.append(changes[flat].ravel() / np.sqrt(vs[-1]) if vs[-1] > 0 else changes[flat].ravel())
