@@ -10,7 +10,9 @@ the noise (:func:`~mitdenoise.noise.estimate_noise`):
 - a camera's noise (neighbours correlated, almost no white part): ``mitdenoise-camera``, then
   non-local means of the *input* guided by its output (BM3D's second stage in non-local means
   form, :mod:`.nonlocal_means`), which averages blotches wider than the network's 8x8 windows
-  and gives back texture the network took for noise;
+  and gives back texture the network took for noise. Its ``h`` follows the level read, but a
+  textured photo's detail inflates that level, so ``h`` is held to twice what the camera network
+  removes where the image is flat (:func:`probe`);
 - heavy white noise: ``mitdenoise-camera`` (it saw white noise up to sigma 30), then non-local
   means of its own output;
 - heavy noise that is not white (a phone's, or noise JPEG has smoothed): its white part reads
@@ -37,7 +39,8 @@ on CC15, our real-noise development set; the probe's floor on McMaster and Kodak
 bar by evenness on the noise matrix's crops and clean McMaster, Kodak24 and CBSD68 crops, its
 bar by level on heavier noise on other crops of McMaster and Kodak24 ("Heavy correlated noise
 below the probe's bar"); the change limit's margin on CC15 ("Keeping only the change noise
-explains").
+explains"); the cap on ``h`` by the probe on crops of all three sets and CC15 ("Camera noise on
+texture: h held to the probe").
 """
 
 from __future__ import annotations
@@ -64,9 +67,13 @@ WHITE_STRENGTH = ((0, 0.0), (2 / 255, 0.15), (3 / 255, 0.25), (5 / 255, 0.5), (7
 measured at those levels on held-out training images."""
 CAMERA_H_PER_SIGMA = 1.6
 """The second stage's ``h`` after ``mitdenoise-camera`` on a camera's noise, per level read ..."""
+CAMERA_H_PER_PROBE = 2.0
+"""... but no more than this many times what the camera network removes where the image is flat
+(:func:`probe`): texture inflates the level read, not the probe, and a large ``h`` averages a
+textured photo's detail away with its noise ..."""
 CAMERA_H_RANGE = (3 / 255, 8 / 255)
-"""... and the range it is held to: a clean photo with fine texture reads like light camera
-noise at a level its texture inflates, and a large ``h`` would average its texture away."""
+"""... and within this range: at the top, a clean photo's texture could still be taken for heavy
+noise where the probe finds no flat region."""
 HEAVY_WHITE_H = 5 / 255
 """The second stage's ``h`` on heavy white noise (the network's output smoothed by itself)."""
 PROBE_BLOCK = 16
@@ -160,22 +167,32 @@ class Plan(NamedTuple):
             return "too small to read the noise: mitdenoise-mild"
         level = f"sigma {self.estimate.sigma * 255:.1f}"
         if self.network == "camera":
-            if self.probe is not None:
-                kind = f"heavy noise that is not white (the camera network removes {self.probe.level * 255:.1f} on flat regions)"
+            if self.second_stage == "output":
+                kind = "heavy white noise"
+            elif is_camera_noise(self.estimate):
+                kind = "camera noise"
             else:
-                kind = "camera noise" if self.second_stage == "input" else "heavy white noise"
+                kind = f"heavy noise that is not white (the camera network removes {self.probe.level * 255:.1f} on flat regions)"
             return f"{kind}, {level}: mitdenoise-camera + non-local means"
         return f"white noise, {level}: mitdenoise-mild at strength {self.strength:.2f}"
 
 
+def is_camera_noise(estimate: NoiseEstimate) -> bool:
+    """Whether the estimate reads as a camera's noise (:data:`CAMERA_CORRELATION`)."""
+    return estimate.correlation >= CAMERA_CORRELATION and estimate.white_sigma < CAMERA_WHITE_SIGMA
+
+
 def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None) -> Plan:
-    """The route's choice for an image with this noise estimate and, for the light path, what the
-    probe read (:func:`probe`; None: not read)."""
+    """The route's choice for an image with this noise estimate and what the probe read
+    (:func:`probe`; None: not read): on a camera's noise it caps the second stage's ``h``, on the
+    light path it finds heavy noise that is not white. The heavy-white path does not use it."""
     if estimate is None:
         return Plan("white", 1.0, "none", 0.0, None)
-    if estimate.correlation >= CAMERA_CORRELATION and estimate.white_sigma < CAMERA_WHITE_SIGMA:
-        h = float(np.clip(CAMERA_H_PER_SIGMA * estimate.sigma, *CAMERA_H_RANGE))
-        return Plan("camera", 1.0, "input", h, estimate)
+    if is_camera_noise(estimate):
+        h = CAMERA_H_PER_SIGMA * estimate.sigma
+        if probe is not None:
+            h = min(h, CAMERA_H_PER_PROBE * probe.level)
+        return Plan("camera", 1.0, "input", float(np.clip(h, *CAMERA_H_RANGE)), estimate, probe)
     if estimate.white_sigma >= HEAVY_SIGMA:
         return Plan("camera", 1.0, "output", HEAVY_WHITE_H, estimate)
     if probe is not None and probe.level >= NON_WHITE_LEVEL:
@@ -189,13 +206,13 @@ def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None) -> Plan
 
 def plan_image(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray] | None = None) -> Plan:
     """Estimate the noise of float (H, W, C) pixels in [0, 1] and plan from it; where that plan is
-    the light path and ``camera`` (``mitdenoise-camera`` as a function on such pixels) is given,
-    probe first (:func:`probe`)."""
+    not the heavy-white path and ``camera`` (``mitdenoise-camera`` as a function on such pixels) is
+    given, probe first (:func:`probe`)."""
     if min(pixels.shape[:2]) < WEAK_TEXTURE_PATCH:
         return plan_for(None)
     estimate = estimate_noise(pixels)
     plan = plan_for(estimate)
-    if plan.network == "white" and camera is not None:
+    if plan.second_stage != "output" and camera is not None:
         plan = plan_for(estimate, probe(pixels, camera))
     return plan
 
