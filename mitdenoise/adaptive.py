@@ -72,8 +72,9 @@ CAMERA_H_PER_PROBE = 2.0
 (:func:`probe`): texture inflates the level read, not the probe, and a large ``h`` averages a
 textured photo's detail away with its noise ..."""
 CAMERA_H_RANGE = (3 / 255, 8 / 255)
-"""... and within this range: at the top, a clean photo's texture could still be taken for heavy
-noise where the probe finds no flat region."""
+"""... and within this range: its floor is the least ``h`` that still pays on light camera noise,
+and at its top a clean photo's texture could still be taken for heavy noise where the probe finds
+no flat region."""
 HEAVY_WHITE_H = 5 / 255
 """The second stage's ``h`` on heavy white noise (the network's output smoothed by itself)."""
 PROBE_BLOCK = 16
@@ -178,7 +179,8 @@ class Plan(NamedTuple):
 
 
 def is_camera_noise(estimate: NoiseEstimate) -> bool:
-    """Whether the estimate reads as a camera's noise (:data:`CAMERA_CORRELATION`)."""
+    """Whether the estimate reads as a camera's noise (:data:`CAMERA_CORRELATION`,
+    :data:`CAMERA_WHITE_SIGMA`)."""
     return estimate.correlation >= CAMERA_CORRELATION and estimate.white_sigma < CAMERA_WHITE_SIGMA
 
 
@@ -206,13 +208,14 @@ def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None) -> Plan
 
 def plan_image(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray] | None = None) -> Plan:
     """Estimate the noise of float (H, W, C) pixels in [0, 1] and plan from it; where that plan is
-    not the heavy-white path and ``camera`` (``mitdenoise-camera`` as a function on such pixels) is
-    given, probe first (:func:`probe`)."""
+    the light path, or the camera path with ``h`` above its floor, and ``camera``
+    (``mitdenoise-camera`` as a function on such pixels) is given, probe first (:func:`probe`)."""
     if min(pixels.shape[:2]) < WEAK_TEXTURE_PATCH:
         return plan_for(None)
     estimate = estimate_noise(pixels)
     plan = plan_for(estimate)
-    if plan.second_stage != "output" and camera is not None:
+    holds_h = plan.second_stage == "input" and plan.h > CAMERA_H_RANGE[0]  # the hold could lower h
+    if camera is not None and (plan.network == "white" or holds_h):
         plan = plan_for(estimate, probe(pixels, camera))
     return plan
 
