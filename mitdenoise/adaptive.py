@@ -282,15 +282,15 @@ def probe(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> Pro
         input_energies.append(_gradient_energy(tile))
     change = np.concatenate(changes)
     by_output = np.argsort(np.concatenate(output_energies), kind="stable")
-    level = np.sqrt(float(change[_first_share(by_output, PROBE_FLAT_SHARE)].mean()))
+    level = float(np.sqrt(change[_first_share(by_output, PROBE_FLAT_SHARE)].mean()))
     if len(change) * PROBE_FLAT_SHARE < 1:  # the flattest tenth would be one block, or all of them
-        return Probe(float(level), 0.0)
+        return Probe(level, 0.0)
     by_texture = np.argsort(np.concatenate(input_energies), kind="stable")
     on_flat = float(change[_first_share(by_texture, PROBE_FLAT_SHARE)].mean())
     on_textured = float(change[_first_share(by_texture[::-1], PROBE_TEXTURED_SHARE)].mean())
     if on_textured == 0:
-        return Probe(float(level), 0.0 if on_flat == 0 else float("inf"))
-    return Probe(float(level), on_flat / on_textured)
+        return Probe(level, 0.0 if on_flat == 0 else float("inf"))
+    return Probe(level, on_flat / on_textured)
 
 
 def run_plan(

@@ -47,6 +47,17 @@ def test_on_camera_noise_h_is_held_to_twice_what_the_camera_network_removes_wher
     assert plan_for(textured, adaptive.Probe(3 / 255, 0.2)).describe().startswith("camera noise, sigma 10.0")
 
 
+@pytest.mark.parametrize("level, probes", [(1, False), (3, True)])
+def test_the_camera_path_asks_the_probe_only_where_the_hold_could_lower_h(level, probes):
+    """At a level whose h is the range's floor already, the probe could change nothing: not run."""
+    noisy = (_u8(correlated(_smooth_image(128), level, 2)) / 255).astype(np.float32)
+    calls = []
+    plan = adaptive.plan_image(noisy, lambda x: calls.append(x.shape) or x.copy())
+    assert plan.network == "camera" and plan.second_stage == "input" and adaptive.is_camera_noise(plan.estimate)
+    assert (plan.probe is not None) == probes and len(calls) == int(probes)
+    assert (plan.estimate.sigma * adaptive.CAMERA_H_PER_SIGMA > adaptive.CAMERA_H_RANGE[0]) == probes
+
+
 def test_heavy_white_noise_goes_to_the_camera_network_and_smooths_its_output():
     assert plan_for(_estimate(25, 24, 0.0))[:4] == ("camera", 1.0, "output", pytest.approx(5 / 255))
     assert plan_for(_estimate(19, 18, 0.7))[:4] == ("camera", 1.0, "output", pytest.approx(5 / 255))
