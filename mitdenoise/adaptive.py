@@ -4,8 +4,8 @@ No one network we can train at our budget is best at every noise. ``mitdenoise-m
 at Gaussian sigma 15, is our best on white noise up to about that level, but it smooths lighter
 noise into an image worse than its input and leaves a camera's coarse colour blotches in place.
 ``mitdenoise-camera``, trained blind on white and on camera-structured Gaussian noise, removes
-those and heavier white noise, and costs detail on light white noise. So the route first reads
-the noise (:func:`~mitdenoise.noise.estimate_noise`):
+those and heavier white noise, and on light white noise costs detail at full strength. So the
+route first reads the noise (:func:`~mitdenoise.noise.estimate_noise`):
 
 - a camera's noise (neighbours correlated, almost no white part): ``mitdenoise-camera``, then
   non-local means of the *input* guided by its output (BM3D's second stage in non-local means
@@ -22,8 +22,11 @@ the noise (:func:`~mitdenoise.noise.estimate_noise`):
   white part explains is such noise; the more evenly the change spreads (noise is everywhere, a
   photo's own fine texture is not), the less "far more" has to be. Such noise takes the camera
   network and a second stage as strong as the level the probe read;
-- lighter white noise: ``mitdenoise-mild`` at a strength that grows with the level (half its
-  change at sigma 5), so texture survives.
+- lighter white noise: the network and the share of its change that err least by Stein's
+  unbiased risk estimate (:func:`light_risks`), which reads from the noisy image alone, given
+  the noise's level, how far each network's output is from the clean image it never saw. On
+  textured photos at light noise that is often ``mitdenoise-camera`` at part strength; on white
+  noise near sigma 15, where it was trained, ``mitdenoise-mild``; on a clean photo almost nothing.
 
 Whatever ran, the route then keeps of its change only what the image's own noise explains
 (:func:`limit_change_to_noise`): it reads how much noise was removed where the image is flat, as
@@ -33,14 +36,14 @@ light noise; this gives it back without a threshold to fall off, and leaves a cl
 to itself.
 
 Where the numbers below come from: ``docs/experiments.md`` ("The shipped default: a route over
-two networks", and "Asking the camera network how much it would remove"). The strengths were
-measured on held-out training images; the second stage's ``h`` and the camera test were chosen
-on CC15, our real-noise development set; the probe's floor on McMaster and Kodak24 crops; its
-bar by evenness on the noise matrix's crops and clean McMaster, Kodak24 and CBSD68 crops, its
-bar by level on heavier noise on other crops of McMaster and Kodak24 ("Heavy correlated noise
-below the probe's bar"); the change limit's margin on CC15 ("Keeping only the change noise
+two networks", and "Asking the camera network how much it would remove"). The second stage's
+``h`` and the camera test were chosen on CC15, our real-noise development set; the probe's floor
+on McMaster and Kodak24 crops; its bar by evenness on the noise matrix's crops and clean
+McMaster, Kodak24 and CBSD68 crops, its bar by level on heavier noise on other crops of McMaster
+and Kodak24 ("Heavy correlated noise below the probe's bar"); the change limit's margin on CC15 ("Keeping only the change noise
 explains"); the cap on ``h`` by the probe on crops of all three sets and CC15 ("Camera noise on
-texture: h held to the probe").
+texture: h held to the probe"); how the risk estimate reads the noise on Kodak24 crops ("The light
+path by Stein's unbiased risk estimate").
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .noise import WEAK_TEXTURE_PATCH, NoiseEstimate, estimate_noise
+from .noise import WEAK_TEXTURE_PATCH, NoiseEstimate, estimate_noise, white_noise_variances
 from .nonlocal_means import nonlocal_means
 
 CAMERA_CORRELATION = 0.5
@@ -62,9 +65,6 @@ leave a camera's noise almost nothing in the finest frequencies)."""
 HEAVY_SIGMA = 18 / 255
 """Noise whose white part reads at least this goes to the camera network (it saw white noise
 up to sigma 30)."""
-WHITE_STRENGTH = ((0, 0.0), (2 / 255, 0.15), (3 / 255, 0.25), (5 / 255, 0.5), (7 / 255, 0.7), (10 / 255, 0.85), (15 / 255, 1.0))
-"""(white noise sigma, strength of ``mitdenoise-mild``), linear in between: the best strengths
-measured at those levels on held-out training images."""
 CAMERA_H_PER_SIGMA = 1.6
 """The second stage's ``h`` after ``mitdenoise-camera`` on a camera's noise, per level read ..."""
 CAMERA_H_PER_PROBE = 2.0
@@ -85,6 +85,15 @@ PROBE_TEXTURED_SHARE = 0.2
 """Its evenness sets the change on the flattest tenth of blocks against that on the most textured
 fifth, both by the gradients of the *input*: noise is changed alike on both, a clean photo's
 texture taken for noise on the textured blocks alone."""
+RISK_TILE = 256
+RISK_TILES = 4
+"""On the light path the network and its strength are chosen by the error each would make, as
+Stein's unbiased risk estimate reads it (:func:`light_risks`), on at most this many tiles of this
+side spread evenly over the image's grid: enough of a photo to judge it, a small part of its time."""
+RISK_STEP = 1e-3
+"""The size of the random step that reads how much of a small change in its input a network passes
+on (the divergence in Stein's estimate): small against the noise, large against float32 rounding
+(the CPU's precision; bf16 on a GPU rounds at this size, and reads it less surely)."""
 PROBE_TILE = 256
 PROBE_TILES = 4
 """The probe runs the network on at most this many tiles of this side: those of the image's grid
@@ -145,6 +154,15 @@ class Probe(NamedTuple):
     there are too few blocks to tell the two apart or no change at all."""
 
 
+class Risk(NamedTuple):
+    """What Stein's unbiased risk estimate says of one network on the light path (:func:`light_risks`)."""
+
+    strength: float
+    """The share of the network's change that errs least by the estimate."""
+    error: float
+    """The mean square error it estimates at that strength ([0, 1] scale)."""
+
+
 class Plan(NamedTuple):
     """What the route does to one image, from its noise estimate."""
 
@@ -161,21 +179,25 @@ class Plan(NamedTuple):
     """What the plan was made from; None for an image too small to read."""
     probe: Probe | None = None
     """What the probe read (:func:`probe`), where it was asked."""
+    risks: dict[str, Risk] | None = None
+    """On the light path, what Stein's estimate read of each network (:func:`light_risks`), where
+    it was asked."""
 
     def describe(self) -> str:
         """One line for the user: what was read and what ran."""
         if self.estimate is None:
             return "too small to read the noise: mitdenoise-mild"
         level = f"sigma {self.estimate.sigma * 255:.1f}"
-        if self.network == "camera":
-            if self.second_stage == "output":
-                kind = "heavy white noise"
-            elif is_camera_noise(self.estimate):
-                kind = "camera noise"
-            else:
-                kind = f"heavy noise that is not white (the camera network removes {self.probe.level * 255:.1f} on flat regions)"
-            return f"{kind}, {level}: mitdenoise-camera + non-local means"
-        return f"white noise, {level}: mitdenoise-mild at strength {self.strength:.2f}"
+        if self.second_stage == "none":
+            name = "mitdenoise-mild" if self.network == "white" else "mitdenoise-camera"
+            return f"white noise, {level}: {name} at strength {self.strength:.2f}"
+        if self.second_stage == "output":
+            kind = "heavy white noise"
+        elif is_camera_noise(self.estimate):
+            kind = "camera noise"
+        else:
+            kind = f"heavy noise that is not white (the camera network removes {self.probe.level * 255:.1f} on flat regions)"
+        return f"{kind}, {level}: mitdenoise-camera + non-local means"
 
 
 def is_camera_noise(estimate: NoiseEstimate) -> bool:
@@ -184,10 +206,12 @@ def is_camera_noise(estimate: NoiseEstimate) -> bool:
     return estimate.correlation >= CAMERA_CORRELATION and estimate.white_sigma < CAMERA_WHITE_SIGMA
 
 
-def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None) -> Plan:
+def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None, risks: dict[str, Risk] | None = None) -> Plan:
     """The route's choice for an image with this noise estimate and what the probe read
     (:func:`probe`; None: not read): on a camera's noise it caps the second stage's ``h``, on the
-    light path it finds heavy noise that is not white. The heavy-white path does not use it."""
+    light path it finds heavy noise that is not white. The heavy-white path does not use it. On the
+    light path the network whose ``risks`` (:func:`light_risks`) are least runs at their strength;
+    without them (nothing to ask), ``mitdenoise-mild`` whole."""
     if estimate is None:
         return Plan("white", 1.0, "none", 0.0, None)
     if is_camera_noise(estimate):
@@ -202,22 +226,86 @@ def plan_for(estimate: NoiseEstimate | None, probe: Probe | None = None) -> Plan
                   np.interp(probe.level, NON_WHITE_HEAVY_LEVELS, (NON_WHITE_BAR_BY_EVENNESS[0], NON_WHITE_LOWEST_BAR)))
         if probe.level >= bar * estimate.white_sigma:
             return Plan("camera", 1.0, "input", probe.level, estimate, probe)
-    sigmas, strengths = zip(*WHITE_STRENGTH)
-    return Plan("white", float(np.interp(estimate.white_sigma, sigmas, strengths)), "none", 0.0, estimate, probe)
+    if not risks:
+        return Plan("white", 1.0, "none", 0.0, estimate, probe)
+    role = min(risks, key=lambda r: risks[r].error)
+    return Plan(role, risks[role].strength, "none", 0.0, estimate, probe, risks)
 
 
-def plan_image(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray] | None = None) -> Plan:
-    """Estimate the noise of float (H, W, C) pixels in [0, 1] and plan from it; where that plan is
-    the light path, or the camera path with ``h`` above its floor, and ``camera``
-    (``mitdenoise-camera`` as a function on such pixels) is given, probe first (:func:`probe`)."""
+def plan_image(pixels: np.ndarray, networks: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> Plan:
+    """Estimate the noise of float (H, W, C) pixels in [0, 1] and plan from it. With ``networks``
+    (``"white"`` and ``"camera"`` as functions on such pixels, as :func:`run_plan` takes them) it
+    asks them first: the camera network where the plan is the light path, or the camera path with
+    ``h`` above its floor (:func:`probe`); then, where the light path stands, both what they would
+    err by (:func:`light_risks`)."""
     if min(pixels.shape[:2]) < WEAK_TEXTURE_PATCH:
         return plan_for(None)
     estimate = estimate_noise(pixels)
     plan = plan_for(estimate)
+    if networks is None:
+        return plan
     holds_h = plan.second_stage == "input" and plan.h > CAMERA_H_RANGE[0]  # the hold could lower h
-    if camera is not None and (plan.network == "white" or holds_h):
-        plan = plan_for(estimate, probe(pixels, camera))
+    read = probe(pixels, networks["camera"]) if plan.second_stage == "none" or holds_h else None
+    plan = plan_for(estimate, read)
+    if plan.second_stage == "none":
+        plan = plan_for(estimate, read, light_risks(pixels, networks))
     return plan
+
+
+def stein_terms(noisy: np.ndarray, output: np.ndarray, nudged_output: np.ndarray, nudge: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """The three means Stein's unbiased risk estimate (SURE) is made of, for a denoiser ``f`` on
+    ``noisy`` under independent Gaussian noise of ``variance`` (per channel or per pixel: anything
+    that broadcasts to the image): ``[mean((f(y) - y)^2), mean(v), mean(v * df_i/dy_i)]``, how far
+    ``f`` moved its input, the noise, and how much of the noise it passes on. The derivatives are
+    read at random: ``nudged_output`` is ``f(noisy + nudge)`` for a small Gaussian ``nudge``, and
+    ``nudge * (nudged_output - output)`` over the nudge's variance averages to them."""
+    weights = np.broadcast_to(np.asarray(variance, np.float64), noisy.shape)
+    step = float(np.mean(np.square(nudge, dtype=np.float64)))
+    passed = float(np.mean(weights * nudge * (nudged_output - output), dtype=np.float64)) / step if step > 0 else 0.0
+    return np.array([np.mean(np.square(output - noisy, dtype=np.float64)), weights.mean(), passed])
+
+
+def least_risk(terms: np.ndarray) -> Risk:
+    """The strength ``s`` whose ``noisy + s * (f(noisy) - noisy)`` errs least by Stein's estimate,
+    from :func:`stein_terms` ``[A, V, D]``: the estimate is ``A s^2 - V + 2 (1 - s) V + 2 s D``
+    (the mean square error against the clean image, in expectation), lowest at ``s = (V - D) / A``
+    within [0, 1]."""
+    moved, noise, passed = (float(t) for t in terms)
+    strength = float(np.clip((noise - passed) / moved, 0, 1)) if moved > 0 else 0.0
+    return Risk(strength, moved * strength**2 - noise + 2 * (1 - strength) * noise + 2 * strength * passed)
+
+
+def light_risks(pixels: np.ndarray, networks: dict[str, Callable[[np.ndarray], np.ndarray]], seed: int = 0) -> dict[str, Risk]:
+    """:func:`least_risk` of each network on :func:`risk_tiles` (their terms pooled), under the white
+    noise each tile's colour channels read (:func:`~mitdenoise.noise.white_noise_variances`). The
+    nudge is Gaussian, :data:`RISK_STEP` a value, drawn from ``seed``: an image gets the same choice
+    each time."""
+    tiles = [np.ascontiguousarray(pixels[rows, cols]) for rows, cols in risk_tiles(pixels)]
+    rng = np.random.default_rng(seed)
+    nudges = [(RISK_STEP * rng.standard_normal(t.shape)).astype(np.float32) for t in tiles]
+    variances = [white_noise_variances(t) for t in tiles]
+    sizes = np.array([t.size for t in tiles], np.float64)
+    risks = {}
+    for role, network in networks.items():
+        terms = [stein_terms(t, np.asarray(network(t), np.float32), np.asarray(network(t + n), np.float32), n, v)
+                 for t, n, v in zip(tiles, nudges, variances)]
+        risks[role] = least_risk(np.average(terms, axis=0, weights=sizes))
+    return risks
+
+
+def _tile_grid(pixels: np.ndarray, side: int) -> list[tuple[slice, slice]]:
+    """The image's grid of whole tiles of ``side`` (of the image's side where it is smaller), in
+    reading order."""
+    h, w = pixels.shape[:2]
+    th, tw = min(h, side), min(w, side)
+    return [(slice(top, top + th), slice(left, left + tw)) for top in range(0, h - th + 1, th) for left in range(0, w - tw + 1, tw)]
+
+
+def risk_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
+    """Up to :data:`RISK_TILES` tiles of the image's grid of side :data:`RISK_TILE`, spread evenly
+    over it in reading order (the whole image where it is no larger)."""
+    grid = _tile_grid(pixels, RISK_TILE)
+    return [grid[i] for i in np.unique(np.linspace(0, len(grid) - 1, min(RISK_TILES, len(grid))).round().astype(int))]
 
 
 def _block_rows(x: np.ndarray, b: int = PROBE_BLOCK) -> np.ndarray:
@@ -252,20 +340,17 @@ def _first_share(a: np.ndarray, share: float) -> np.ndarray:
 def probe_tiles(pixels: np.ndarray) -> list[tuple[slice, slice]]:
     """Up to :data:`PROBE_TILES` tiles of side :data:`PROBE_TILE` (the whole image where it is no
     larger): of the image's grid of tiles, those whose flattest tenth of blocks is flattest."""
-    h, w = pixels.shape[:2]
-    th, tw = min(h, PROBE_TILE), min(w, PROBE_TILE)
-    grid = [(top, left) for top in range(0, h - th + 1, th) for left in range(0, w - tw + 1, tw)]
+    grid = _tile_grid(pixels, PROBE_TILE)
     if len(grid) <= 1:
-        return [(slice(0, th), slice(0, tw))]
+        return grid
     energy = _gradient_energy(pixels)
-    per_row = w // PROBE_BLOCK
+    per_row = pixels.shape[1] // PROBE_BLOCK
     scores = []
-    for top, left in grid:
-        rows = np.arange(top // PROBE_BLOCK, (top + th) // PROBE_BLOCK)[:, None] * per_row
-        blocks = energy[(rows + np.arange(left // PROBE_BLOCK, (left + tw) // PROBE_BLOCK)).ravel()]
+    for rows, cols in grid:
+        blocks = np.arange(rows.start // PROBE_BLOCK, rows.stop // PROBE_BLOCK)[:, None] * per_row
+        blocks = energy[(blocks + np.arange(cols.start // PROBE_BLOCK, cols.stop // PROBE_BLOCK)).ravel()]
         scores.append(_first_share(np.sort(blocks), PROBE_FLAT_SHARE).mean())
-    chosen = np.argsort(scores, kind="stable")[:PROBE_TILES]
-    return [(slice(grid[i][0], grid[i][0] + th), slice(grid[i][1], grid[i][1] + tw)) for i in sorted(chosen)]
+    return [grid[i] for i in sorted(np.argsort(scores, kind="stable")[:PROBE_TILES])]
 
 
 def probe(pixels: np.ndarray, camera: Callable[[np.ndarray], np.ndarray]) -> Probe:

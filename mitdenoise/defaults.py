@@ -9,8 +9,9 @@ cache, else downloaded on first use. Where it can't be had, :data:`FALLBACK_MODE
 
 FALLBACK_MODEL = "mitdenoise-auto"
 """Our own model, shipped in ``weights/`` so the tool works offline: it reads the image's noise and
-runs ``mitdenoise-mild`` on light white noise, ``mitdenoise-camera`` and a non-local second stage on
-camera and heavy noise (:mod:`mitdenoise.adaptive`); see ``weights/README.md``."""
+runs one of two networks at a strength it picks on light white noise, ``mitdenoise-camera`` and a
+non-local second stage on camera and heavy noise (:mod:`mitdenoise.adaptive`); see
+``weights/README.md``."""
 
 DEFAULT_MODEL_TIMEOUT_S = 5.0
 """Connect and read timeout of the default model's download when nobody asked for it by name:

@@ -181,7 +181,7 @@ class Denoiser:
         from .adaptive import plan_image, run_plan
 
         x = imageio.to_float(pixels, np.float32)
-        self.last_plan = plan = plan_image(x, self._networks["camera"].denoise_array)
+        self.last_plan = plan = plan_image(x, {role: d.denoise_array for role, d in self._networks.items()})
         networks = {role: (lambda p, d=d: d.denoise_array(p, on_tiles)) for role, d in self._networks.items()}
         y = keep_share_of_change(x, run_plan(plan, x, networks, self.device), self.strength)
         out = np.empty(pixels.shape, pixels.dtype)

@@ -468,8 +468,8 @@ def _patches(x: np.ndarray, size: int, stride: int) -> np.ndarray:
     return windows.reshape(-1, x.shape[2], size * size)
 
 
-def _white_noise_sigma(x: np.ndarray) -> float:
-    rows = _patches(x, WHITE_PATCH, WHITE_PATCH // 2).reshape(-1, x.shape[2] * WHITE_PATCH**2)
+def _white_noise_sigma(x: np.ndarray, stride: int = WHITE_PATCH // 2) -> float:
+    rows = _patches(x, WHITE_PATCH, stride).reshape(-1, x.shape[2] * WHITE_PATCH**2)
     rows = rows - rows.mean(axis=0)
     eigenvalues = np.sort(np.linalg.eigvalsh(rows.T @ rows / len(rows)))
     for n in range(len(eigenvalues), 0, -1):
@@ -478,6 +478,27 @@ def _white_noise_sigma(x: np.ndarray) -> float:
         if np.count_nonzero(smallest > mean) >= np.count_nonzero(smallest < mean):
             return float(np.sqrt(max(mean, 0.0)))
     return float(np.sqrt(max(eigenvalues[0], 0.0)))
+
+
+def white_noise_variances(x: np.ndarray) -> np.ndarray:
+    """The white noise's variance in each channel of float (H, W, C) ``x`` ([0, 1] scale); shape (C,).
+
+    A noise that grows with the signal (a sensor's shot noise) differs between the channels of a
+    coloured scene, which the patch-covariance estimate over all channels at once (``white_sigma``
+    of :func:`estimate_noise`) mixes into one level. Channel by channel the same estimate has fewer
+    dimensions to set texture apart, and on a textured image reads every channel high by about the
+    same factor; so the channels' own estimates only scale each channel to the same noise, and the
+    estimate over all of them, scaled so, reads that factor; a channel that reads no noise keeps
+    none. Patches as dense as ``MAX_PATCHES`` allows, at every position on a small image: every 4th
+    leaves too few there for the smallest eigenvalues of their covariance, which then spread below
+    the noise's."""
+    x = np.asarray(x, np.float64)
+    own = np.array([_white_noise_sigma(x[..., c : c + 1], 1) ** 2 for c in range(x.shape[2])])
+    noisy = own > 0
+    if x.shape[2] == 1 or not noisy.any():
+        return own
+    own[noisy] *= _white_noise_sigma(x[..., noisy] / np.sqrt(own[noisy]), 1) ** 2
+    return own
 
 
 def _weak_texture(x: np.ndarray) -> tuple[float, float]:

@@ -47,14 +47,19 @@ def test_on_camera_noise_h_is_held_to_twice_what_the_camera_network_removes_wher
     assert plan_for(textured, adaptive.Probe(3 / 255, 0.2)).describe().startswith("camera noise, sigma 10.0")
 
 
+def _counting(calls: list, role: str, network):
+    return lambda x: calls.append(role) or network(x)
+
+
 @pytest.mark.parametrize("level, probes", [(1, False), (3, True)])
 def test_the_camera_path_asks_the_probe_only_where_the_hold_could_lower_h(level, probes):
-    """At a level whose h is the range's floor already, the probe could change nothing: not run."""
+    """At a level whose h is the range's floor already, the probe could change nothing: not run.
+    The light path's risks are not read either."""
     noisy = (_u8(correlated(_smooth_image(128), level, 2)) / 255).astype(np.float32)
     calls = []
-    plan = adaptive.plan_image(noisy, lambda x: calls.append(x.shape) or x.copy())
+    plan = adaptive.plan_image(noisy, {role: _counting(calls, role, np.copy) for role in ("white", "camera")})
     assert plan.network == "camera" and plan.second_stage == "input" and adaptive.is_camera_noise(plan.estimate)
-    assert (plan.probe is not None) == probes and len(calls) == int(probes)
+    assert (plan.probe is not None) == probes and calls == ["camera"] * int(probes) and plan.risks is None
     assert (plan.estimate.sigma * adaptive.CAMERA_H_PER_SIGMA > adaptive.CAMERA_H_RANGE[0]) == probes
 
 
@@ -63,20 +68,18 @@ def test_heavy_white_noise_goes_to_the_camera_network_and_smooths_its_output():
     assert plan_for(_estimate(19, 18, 0.7))[:4] == ("camera", 1.0, "output", pytest.approx(5 / 255))
 
 
-def test_light_white_noise_goes_to_mild_at_a_strength_that_grows_with_the_level():
-    assert plan_for(_estimate(7, 5, 0.1))[:3] == ("white", pytest.approx(0.5), "none")
-    assert plan_for(_estimate(0, 0, 0.0))[:3] == ("white", 0.0, "none")
-    assert plan_for(_estimate(15, 15, 0.0))[:3] == ("white", 1.0, "none")
+def test_light_white_noise_takes_the_light_path_and_without_risks_to_read_mild_whole():
+    for estimate in (_estimate(7, 5, 0.1), _estimate(0, 0, 0.0), _estimate(17.9, 17.9, 0.0)):
+        assert plan_for(estimate)[:4] == ("white", 1.0, "none", 0.0)
     # Correlated but with a white part (textured images under white noise read so): still white.
-    assert plan_for(_estimate(12, 5, 0.6))[:3] == ("white", pytest.approx(0.5), "none")
-    strengths = [plan_for(_estimate(s, s, 0.0)).strength for s in np.linspace(0, 17.9, 60)]
-    assert strengths == sorted(strengths) and strengths[0] == 0 and strengths[-1] == 1
+    assert plan_for(_estimate(12, 5, 0.6))[:3] == ("white", 1.0, "none")
+    assert plan_for(_estimate(18, 18, 0.0)).second_stage == "output"  # from 18 levels: heavy
 
 
 def test_light_path_noise_the_camera_network_removes_far_more_of_is_heavy_and_not_white():
     light = _estimate(12, 2, 0.3)
     uneven, even = adaptive.Probe(8 / 255, 0.0), adaptive.Probe(6 / 255, 0.8)
-    assert plan_for(light)[:3] == ("white", pytest.approx(0.15), "none")  # the white part alone: light
+    assert plan_for(light)[:3] == ("white", 1.0, "none")  # the white part alone: light
     # Four times the white part is enough however unevenly the change spreads; h is the level read.
     assert plan_for(light, uneven) == Plan("camera", 1.0, "input", pytest.approx(8 / 255), light, uneven)
     assert "not white" in plan_for(light, uneven).describe()
@@ -96,6 +99,66 @@ def test_light_path_noise_the_camera_network_removes_far_more_of_is_heavy_and_no
     assert plan_for(light, adaptive.Probe(7.9 / 255, 0.0)).probe == adaptive.Probe(7.9 / 255, 0.0)
     # The heavy-white path never asks.
     assert plan_for(_estimate(25, 24, 0.0), adaptive.Probe(20 / 255, 1.0)).probe is None
+
+
+def test_on_the_light_path_the_network_and_strength_whose_risk_is_least_run():
+    light = _estimate(8, 8, 0.0)
+    risks = {"white": adaptive.Risk(0.7, 4e-4), "camera": adaptive.Risk(0.87, 3e-4)}
+    plan = plan_for(light, adaptive.Probe(2 / 255, 0.5), risks)
+    assert plan == Plan("camera", 0.87, "none", 0.0, light, adaptive.Probe(2 / 255, 0.5), risks)
+    assert plan.describe() == "white noise, sigma 8.0: mitdenoise-camera at strength 0.87"
+    assert plan_for(light, None, {**risks, "white": adaptive.Risk(1.0, 2e-4)})[:3] == ("white", 1.0, "none")
+    # The other paths do not ask: a camera's noise, heavy white noise, heavy noise that is not white.
+    assert plan_for(_estimate(4, 0.5, 0.65), None, risks).second_stage == "input"
+    assert plan_for(_estimate(25, 24, 0.0), None, risks)[:3] == ("camera", 1.0, "output")
+    assert plan_for(_estimate(12, 2, 0.3), adaptive.Probe(8 / 255, 0.0), risks)[:3] == ("camera", 1.0, "input")
+
+
+def test_stein_risk_finds_the_strength_that_errs_least_without_the_clean_image():
+    """A 5x5 box blur stands in for a network on white noise of sigma 10: Stein's estimate, read from
+    the noisy image and one nudged run, names the strength whose true error (against the clean
+    image it never saw) is least, and that error, within a few percent. With nothing to remove
+    (no noise), or no change made, the strength is 0."""
+    clean = _smooth_image(256).astype(np.float32)
+    clean[:, 128:] += (0.1 * np.sin(np.arange(128) * 0.7)).astype(np.float32)[None, :, None]  # texture a blur harms
+    rng = np.random.default_rng(1)
+    noisy = (clean + rng.normal(0, 10 / 255, clean.shape)).astype(np.float32)
+    nudge = (adaptive.RISK_STEP * rng.standard_normal(clean.shape)).astype(np.float32)
+    blur = lambda x: _box_blur(x, 5)
+    terms = adaptive.stein_terms(noisy, blur(noisy), blur(noisy + nudge), nudge, np.full(3, (10 / 255) ** 2))
+    assert terms[1] == pytest.approx((10 / 255) ** 2)
+    assert terms[2] / terms[1] == pytest.approx(1 / 25, abs=0.01)  # a 5x5 mean passes on a 25th of the noise
+    risk = adaptive.least_risk(terms)
+    strengths = np.linspace(0, 1, 101)
+    errors = [np.mean((noisy + s * (blur(noisy) - noisy) - clean) ** 2) for s in strengths]
+    assert 0.2 < risk.strength < 0.95
+    assert risk.strength == pytest.approx(strengths[int(np.argmin(errors))], abs=0.05)
+    assert risk.error == pytest.approx(min(errors), rel=0.05)
+    assert adaptive.least_risk(adaptive.stein_terms(clean, blur(clean), blur(clean + nudge), nudge, np.zeros(3))).strength == 0
+    assert adaptive.least_risk(adaptive.stein_terms(noisy, noisy, noisy + nudge, nudge, np.full(3, 1e-3))) == (0.0, pytest.approx(1e-3))
+
+
+def test_the_light_path_asks_both_networks_on_tiles_spread_over_the_image():
+    tiles = adaptive.risk_tiles(np.zeros((600, 900, 3), np.float32))  # a grid of 2 x 3 tiles of 256
+    assert [(r.start, c.start) for r, c in tiles] == [(0, 0), (0, 512), (256, 0), (256, 512)]
+    assert all(r.stop - r.start == 256 and c.stop - c.start == 256 for r, c in tiles)
+    assert adaptive.risk_tiles(np.zeros((100, 300, 3), np.float32)) == [(slice(0, 100), slice(0, 256))]
+    noisy = (_u8(gaussian(_smooth_image(128), 5, 7)) / 255).astype(np.float32)
+    calls = []
+    networks = {"white": _counting(calls, "white", lambda x: _box_blur(x, 3)), "camera": _counting(calls, "camera", _box_blur)}
+    plan = adaptive.plan_image(noisy, networks)
+    # The probe asks the camera network once; each network then runs on the tile and on it nudged.
+    assert sorted(calls) == ["camera"] * 3 + ["white"] * 2
+    assert plan.second_stage == "none" and set(plan.risks) == {"white", "camera"}
+    chosen = min(plan.risks, key=lambda r: plan.risks[r].error)
+    assert plan.network == chosen and plan.strength == plan.risks[chosen].strength
+    # The one chosen is the one whose best share truly errs least against the clean image.
+    clean = _smooth_image(128)
+    strengths = np.linspace(0, 1, 51)
+    truly = {role: min(np.mean((noisy + s * (f(noisy) - noisy) - clean) ** 2) for s in strengths)
+             for role, f in (("white", lambda x: _box_blur(x, 3)), ("camera", _box_blur))}
+    assert plan.network == min(truly, key=truly.get)
+    assert plan.risks == adaptive.light_risks(noisy, networks)  # the same nudge each time: the same choice
 
 
 def _box_blur(x: np.ndarray, k: int = 9) -> np.ndarray:
@@ -210,13 +273,13 @@ def test_a_flat_grey_image_keeps_its_mean_through_the_default(auto, grey):
     assert np.array_equal(auto(_u8(flat)), _u8(flat))  # clean: nothing to do
     camera = _u8(correlated(flat, 5, grey))
     out = auto(camera)
-    assert auto.last_plan.network == "camera"
+    assert auto.last_plan.network == "camera" and auto.last_plan.second_stage == "input"
     assert np.abs(out.reshape(-1, 3).mean(0) - grey).max() < 0.25
     assert out.std() < 0.5 * camera.std()
     white = _u8(gaussian(flat, 5, grey))
     out = auto(white)
-    assert auto.last_plan.network == "white"
-    # mitdenoise-mild's own shift near white (+4 to +5 levels at 240 at full strength), at the route's strength
+    assert auto.last_plan.second_stage == "none"  # the light path
+    # mitdenoise-mild's own shift near white (+4 to +5 levels at 240 at full strength), at the strength chosen
     assert np.abs(out.reshape(-1, 3).mean(0) - grey).max() < (2.5 if grey == 240 else 1.2)
 
 
@@ -236,11 +299,11 @@ def test_heavy_noise_that_jpeg_smoothed_is_found_by_the_probe_and_a_clean_pictur
     out = auto(noisy)
     plan = auto.last_plan
     assert plan_for(plan.estimate).network == "white"
-    assert plan.network == "camera" and plan.probe is not None and plan.probe.level > 2 * adaptive.NON_WHITE_LEVEL
+    assert plan[:3] == ("camera", 1.0, "input") and plan.probe.level > 2 * adaptive.NON_WHITE_LEVEL
     assert "not white" in plan.describe()
     assert psnr(out, _u8(clean)) > psnr(noisy, _u8(clean)) + 6
     assert np.array_equal(auto(_u8(clean)), _u8(clean))
-    assert auto.last_plan.network == "white" and auto.last_plan.probe.level < adaptive.NON_WHITE_LEVEL
+    assert auto.last_plan.second_stage == "none" and auto.last_plan.probe.level < adaptive.NON_WHITE_LEVEL
 
 
 @pytest.mark.parametrize("level, white", [(15, 3), (25, 5)])
@@ -253,7 +316,7 @@ def test_heavy_correlated_noise_over_light_white_noise_takes_the_probe_path(auto
     noisy = _u8(gaussian(correlated(_smooth_image(256), level, 3), white, 4))
     out = auto(noisy)
     plan = auto.last_plan
-    assert plan.network == "camera" and not adaptive.is_camera_noise(plan.estimate)  # the probe path
+    assert plan[:3] == ("camera", 1.0, "input") and not adaptive.is_camera_noise(plan.estimate)  # the probe path
     assert plan.probe.evenness > adaptive.NON_WHITE_EVENNESS[1]
     assert plan.probe.level < adaptive.NON_WHITE_BAR_BY_EVENNESS[0] * plan.estimate.white_sigma
     networks = [Denoiser(name, device="cpu")(noisy) for name in ("mitdenoise-camera", "mitdenoise-mild")]
@@ -268,7 +331,7 @@ def test_very_heavy_correlated_noise_takes_the_probe_path_under_the_evenness_bar
     noisy, clean = noisy_version(photo, "correlated", 50, 0, 10)
     out = auto(noisy)
     plan = auto.last_plan
-    assert plan.network == "camera" and not adaptive.is_camera_noise(plan.estimate)  # the probe path
+    assert plan[:3] == ("camera", 1.0, "input") and not adaptive.is_camera_noise(plan.estimate)  # the probe path
     assert plan.probe.level < adaptive.NON_WHITE_BAR_BY_EVENNESS[1] * plan.estimate.white_sigma
     assert psnr(out, clean) > psnr(Denoiser("mitdenoise-camera", device="cpu")(noisy), clean) + 1
 
@@ -281,7 +344,7 @@ def test_a_clean_photos_fine_texture_is_not_taken_for_noise(data_dir, auto, name
     clean = center_crop(read_rgb8(data_dir / "test" / "mcmaster" / name), 256)
     out = auto(clean)
     plan = auto.last_plan
-    assert plan.network == "white" and plan.probe.level > adaptive.NON_WHITE_BAR_BY_EVENNESS[1] * plan.estimate.white_sigma
+    assert plan.second_stage == "none" and plan.probe.level > adaptive.NON_WHITE_BAR_BY_EVENNESS[1] * plan.estimate.white_sigma
     assert plan.probe.evenness < adaptive.NON_WHITE_EVENNESS[0]
     assert psnr(out, clean) >= 40
 
@@ -312,9 +375,13 @@ def test_grayscale_and_16_bit_images_go_through_the_route(auto):
     grey16 = (correlated(clean, 5, 2) * 65535).round().astype(np.uint16)
     out = auto(grey16[..., 0])
     assert out.shape == grey16.shape[:2] and out.dtype == np.uint16
-    assert auto.last_plan.network == "camera"
+    assert auto.last_plan.network == "camera" and auto.last_plan.second_stage == "input"
     clean16 = clean[..., 0] * 65535
     assert np.abs(out - clean16).mean() < 0.6 * np.abs(grey16[..., 0] - clean16).mean()
+    grey8 = _u8(gaussian(clean, 8, 3))[..., 0]  # white noise: the light path, risks read on one channel
+    out = auto(grey8)
+    assert auto.last_plan.second_stage == "none" and set(auto.last_plan.risks) == {"white", "camera"}
+    assert np.abs(out - _u8(clean)[..., 0].astype(float)).mean() < 0.7 * np.abs(grey8 - _u8(clean)[..., 0].astype(float)).mean()
 
 
 @pytest.mark.slow
