@@ -40,10 +40,10 @@ two networks", and "Asking the camera network how much it would remove"). The se
 ``h`` and the camera test were chosen on CC15, our real-noise development set; the probe's floor
 on McMaster and Kodak24 crops; its bar by evenness on the noise matrix's crops and clean
 McMaster, Kodak24 and CBSD68 crops, its bar by level on heavier noise on other crops of McMaster
-and Kodak24 ("Heavy correlated noise below the probe's bar"); the change limit's margin on CC15 ("Keeping only the change noise
-explains"); the cap on ``h`` by the probe on crops of all three sets and CC15 ("Camera noise on
-texture: h held to the probe"); how the risk estimate reads the noise on Kodak24 crops ("The light
-path by Stein's unbiased risk estimate").
+and Kodak24 ("Heavy correlated noise below the probe's bar"); the change limit's margin on CC15
+("Keeping only the change noise explains"); the cap on ``h`` by the probe on crops of all three
+sets and CC15 ("Camera noise on texture: h held to the probe"); how the risk estimate reads the
+noise on Kodak24 crops ("The light path by Stein's unbiased risk estimate").
 """
 
 from __future__ import annotations

@@ -269,8 +269,9 @@ def test_estimate_noise_of_a_clean_image_is_zero_and_uncorrelated():
 
 def test_white_noise_variances_read_each_channel_where_the_noise_grows_with_the_signal():
     """A red scene under noise of variance (2/255)^2 + (12/255)^2 x per value: the bright red channel
-    is about four times as noisy as the dark blue one. Over all channels at once the estimate reads
-    about the quietest channel's; channel by channel it reads each within a fifth."""
+    has about three times the noise of the dark blue one. Over all channels at once the estimate reads
+    one level for all three, under half the red channel's variance; channel by channel it reads each
+    within a fifth."""
     yy, xx = np.mgrid[0:256, 0:256] / 256
     scene = np.stack([0.8 + 0.1 * xx, 0.3 + 0.1 * np.sin(3 * yy), 0.05 + 0.05 * xx * yy], axis=-1)
     variance = (2 / 255) ** 2 + (12 / 255) ** 2 * scene
